@@ -1,0 +1,95 @@
+"""Turn the configured VRAM budget into a concrete plan for this machine."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger("fluxbot.engine")
+
+GIB = 1024**3
+
+# What the process needs beside resident DiT weights, measured at 1024x1024 on an H100
+# (docs/benchmarks.md): CUDA context, one denoising step's activations, a few streamed
+# layers in flight, the VAE decode, allocator slack.
+HEADROOM_GIB = 3.0
+# Below this budget the text encoders are streamed layer by layer instead of resident.
+TEXT_ENCODERS_RESIDENT_FROM_GIB = 30.0
+# From this budget on the whole DiT stays resident and never leaves the GPU between jobs.
+KEEP_RESIDENT_FROM_GIB = 16.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    device: torch.device
+    compute_dtype: torch.dtype
+    budget_gib: float | None          # whole-process GPU memory we aim to stay under (None: no limit)
+    dit_resident_gib: float | None    # how much of the DiT may sit on the GPU (None: all of it)
+    text_encoders_resident: bool
+    keep_resident: bool               # keep weights on the GPU between jobs
+    fp8_matmul: bool                  # real float8 matmuls (Ada/Hopper) instead of cast-to-bf16
+    pinned: bool                      # stream offloaded weights from pinned host memory
+    compile: bool
+
+    def describe(self) -> str:
+        budget = "unlimited" if self.budget_gib is None else f"{self.budget_gib:g} GiB"
+        return (f"device={self.device} dtype={str(self.compute_dtype).replace('torch.', '')} budget={budget} "
+                f"dit_resident={'all' if self.dit_resident_gib is None else f'{self.dit_resident_gib:.1f} GiB'} "
+                f"text_encoders_resident={self.text_encoders_resident} keep_resident={self.keep_resident} "
+                f"fp8_matmul={self.fp8_matmul} pinned={self.pinned} compile={self.compile}")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        log.warning("no CUDA GPU found: running on the CPU (very slow for the real model; fine for tiny-random)")
+        return torch.device("cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"[model] device = {device!r} but no CUDA GPU is available to torch {torch.__version__}")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def fp8_matmul_supported(device: torch.device) -> bool:
+    """torch._scaled_mm needs compute capability 8.9 (Ada) or 9.x (Hopper) and newer."""
+    if device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def _switch(value: str, auto: bool) -> bool:
+    return auto if value == "auto" else value == "on"
+
+
+def make_plan(model_settings, device: torch.device | None = None) -> Plan:
+    """`model_settings` is a `bot.config.ModelSettings`."""
+    device = device or resolve_device(model_settings.device)
+    if device.type != "cuda":
+        # CPU: bf16 convolutions are ~150x slower than fp32 here; weights stay float8 in storage.
+        return Plan(device, torch.float32, None, None, True, True, False, False, False)
+
+    total_gib = torch.cuda.get_device_properties(device).total_memory / GIB
+    budget = model_settings.vram_limit_gb
+    budget = total_gib if budget is None else min(float(budget), total_gib)
+    unlimited = model_settings.vram_limit_gb is None and total_gib >= 40
+    fp8_ok = fp8_matmul_supported(device)
+    fp8 = _switch(model_settings.fp8_matmul, fp8_ok)
+    if fp8 and not fp8_ok:
+        log.warning("[model] fp8_matmul = \"on\" but this GPU lacks float8 matmuls (needs Ada or Hopper): using bf16")
+        fp8 = False
+    return Plan(
+        device=device,
+        compute_dtype=torch.bfloat16,
+        budget_gib=None if unlimited else budget,
+        dit_resident_gib=None if unlimited else max(0.0, budget - HEADROOM_GIB),
+        text_encoders_resident=unlimited or budget >= TEXT_ENCODERS_RESIDENT_FROM_GIB,
+        keep_resident=_switch(model_settings.keep_resident, True),
+        fp8_matmul=fp8,
+        pinned=True,
+        compile=_switch(model_settings.compile, False),
+    )

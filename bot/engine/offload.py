@@ -1,0 +1,115 @@
+"""Where each weight lives during generation, and how streamed weights reach the GPU.
+
+DiffSynth's VRAM layers (`AutoWrappedLinear`, `AutoWrappedModule`) keep a weight either
+*onloaded* (host memory, copied in for every forward) or *prepared* (on the GPU). DiffSynth
+decides that per forward against free VRAM and moves whole models in and out around every
+phase of every image. We decide once, at load time, from the budget: the first part of the
+DiT that fits stays on the GPU for good, the rest is streamed. Streamed weights travel as
+float8 from pinned memory and are cast on the GPU (half the bytes of bf16, no CPU cast).
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+
+import torch
+from diffsynth.core.vram.layers import AutoTorchModule, AutoWrappedLinear, AutoWrappedModule
+
+log = logging.getLogger("fluxbot.engine")
+
+FP8 = (torch.float8_e4m3fn,)
+FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
+
+
+def managed_modules(model: torch.nn.Module) -> list[AutoTorchModule]:
+    return [m for m in model.modules() if isinstance(m, AutoTorchModule)]
+
+
+def _own_tensors(module: AutoTorchModule):
+    """Parameters and buffers a VRAM layer moves (the wrapped module's, for AutoWrappedModule)."""
+    inner = module.module if isinstance(module, AutoWrappedModule) else module
+    yield from inner.parameters(recurse=isinstance(module, AutoWrappedModule))
+    yield from inner.buffers(recurse=isinstance(module, AutoWrappedModule))
+
+
+def nbytes(module: AutoTorchModule, dtype: torch.dtype | None = None) -> int:
+    total = 0
+    for t in _own_tensors(module):
+        size = torch.empty((), dtype=dtype).element_size() if dtype is not None and t.is_floating_point() else t.element_size()
+        total += t.numel() * size
+    return total
+
+
+def pin(module: AutoTorchModule) -> None:
+    for t in _own_tensors(module):
+        if t.device.type == "cpu" and not t.is_pinned():
+            t.data = t.data.pin_memory()
+
+
+def _fast_cast_to(self, weight: torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor:
+    # Copy in the storage dtype (float8: half of bf16) from pinned memory without blocking,
+    # then cast on the GPU. DiffSynth casts on the CPU first and copies twice the bytes.
+    if weight.device != torch.device(device):
+        weight = weight.to(device, non_blocking=True)
+    if self.keep_fp8 and weight.dtype in FP8:
+        return weight
+    return weight.to(dtype)
+
+
+def _fp8_linear_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if weight.dtype not in FP8:
+        return torch.nn.functional.linear(x, weight, bias)
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    # Row-wise activation scales; the stored weights are plain float8 (scale 1).
+    scale_a = (x2.abs().amax(dim=-1, keepdim=True).float() / FP8_MAX).clamp_(min=1e-12)
+    xq = (x2 / scale_a).to(torch.float8_e4m3fn)
+    scale_b = torch.ones((1, weight.shape[0]), device=x.device, dtype=torch.float32)
+    out = torch._scaled_mm(
+        xq, weight.t(), scale_a=scale_a, scale_b=scale_b,
+        bias=None if bias is None else bias.to(x.dtype), out_dtype=x.dtype,
+    )
+    return out.reshape(*shape[:-1], out.shape[-1])
+
+
+def _fp8_ok(module: AutoWrappedLinear) -> bool:
+    # _scaled_mm wants both matrix dims divisible by 16.
+    return module.in_features % 16 == 0 and module.out_features % 16 == 0
+
+
+def configure_streaming(model: torch.nn.Module, *, pinned: bool, fp8_matmul: bool) -> None:
+    for m in managed_modules(model):
+        if isinstance(m, AutoWrappedLinear):
+            m.keep_fp8 = fp8_matmul and _fp8_ok(m) and m.preparing_dtype in FP8
+            m.cast_to = types.MethodType(_fast_cast_to, m)
+            if m.keep_fp8:
+                m.linear_forward = types.MethodType(_fp8_linear_forward, m)
+        if pinned:
+            pin(m)
+
+
+def place(model: torch.nn.Module, resident_bytes: int | None) -> tuple[int, int]:
+    """Put the first `resident_bytes` of the model's layers on the GPU for good; stream the rest.
+
+    `None` keeps everything resident. Returns (resident bytes, streamed bytes).
+    """
+    resident = streamed = 0
+    for m in managed_modules(model):
+        size = nbytes(m, m.preparing_dtype if isinstance(m.preparing_dtype, torch.dtype) else None)
+        if resident_bytes is None or resident + size <= resident_bytes:
+            m.onload()
+            m.preparing()
+            m.vram_limit = None
+            resident += size
+        else:
+            m.onload()
+            m.vram_limit = 0  # never "prepare": copy in for every forward
+            streamed += size
+    return resident, streamed
+
+
+def release(model: torch.nn.Module) -> None:
+    """Move every layer back to host memory (used when keep_resident is off)."""
+    for m in managed_modules(model):
+        m.offload()

@@ -1,0 +1,265 @@
+"""The engine: load FLUX (majicflus DiT in float8, CLIP/T5/VAE in bf16) once, then paint many images.
+
+`Engine.generate` is blocking and meant for one worker thread; it reports each denoising step and
+stops between steps when asked to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import io
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import Image
+
+from . import offload, weights
+from .budget import GIB, Plan, make_plan
+
+log = logging.getLogger("fluxbot.engine")
+
+ProgressFn = Callable[[int, int], None]
+CancelFn = Callable[[], bool]
+
+
+class GenerationCancelled(Exception):
+    """Raised inside `generate` when `should_cancel` turned true between two steps."""
+
+
+class GenerationOOM(RuntimeError):
+    """The GPU ran out of memory; the engine freed what it could and can take the next job."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    seed: int
+    steps: int = 20
+    width: int = 1024
+    height: int = 1024
+    guidance: float = 3.5
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    image: Image.Image
+    request: GenerationRequest
+    seconds: float
+    peak_vram_gib: float | None     # torch max_memory_allocated during this image (GPU only)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _ensure_cpu_empty_cache() -> None:
+    # DiffSynth calls torch.<device>.empty_cache(); torch.cpu has none in some releases.
+    if not hasattr(torch.cpu, "empty_cache"):
+        torch.cpu.empty_cache = lambda: None
+
+
+class _PromptCache:
+    """Text-encoder outputs per prompt: a Re-roll or a repeated prompt skips T5 entirely."""
+
+    def __init__(self, size: int = 16):
+        self.size = size
+        self.items: OrderedDict[tuple, dict] = OrderedDict()
+        self.hits = 0
+
+    def get(self, key):
+        if key in self.items:
+            self.items.move_to_end(key)
+            self.hits += 1
+            return self.items[key]
+        return None
+
+    def put(self, key, value) -> None:
+        self.items[key] = value
+        self.items.move_to_end(key)
+        while len(self.items) > self.size:
+            self.items.popitem(last=False)
+
+
+def _install_prompt_cache(pipe, cache: _PromptCache) -> None:
+    from diffsynth.pipelines.flux_image import FluxImageUnit_PromptEmbedder
+
+    class CachedPromptEmbedder(FluxImageUnit_PromptEmbedder):
+        def process(self, pipe, prompt, t5_sequence_length, positive):
+            key = (prompt, t5_sequence_length)
+            hit = cache.get(key)
+            if hit is None:
+                hit = super().process(pipe, prompt, t5_sequence_length, positive)
+                cache.put(key, hit)
+            return dict(hit)
+
+    pipe.units = [CachedPromptEmbedder() if isinstance(u, FluxImageUnit_PromptEmbedder) else u for u in pipe.units]
+
+
+class Engine:
+    """One loaded model set. Build with `Engine.load(model_settings)`."""
+
+    def __init__(self, pipe, plan: Plan, root: Path, preset: str):
+        self.pipe = pipe
+        self.plan = plan
+        self.root = root
+        self.preset = preset
+        self.prompt_cache = _PromptCache()
+        self._lock = threading.Lock()
+        self.placement: dict[str, tuple[int, int]] = {}
+        _install_prompt_cache(pipe, self.prompt_cache)
+        # The pipeline would move whole models in and out around every phase; placement is ours.
+        pipe.load_models_to_device = lambda names: None
+        self._place()
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, model_settings, *, config_hint: str = "", plan: Plan | None = None) -> "Engine":
+        preset = model_settings.preset
+        root = weights.preset_root(preset, model_settings.dir)
+        if preset == "tiny-random":
+            from . import tiny
+            tiny.write_tiny_model(root)
+            tiny.register_with_diffsynth(root)
+        missing = weights.missing_files(root)
+        if missing:
+            raise weights.MissingWeightsError(root, missing, config_hint)
+        plan = plan or make_plan(model_settings)
+        log.info("loading %s from %s (%s)", preset, root, plan.describe())
+        t0 = time.perf_counter()
+        pipe = build_pipeline(weights.model_files(root), plan, t5_fp8=getattr(model_settings, "t5_fp8", False))
+        engine = cls(pipe, plan, root, preset)
+        log.info("model loaded in %.1f s", time.perf_counter() - t0)
+        return engine
+
+    def _place(self) -> None:
+        plan, pipe = self.plan, self.pipe
+        dit_bytes = None if plan.dit_resident_gib is None else int(plan.dit_resident_gib * GIB)
+        self.placement = {
+            "dit": offload.place(pipe.dit, dit_bytes),
+            "text_encoder_1": offload.place(pipe.text_encoder_1, None if plan.text_encoders_resident else 0),
+            "text_encoder_2": offload.place(pipe.text_encoder_2, None if plan.text_encoders_resident else 0),
+            "vae_decoder": offload.place(pipe.vae_decoder, None),
+        }
+        for name in ("dit", "text_encoder_1", "text_encoder_2", "vae_decoder"):
+            offload.configure_streaming(getattr(pipe, name), pinned=plan.pinned,
+                                        fp8_matmul=plan.fp8_matmul and name == "dit")
+        if log.isEnabledFor(logging.INFO):
+            parts = ", ".join(f"{k} {r / GIB:.2f} GiB resident / {s / GIB:.2f} GiB streamed"
+                              for k, (r, s) in self.placement.items())
+            log.info("placement: %s", parts)
+
+    def _release(self) -> None:
+        for name in ("dit", "text_encoder_1", "text_encoder_2", "vae_decoder"):
+            offload.release(getattr(self.pipe, name))
+        self.free_memory()
+
+    @property
+    def device(self) -> torch.device:
+        return self.plan.device
+
+    def free_memory(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, request: GenerationRequest, *, on_progress: ProgressFn | None = None,
+                 should_cancel: CancelFn | None = None) -> GenerationResult:
+        """Paint one image. Blocking; call from a worker thread. Same request -> same pixels."""
+        with self._lock:
+            return self._generate(request, on_progress, should_cancel)
+
+    def _generate(self, req: GenerationRequest, on_progress, should_cancel) -> GenerationResult:
+        cuda = self.device.type == "cuda"
+        timings: dict[str, float] = {}
+        marks = {"start": time.perf_counter()}
+
+        def steps(timesteps):
+            n = len(timesteps)
+            marks["denoise"] = time.perf_counter()
+            for i, t in enumerate(timesteps):
+                if should_cancel is not None and should_cancel():
+                    raise GenerationCancelled(f"cancelled before step {i + 1}/{n}")
+                yield t
+                if cuda:
+                    torch.cuda.synchronize(self.device)  # honest per-step progress
+                if on_progress is not None:
+                    on_progress(i + 1, n)
+            marks["decode"] = time.perf_counter()
+
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        if not self.plan.keep_resident:
+            self._place()
+        try:
+            image = self.pipe(
+                prompt=req.prompt, seed=req.seed, height=req.height, width=req.width,
+                num_inference_steps=req.steps, embedded_guidance=req.guidance,
+                progress_bar_cmd=steps,
+            )
+        except torch.cuda.OutOfMemoryError as exc:
+            self.free_memory()
+            raise GenerationOOM(
+                f"the GPU ran out of memory at {req.width}x{req.height} (budget "
+                f"{self.plan.budget_gib or 'unlimited'} GiB): {str(exc).splitlines()[0]}"
+            ) from None
+        finally:
+            if not self.plan.keep_resident:
+                self._release()
+        end = time.perf_counter()
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            end = time.perf_counter()
+        if "denoise" in marks:
+            timings["text_encode_s"] = marks["denoise"] - marks["start"]
+            timings["denoise_s"] = marks.get("decode", end) - marks["denoise"]
+            timings["decode_s"] = end - marks.get("decode", end)
+        peak = torch.cuda.max_memory_allocated(self.device) / GIB if cuda else None
+        return GenerationResult(image=image, request=req, seconds=end - marks["start"],
+                                peak_vram_gib=peak, timings=timings)
+
+
+def _vram(dtype_store, dtype_compute, device, *, stream: bool) -> dict:
+    """A DiffSynth per-model VRAM config: stored as `dtype_store` on the CPU, computed in `dtype_compute`."""
+    return dict(
+        offload_dtype=dtype_store, offload_device="cpu",
+        onload_dtype=dtype_store, onload_device="cpu",
+        preparing_dtype=dtype_store, preparing_device=str(device) if stream else "cpu",
+        computation_dtype=dtype_compute, computation_device=str(device),
+    )
+
+
+def build_pipeline(files: weights.ModelFiles, plan: Plan, *, t5_fp8: bool = False):
+    """Load the four models through DiffSynth's own loader (model type found by key/shape hash)."""
+    from diffsynth.pipelines.flux_image import FluxImagePipeline, ModelConfig
+
+    _ensure_cpu_empty_cache()
+    os.environ.setdefault("DIFFSYNTH_SKIP_DOWNLOAD", "True")
+    dev, cdt = plan.device, plan.compute_dtype
+    on_gpu = dev.type == "cuda"
+    fp8 = torch.float8_e4m3fn
+    text_store = fp8 if t5_fp8 else (torch.bfloat16 if on_gpu else cdt)
+    enc_store = torch.bfloat16 if on_gpu else cdt
+    configs = [
+        ModelConfig(path=str(files.dit), **_vram(fp8, cdt, dev, stream=on_gpu)),
+        ModelConfig(path=str(files.clip), **_vram(enc_store, cdt, dev, stream=on_gpu)),
+        ModelConfig(path=[str(p) for p in files.t5], **_vram(text_store, cdt, dev, stream=on_gpu)),
+        ModelConfig(path=str(files.vae), **_vram(enc_store, cdt, dev, stream=on_gpu)),
+    ]
+    chatter = io.StringIO()  # DiffSynth prints its loading steps; keep them out of our output
+    with contextlib.redirect_stdout(chatter):
+        pipe = FluxImagePipeline.from_pretrained(
+            torch_dtype=cdt, device=str(dev), model_configs=configs,
+            tokenizer_1_config=ModelConfig(path=str(files.tokenizer)),
+            tokenizer_2_config=ModelConfig(path=str(files.tokenizer_2)),
+        )
+    log.debug("diffsynth: %s", chatter.getvalue())
+    for name in ("dit", "text_encoder_1", "text_encoder_2", "vae_decoder"):
+        if getattr(pipe, name) is None:
+            raise RuntimeError(f"DiffSynth did not recognise the {name} file (unknown key layout)")
+    return pipe

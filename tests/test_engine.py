@@ -1,0 +1,158 @@
+"""The real engine (DiffSynth loader, float8 DiT, generation loop) on the tiny random model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bot.engine import layouts, weights
+from bot.engine.pipeline import Engine, GenerationCancelled, GenerationRequest
+from tests.conftest import TinyModelSettings
+
+
+def pixels(result) -> np.ndarray:
+    return np.asarray(result.image)
+
+
+def test_generates_an_image_of_the_requested_size(tiny_engine):
+    res = tiny_engine.generate(GenerationRequest("a red cat", seed=7, steps=3, width=256, height=192))
+    img = pixels(res)
+    assert img.shape == (192, 256, 3)
+    assert img.std() > 10, "a flat image means the pipeline produced nothing"
+    assert np.isfinite(img).all()
+    assert res.seconds > 0
+
+
+def test_same_seed_same_pixels_other_seed_differs(tiny_engine):
+    req = GenerationRequest("lighthouse at dusk", seed=1234, steps=3, width=128, height=128)
+    a = pixels(tiny_engine.generate(req))
+    b = pixels(tiny_engine.generate(req))
+    c = pixels(tiny_engine.generate(GenerationRequest("lighthouse at dusk", seed=1235, steps=3, width=128, height=128)))
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert np.abs(a.astype(int) - c.astype(int)).mean() > 1
+
+
+def test_prompt_changes_the_image(tiny_engine):
+    a = pixels(tiny_engine.generate(GenerationRequest("a photo of a cat", seed=5, steps=2, width=128, height=128)))
+    b = pixels(tiny_engine.generate(GenerationRequest("mountains forest river", seed=5, steps=2, width=128, height=128)))
+    assert not np.array_equal(a, b)
+
+
+def test_progress_reported_once_per_step(tiny_engine):
+    seen = []
+    tiny_engine.generate(GenerationRequest("x", seed=1, steps=5, width=128, height=128),
+                         on_progress=lambda i, n: seen.append((i, n)))
+    assert seen == [(i, 5) for i in range(1, 6)]
+
+
+def test_cancel_stops_between_steps(tiny_engine):
+    seen = []
+    with pytest.raises(GenerationCancelled):
+        tiny_engine.generate(GenerationRequest("x", seed=1, steps=10, width=128, height=128),
+                             on_progress=lambda i, n: seen.append(i),
+                             should_cancel=lambda: len(seen) >= 2)
+    assert seen == [1, 2]
+    # the engine is still usable afterwards
+    assert pixels(tiny_engine.generate(GenerationRequest("x", seed=1, steps=1, width=128, height=128))).std() > 0
+
+
+def test_dit_weights_are_stored_in_float8(tiny_engine):
+    from diffsynth.core.vram.layers import AutoWrappedLinear
+
+    linears = [m for m in tiny_engine.pipe.dit.modules() if isinstance(m, AutoWrappedLinear)]
+    assert len(linears) > 10
+    assert {m.weight.dtype for m in linears} == {torch.float8_e4m3fn}
+    # text encoders and VAE are not float8
+    assert all(p.dtype != torch.float8_e4m3fn for p in tiny_engine.pipe.text_encoder_2.parameters())
+    assert all(p.dtype != torch.float8_e4m3fn for p in tiny_engine.pipe.vae_decoder.parameters())
+
+
+def test_full_size_1024_image_is_noise_not_black(tiny_engine):
+    img = pixels(tiny_engine.generate(GenerationRequest("a bowl of fruit", seed=3, steps=2, width=1024, height=1024)))
+    assert img.shape == (1024, 1024, 3)
+    assert 20 < img.mean() < 235 and img.std() > 10
+
+
+def test_prompt_cache_serves_repeated_prompts(tiny_engine):
+    before = tiny_engine.prompt_cache.hits
+    req = GenerationRequest("cached prompt", seed=1, steps=1, width=128, height=128)
+    a = pixels(tiny_engine.generate(req))
+    b = pixels(tiny_engine.generate(req))
+    assert tiny_engine.prompt_cache.hits == before + 1
+    assert np.array_equal(a, b)
+
+
+def test_tiny_files_use_the_real_layout(model_dir):
+    from safetensors import safe_open
+
+    files = weights.model_files(model_dir / weights.TINY_SUBDIR)
+    with safe_open(str(files.dit), "pt") as f:
+        keys = set(f.keys())
+    assert "model.diffusion_model.double_blocks.0.img_attn.qkv.weight" in keys
+    assert "model.diffusion_model.single_blocks.0.linear1.weight" in keys
+    with safe_open(str(files.vae), "pt") as f:
+        keys = set(f.keys())
+    assert "decoder.conv_in.weight" in keys and "encoder.conv_in.weight" in keys
+    assert len(files.t5) == 2
+
+
+def test_missing_weights_name_each_file_and_the_fetch_command(tmp_path):
+    (tmp_path / weights.FLUX_DIR).mkdir(parents=True)
+    (tmp_path / weights.FLUX_DIR / "ae.safetensors").write_bytes(b"x")
+    with pytest.raises(weights.MissingWeightsError) as err:
+        Engine.load(TinyModelSettings(dir=tmp_path, preset="majicflus"), config_hint="my.toml")
+    msg = str(err.value)
+    assert "majicflus_v134.safetensors" in msg
+    assert "text_encoder/model.safetensors" in msg
+    assert "text_encoder_2" in msg and "tokenizer_2" in msg
+    assert "ae.safetensors" not in msg  # present, so not listed
+    assert "fluxbot download --config my.toml" in msg
+
+
+def _hash(state_dict) -> str:
+    import hashlib
+
+    from diffsynth.core.loader.file import convert_state_dict_keys_to_single_str
+
+    return hashlib.md5(convert_state_dict_keys_to_single_str(state_dict, with_shape=True).encode()).hexdigest()
+
+
+def _registered(name: str) -> set[str]:
+    from diffsynth.configs import MODEL_CONFIGS
+
+    return {c["model_hash"] for c in MODEL_CONFIGS if c["model_name"] == name
+            and c["model_class"].startswith("diffsynth.")}
+
+
+def test_full_size_layouts_match_diffsynth_registry():
+    """The layout writers reproduce the real files' key/shape hashes, so full-size random
+    models (benchmarks) load through the real model-type detection."""
+    from diffsynth.models.flux_dit import FluxDiT
+    from diffsynth.models.flux_text_encoder_clip import FluxTextEncoderClip
+    from diffsynth.models.flux_text_encoder_t5 import FluxTextEncoderT5
+    from diffsynth.models.flux_vae import FluxVAEDecoder, FluxVAEEncoder
+
+    with torch.device("meta"):
+        dit, clip, t5 = FluxDiT(), FluxTextEncoderClip(), FluxTextEncoderT5()
+        enc, dec = FluxVAEEncoder(), FluxVAEDecoder()
+    assert _hash(layouts.dit_to_bfl(dit.state_dict())) in _registered("flux_dit")
+    assert _hash(layouts.clip_to_transformers(clip.state_dict())) in _registered("flux_text_encoder_clip")
+    assert _hash(layouts.t5_to_transformers(t5.state_dict())) in _registered("flux_text_encoder_t5")
+    assert _hash(layouts.vae_to_bfl(enc.state_dict(), dec.state_dict())) in _registered("flux_vae_decoder")
+
+
+def test_download_asks_modelscope_for_exactly_the_needed_files(tmp_path):
+    calls = []
+
+    def fake_snapshot_download(repo, local_dir, allow_file_pattern):
+        calls.append((repo, local_dir, list(allow_file_pattern)))
+
+    missing = weights.download(tmp_path, snapshot_download=fake_snapshot_download)
+    assert calls == [
+        ("MAILAND/majicflus_v1", str(tmp_path / "MAILAND/majicflus_v1"), ["majicflus_v134.safetensors"]),
+        ("black-forest-labs/FLUX.1-dev", str(tmp_path / "black-forest-labs/FLUX.1-dev"),
+         ["ae.safetensors", "text_encoder/model.safetensors", "text_encoder_2/*", "tokenizer/*", "tokenizer_2/*"]),
+    ]
+    assert "MAILAND/majicflus_v1/majicflus_v134.safetensors" in missing  # nothing was really fetched
