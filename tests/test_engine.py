@@ -8,7 +8,7 @@ import torch
 
 from bot.engine import layouts, weights
 from bot.engine.pipeline import Engine, GenerationCancelled, GenerationRequest
-from tests.conftest import TinyModelSettings
+from conftest import TinyModelSettings
 
 
 def pixels(result) -> np.ndarray:

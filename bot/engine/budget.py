@@ -11,10 +11,13 @@ log = logging.getLogger("fluxbot.engine")
 
 GIB = 1024**3
 
-# What the process needs beside resident DiT weights, measured at 1024x1024 on an H100
-# (docs/benchmarks.md): CUDA context, one denoising step's activations, a few streamed
-# layers in flight, the VAE decode, allocator slack.
-HEADROOM_GIB = 3.0
+# What a card of N GB needs beside resident DiT weights at 1024x1024 (docs/benchmarks.md):
+# ~1 GiB the card itself keeps (nvidia-smi shows ~7 GiB usable on an 8 GB card), the CUDA
+# context, one denoising step's activations, streamed layers in flight, the resident text
+# encoder/VAE weights, the (tiled) VAE decode, allocator slack.
+HEADROOM_GIB = 4.0
+# Below this budget the VAE decodes in tiles (about a quarter of the activation memory).
+TILED_VAE_BELOW_GIB = 16.0
 # Below this budget the text encoders are streamed layer by layer instead of resident.
 TEXT_ENCODERS_RESIDENT_FROM_GIB = 30.0
 # From this budget on the whole DiT stays resident and never leaves the GPU between jobs.
@@ -32,13 +35,14 @@ class Plan:
     fp8_matmul: bool                  # real float8 matmuls (Ada/Hopper) instead of cast-to-bf16
     pinned: bool                      # stream offloaded weights from pinned host memory
     compile: bool
+    tiled_vae: bool = False           # decode in overlapping tiles to bound activation memory
 
     def describe(self) -> str:
         budget = "unlimited" if self.budget_gib is None else f"{self.budget_gib:g} GiB"
         return (f"device={self.device} dtype={str(self.compute_dtype).replace('torch.', '')} budget={budget} "
                 f"dit_resident={'all' if self.dit_resident_gib is None else f'{self.dit_resident_gib:.1f} GiB'} "
                 f"text_encoders_resident={self.text_encoders_resident} keep_resident={self.keep_resident} "
-                f"fp8_matmul={self.fp8_matmul} pinned={self.pinned} compile={self.compile}")
+                f"fp8_matmul={self.fp8_matmul} pinned={self.pinned} compile={self.compile} tiled_vae={self.tiled_vae}")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -92,4 +96,5 @@ def make_plan(model_settings, device: torch.device | None = None) -> Plan:
         fp8_matmul=fp8,
         pinned=True,
         compile=_switch(model_settings.compile, False),
+        tiled_vae=not unlimited and budget < TILED_VAE_BELOW_GIB,
     )

@@ -114,6 +114,8 @@ class Engine:
         _install_prompt_cache(pipe, self.prompt_cache)
         # The pipeline would move whole models in and out around every phase; placement is ours.
         pipe.load_models_to_device = lambda names: None
+        if plan.tiled_vae:
+            _tile_vae_decoder(pipe.vae_decoder)
         self._place()
 
     # ------------------------------------------------------------------ loading
@@ -222,6 +224,24 @@ class Engine:
         peak = torch.cuda.max_memory_allocated(self.device) / GIB if cuda else None
         return GenerationResult(image=image, request=req, seconds=end - marks["start"],
                                 peak_vram_gib=peak, timings=timings)
+
+
+def _tile_vae_decoder(decoder) -> None:
+    """Decode 512x512-pixel tiles with overlap instead of the whole latent at once."""
+    forward = decoder.forward
+    inside = threading.local()
+
+    def tiled_forward(sample, **kwargs):
+        if getattr(inside, "active", False):  # DiffSynth's tiler calls forward again for each tile
+            return forward(sample)
+        inside.active = True
+        try:
+            kwargs.update(tiled=True, tile_size=64, tile_stride=48)
+            return forward(sample, **kwargs)
+        finally:
+            inside.active = False
+
+    decoder.forward = tiled_forward
 
 
 def _vram(dtype_store, dtype_compute, device, *, stream: bool) -> dict:
