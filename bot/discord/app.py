@@ -1,0 +1,66 @@
+"""The bot: a discord.py client that owns the store, the queue and the command tree."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import discord
+from discord.ext import commands
+
+from ..jobs import JobQueue
+from ..store import Store
+from . import messages
+from .commands import build_commands, on_tree_error
+from .delivery import DiscordDelivery
+from .views import DeleteButton, RerollButton, answer_stray_component
+
+log = logging.getLogger("fluxbot.discord")
+
+
+class FluxBot(commands.Bot):
+    def __init__(self, settings, engine_loader: Callable[[], object], **kwargs):
+        kwargs.setdefault("intents", discord.Intents.default())
+        super().__init__(command_prefix=commands.when_mentioned, help_command=None,
+                         allowed_mentions=messages.NO_PINGS, **kwargs)
+        self.settings = settings
+        self.engine_loader = engine_loader
+        self.store: Store | None = None
+        self.queue: JobQueue | None = None
+
+    async def setup_hook(self) -> None:
+        # Runs once, after login and before the gateway connects (on_ready may fire many times).
+        s = self.settings
+        self.store = await Store.open(s.storage.database, default_daily_limit=s.quota.daily_limit)
+        self.queue = JobQueue(self.store, s, DiscordDelivery(self), self.engine_loader)
+        for command in build_commands(s):
+            self.tree.add_command(command)
+        self.tree.on_error = on_tree_error
+        self.add_dynamic_items(RerollButton, DeleteButton)
+        await self.queue.start()
+        await self.sync_commands()
+
+    async def sync_commands(self) -> None:
+        if self.settings.discord.guild_ids:
+            for gid in self.settings.discord.guild_ids:
+                guild = discord.Object(gid)
+                self.tree.copy_global_to(guild=guild)
+                synced = await self.tree.sync(guild=guild)
+                log.info("synced %d commands to guild %d", len(synced), gid)
+        else:
+            synced = await self.tree.sync()
+            log.info("synced %d global commands (they may take up to an hour to appear)", len(synced))
+
+    async def on_ready(self) -> None:
+        log.info("connected as %s (id %s) to %d guild(s)", self.user, self.user.id if self.user else "?",
+                 len(self.guilds))
+
+    async def on_interaction(self, interaction: discord.Interaction) -> None:
+        await answer_stray_component(interaction)
+
+    async def close(self) -> None:
+        if self.queue is not None:
+            await self.queue.stop()
+        if self.store is not None:
+            await self.store.close()
+        await super().close()

@@ -1,0 +1,124 @@
+"""Tell members about their jobs: queue position, progress, the finished image, failures.
+
+Everything goes through the interaction's webhook (works without channel permissions) while its
+token is fresh; after ~14 minutes the token is near its 15-minute end, so results go to the
+channel as a message that mentions the requester.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from pathlib import Path
+
+import discord
+
+from ..images import fit_upload
+from ..jobs import DeliveryFailed
+from ..store import JobRecord
+from . import messages
+from .views import result_view
+
+log = logging.getLogger("fluxbot.discord")
+
+TOKEN_FRESH_S = 14 * 60
+DEFAULT_UPLOAD_LIMIT = 8 * 1024 * 1024
+UNKNOWN_MESSAGE = 10008
+UNKNOWN_WEBHOOK = 10015
+INVALID_WEBHOOK_TOKEN = 50027
+
+
+class DiscordDelivery:
+    def __init__(self, bot: discord.Client, *, upload_limit: int = DEFAULT_UPLOAD_LIMIT):
+        self.bot = bot
+        self.upload_limit = upload_limit
+
+    # ------------------------------------------------------------------ plumbing
+    def _webhook(self, job: JobRecord) -> discord.Webhook | None:
+        if not job.interaction_token or not job.application_id or job.interaction_created_at is None:
+            return None
+        if time.time() - job.interaction_created_at > TOKEN_FRESH_S:
+            return None
+        return discord.Webhook.partial(job.application_id, job.interaction_token, client=self.bot)
+
+    async def _edit_status(self, job: JobRecord, content: str) -> None:
+        webhook = self._webhook(job)
+        if webhook is None or job.progress_message_id is None:
+            return
+        await webhook.edit_message(job.progress_message_id, content=content, allowed_mentions=messages.NO_PINGS)
+
+    async def _channel(self, job: JobRecord):
+        if job.channel_id is None:
+            raise DeliveryFailed("the job has no channel to post to")
+        channel = self.bot.get_channel(job.channel_id)
+        if channel is None:
+            try:
+                channel = await self.bot.fetch_channel(job.channel_id)
+            except (discord.NotFound, discord.Forbidden) as exc:
+                raise DeliveryFailed(f"channel {job.channel_id} is gone or hidden: {exc.text}") from None
+        return channel
+
+    # ------------------------------------------------------------------ Delivery protocol
+    async def position(self, job: JobRecord, position: int) -> None:
+        await self._edit_status(job, messages.queued(position))
+
+    async def started(self, job: JobRecord) -> None:
+        await self._edit_status(job, messages.starting())
+
+    async def progress(self, job: JobRecord, step: int, total: int) -> None:
+        await self._edit_status(job, messages.progress(step, total))
+
+    async def cancelled(self, job: JobRecord) -> None:
+        await self._edit_status(job, messages.cancelled())
+
+    async def failed(self, job: JobRecord, reason: str) -> None:
+        text = messages.failed(reason)
+        if self._webhook(job) is not None and job.progress_message_id is not None:
+            try:
+                await self._edit_status(job, text)
+                return
+            except discord.NotFound:
+                pass
+        channel = await self._channel(job)
+        await channel.send(f"<@{job.user_id}> {text}",
+                           allowed_mentions=discord.AllowedMentions(users=[discord.Object(job.user_id)]))
+
+    async def deliver(self, job: JobRecord, image_path: Path) -> int | None:
+        data, ext = fit_upload(image_path.read_bytes(), self.upload_limit)
+        name = f"fluxbot-{job.id}-{job.seed}.{ext}"
+        embed = messages.result_embed(job)
+        embed.set_image(url=f"attachment://{name}")
+        webhook = self._webhook(job)
+        if webhook is not None:
+            try:
+                if job.progress_message_id is not None:
+                    try:
+                        msg = await webhook.edit_message(
+                            job.progress_message_id, content="", embed=embed,
+                            attachments=[discord.File(io.BytesIO(data), filename=name)],
+                            view=result_view(job.id), allowed_mentions=messages.NO_PINGS)
+                        return msg.id
+                    except discord.NotFound as exc:
+                        if exc.code != UNKNOWN_MESSAGE:
+                            raise
+                        log.info("job %d: progress message was deleted; posting the result anew", job.id)
+                msg = await webhook.send(embed=embed, file=discord.File(io.BytesIO(data), filename=name),
+                                         view=result_view(job.id), allowed_mentions=messages.NO_PINGS, wait=True)
+                return msg.id
+            except discord.NotFound as exc:
+                if exc.code not in (UNKNOWN_WEBHOOK, INVALID_WEBHOOK_TOKEN):
+                    raise
+                log.info("job %d: interaction token no longer valid; posting to the channel", job.id)
+            except discord.Forbidden as exc:
+                raise DeliveryFailed(f"Discord refused the reply: {exc.text}") from None
+        channel = await self._channel(job)
+        try:
+            msg = await channel.send(
+                f"<@{job.user_id}> your image is ready.", embed=embed,
+                file=discord.File(io.BytesIO(data), filename=name), view=result_view(job.id),
+                allowed_mentions=discord.AllowedMentions(everyone=False, roles=False,
+                                                         users=[discord.Object(job.user_id)]))
+        except discord.Forbidden as exc:
+            raise DeliveryFailed(f"missing permission to post in channel {job.channel_id}: {exc.text}") from None
+        return msg.id

@@ -1,0 +1,57 @@
+"""Image files: PNGs that carry their parameters, and re-encoding under an upload limit."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+
+def png_bytes(image: Image.Image, metadata: dict[str, object]) -> bytes:
+    info = PngInfo()
+    for key, value in metadata.items():
+        info.add_itxt(key, str(value))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def save_png(image: Image.Image, path: Path, metadata: dict[str, object]) -> Path:
+    """Write atomically: a crash never leaves half a file where a finished image is expected."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(png_bytes(image, metadata))
+    os.replace(tmp, path)
+    return path
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    with Image.open(path) as img:
+        return {k: str(v) for k, v in img.text.items()}
+
+
+def fit_upload(png: bytes, limit: int) -> tuple[bytes, str]:
+    """Return (data, extension) no larger than `limit` bytes: the PNG if it fits, else WebP/JPEG."""
+    if len(png) <= limit:
+        return png, "png"
+    with Image.open(io.BytesIO(png)) as img:
+        rgb = img.convert("RGB")
+    for quality in (95, 90, 85, 75, 60, 45):
+        for fmt, ext in (("WEBP", "webp"), ("JPEG", "jpg")):
+            buf = io.BytesIO()
+            rgb.save(buf, format=fmt, quality=quality)
+            if buf.tell() <= limit:
+                return buf.getvalue(), ext
+    scale = 0.75
+    while scale > 0.1:
+        small = rgb.resize((max(1, int(rgb.width * scale)), max(1, int(rgb.height * scale))))
+        buf = io.BytesIO()
+        small.save(buf, format="JPEG", quality=80)
+        if buf.tell() <= limit:
+            return buf.getvalue(), "jpg"
+        scale *= 0.75
+    raise ValueError(f"cannot fit the image under {limit} bytes")

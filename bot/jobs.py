@@ -1,0 +1,329 @@
+"""The job queue and the single GPU worker. Knows nothing of Discord: it talks to a `Delivery`.
+
+The ledger in SQLite is the truth; this queue is an in-memory view of its active rows. A job is
+in the queue only after `Store.admit` committed its row and its quota charge together. On start
+the queue reloads every active row: queued jobs wait again in order, a job that was running when
+the process died runs again (up to `[jobs] max_attempts`), a finished image that was never
+delivered is delivered.
+
+Order is fair rather than first-come: the next job belongs to the user served least recently,
+so one member's three queued jobs do not hold back everyone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import functools
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+from .engine.pipeline import GenerationCancelled, GenerationOOM, GenerationRequest
+from .images import save_png
+from .store import Admission, AdmissionStatus, JobRecord, JobStatus, NewJob, Store, StoreError
+
+log = logging.getLogger("fluxbot.jobs")
+
+
+class DeliveryFailed(Exception):
+    """The result cannot reach the member (no permission, channel gone...): give up and refund."""
+
+
+class Delivery(Protocol):
+    """What the worker tells the outside world. Every method may raise; the worker logs and goes on."""
+
+    async def position(self, job: JobRecord, position: int) -> None: ...
+    async def started(self, job: JobRecord) -> None: ...
+    async def progress(self, job: JobRecord, step: int, total: int) -> None: ...
+    async def deliver(self, job: JobRecord, image_path: Path) -> int | None: ...
+    async def failed(self, job: JobRecord, reason: str) -> None: ...
+    async def cancelled(self, job: JobRecord) -> None: ...
+
+
+class CancelOutcome(enum.Enum):
+    CANCELLED = "cancelled"   # was waiting: removed and refunded
+    STOPPING = "stopping"     # is running: stops at the next step, then refunded
+    NOT_FOUND = "not_found"
+
+
+@dataclass
+class _Entry:
+    job: JobRecord
+    cancel: threading.Event = field(default_factory=threading.Event)
+    last_progress_edit: float = 0.0
+    edit_in_flight: bool = False
+
+
+class JobQueue:
+    def __init__(self, store: Store, settings, delivery: Delivery, engine_loader: Callable[[], object], *,
+                 progress_interval: float = 1.5):
+        self.store = store
+        self.settings = settings
+        self.delivery = delivery
+        self._engine_loader = engine_loader
+        self._engine = None
+        self._engine_error: str | None = None
+        self.progress_interval = progress_interval
+        self._entries: dict[int, _Entry] = {}
+        self._running: _Entry | None = None
+        self._served: dict[int, int] = {}      # user -> turn number when last served
+        self._turn = 0
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._stopping = False
+        self._worker: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._gpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu")
+        self.engine_ready = asyncio.Event()
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        """Reload unfinished jobs from the ledger and start the worker (and the engine load)."""
+        for job in await self.store.active_jobs():
+            if job.status is JobStatus.RUNNING:
+                log.warning("job %d was interrupted (attempt %d); it runs again", job.id, job.attempts)
+                job = await self.store.requeue(job.id)
+            self._entries[job.id] = _Entry(job)
+        if self._entries:
+            log.info("resuming %d unfinished job(s) from the ledger", len(self._entries))
+        self._worker = asyncio.create_task(self._work(), name="gpu-worker")
+
+    async def stop(self) -> None:
+        """Stop the worker. A job in progress is interrupted and stays in the ledger for next start."""
+        self._stopping = True
+        if self._running is not None:
+            self._running.cancel.set()
+        if self._worker is not None:
+            self._worker.cancel()
+            try:
+                await self._worker
+            except (asyncio.CancelledError, Exception):
+                pass
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._gpu.shutdown(wait=True, cancel_futures=True)
+
+    async def wait_idle(self, timeout: float | None = None) -> None:
+        """Until nothing waits or runs (for tests and graceful shutdown)."""
+        async def idle():
+            while self._entries or self._running is not None:
+                self._idle.clear()
+                await self._idle.wait()
+        await asyncio.wait_for(idle(), timeout)
+
+    # ------------------------------------------------------------------ admission
+    async def submit(self, new: NewJob) -> Admission:
+        q = self.settings.queue
+        admission = await self.store.admit(new, max_queue=q.max_size, max_per_user=q.max_per_user)
+        if admission.status is AdmissionStatus.ACCEPTED:
+            assert admission.job is not None
+            self._entries[admission.job.id] = _Entry(admission.job)
+            self._idle.clear()
+            self._wake.set()
+        return admission
+
+    def attach_message(self, job_id: int, message_id: int) -> None:
+        """Remember the message that shows this job's progress (also stored in the ledger)."""
+        entry = self._entries.get(job_id)
+        if entry is not None:
+            import dataclasses
+            entry.job = dataclasses.replace(entry.job, progress_message_id=message_id)
+
+    # ------------------------------------------------------------------ views
+    def waiting(self) -> list[JobRecord]:
+        """Waiting jobs in the order they will run."""
+        served = dict(self._served)
+        turn = self._turn
+        pending = [e.job for e in self._entries.values() if e is not self._running]
+        order = []
+        while pending:
+            nxt = min(pending, key=lambda j: (served.get(j.user_id, -1), j.id))
+            order.append(nxt)
+            pending.remove(nxt)
+            turn += 1
+            served[nxt.user_id] = turn
+        return order
+
+    @property
+    def running(self) -> JobRecord | None:
+        return None if self._running is None else self._running.job
+
+    def position(self, job_id: int) -> int | None:
+        """0 while running, 1.. while waiting, None when not in the queue."""
+        if self._running is not None and self._running.job.id == job_id:
+            return 0
+        for i, job in enumerate(self.waiting(), start=1):
+            if job.id == job_id:
+                return i
+        return None
+
+    # ------------------------------------------------------------------ cancel
+    async def cancel(self, user_id: int, job_id: int | None = None) -> tuple[CancelOutcome, JobRecord | None]:
+        """Cancel one of `user_id`'s jobs: the given one, else their newest waiting job, else their running one."""
+        mine = [e for e in self._entries.values() if e.job.user_id == user_id]
+        if job_id is not None:
+            mine = [e for e in mine if e.job.id == job_id]
+        waiting = [e for e in mine if e is not self._running and e.job.status is JobStatus.QUEUED]
+        if waiting:
+            entry = max(waiting, key=lambda e: e.job.id)
+            del self._entries[entry.job.id]
+            job = await self.store.mark_cancelled(entry.job.id, refund=True)
+            self._spawn(self._notify_positions())
+            self._check_idle()
+            return CancelOutcome.CANCELLED, job
+        if self._running is not None and self._running in mine:
+            self._running.cancel.set()
+            return CancelOutcome.STOPPING, self._running.job
+        return CancelOutcome.NOT_FOUND, None
+
+    # ------------------------------------------------------------------ worker
+    def _check_idle(self) -> None:
+        if not self._entries and self._running is None:
+            self._idle.set()
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _safe(self, what: str, coro) -> None:
+        try:
+            await coro
+        except Exception:
+            log.exception("could not tell Discord about %s", what)
+
+    async def _notify_positions(self, limit: int = 10) -> None:
+        for pos, job in enumerate(self.waiting()[:limit], start=1):
+            await self._safe(f"job {job.id}'s queue position", self.delivery.position(job, pos))
+
+    async def _load_engine(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            self._engine = await loop.run_in_executor(self._gpu, self._engine_loader)
+        except Exception as exc:
+            log.exception("the model failed to load")
+            self._engine_error = f"the image model failed to load ({type(exc).__name__}); an admin must check the bot's log"
+        self.engine_ready.set()
+
+    async def _work(self) -> None:
+        await self._load_engine()
+        while True:
+            order = self.waiting()
+            if not order:
+                self._check_idle()
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            job = order[0]
+            entry = self._entries[job.id]
+            self._turn += 1
+            self._served[job.user_id] = self._turn
+            try:
+                await self._process(entry)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("job %d: unexpected error in the worker", job.id)
+            finally:
+                self._running = None
+                self._entries.pop(job.id, None)
+                self._check_idle()
+
+    async def _process(self, entry: _Entry) -> None:
+        job = entry.job
+        if job.status is JobStatus.GENERATED:
+            await self._deliver(job)
+            return
+        try:
+            job = await self.store.mark_running(job.id)
+        except StoreError:
+            log.info("job %d is no longer runnable; skipped", job.id)
+            return
+        entry.job = job
+        max_attempts = self.settings.jobs.max_attempts
+        if job.attempts > max_attempts:
+            reason = f"it failed {max_attempts} times in a row, so it was given up"
+            job = await self.store.mark_failed(job.id, reason, refund=True)
+            await self._safe("a failure", self.delivery.failed(job, reason))
+            return
+        if self._engine is None:
+            job = await self.store.mark_failed(job.id, self._engine_error or "no model", refund=True)
+            await self._safe("a failure", self.delivery.failed(job, self._engine_error or "no model"))
+            return
+        self._running = entry
+        self._spawn(self._notify_positions())
+        await self._safe("a start", self.delivery.started(job))
+        result = await self._generate(entry)
+        if result is None:
+            return
+        path = Path(self.settings.storage.results_dir) / f"job-{job.id}.png"
+        meta = {"prompt": job.prompt, "seed": job.seed, "steps": job.steps,
+                "size": f"{job.width}x{job.height}", "model": getattr(self._engine, "preset", ""),
+                "job": job.id, "generator": "fluxbot"}
+        await asyncio.to_thread(save_png, result.image, path, meta)
+        job = await self.store.mark_generated(job.id, str(path), result.seconds)
+        entry.job = job
+        await self._deliver(job)
+
+    async def _generate(self, entry: _Entry):
+        job = entry.job
+        loop = asyncio.get_running_loop()
+        request = GenerationRequest(job.prompt, seed=job.seed, steps=job.steps, width=job.width,
+                                    height=job.height, guidance=self.settings.generation.guidance)
+
+        def on_progress(step: int, total: int) -> None:  # GPU thread
+            loop.call_soon_threadsafe(self._on_progress, entry, step, total)
+
+        call = functools.partial(self._engine.generate, request, on_progress=on_progress,
+                                 should_cancel=entry.cancel.is_set)
+        try:
+            return await asyncio.wrap_future(loop.run_in_executor(self._gpu, call))
+        except GenerationCancelled:
+            if self._stopping:
+                return None  # stays "running" in the ledger: resumed on next start
+            job = await self.store.mark_cancelled(job.id, refund=True)
+            await self._safe("a cancel", self.delivery.cancelled(job))
+        except GenerationOOM as exc:
+            log.error("job %d: %s", job.id, exc)
+            reason = "the GPU ran out of memory; your quota was refunded. Try fewer steps or a smaller size."
+            job = await self.store.mark_failed(job.id, str(exc), refund=True)
+            await self._safe("a failure", self.delivery.failed(job, reason))
+        except Exception as exc:
+            log.exception("job %d: generation failed", job.id)
+            reason = f"generation failed ({type(exc).__name__}); your quota was refunded"
+            job = await self.store.mark_failed(job.id, f"{type(exc).__name__}: {exc}", refund=True)
+            await self._safe("a failure", self.delivery.failed(job, reason))
+        return None
+
+    def _on_progress(self, entry: _Entry, step: int, total: int) -> None:
+        now = time.monotonic()
+        if step >= total or entry.edit_in_flight or now - entry.last_progress_edit < self.progress_interval:
+            return
+        entry.last_progress_edit = now
+        entry.edit_in_flight = True
+
+        async def edit():
+            try:
+                await self._safe("progress", self.delivery.progress(entry.job, step, total))
+            finally:
+                entry.edit_in_flight = False
+        self._spawn(edit())
+
+    async def _deliver(self, job: JobRecord) -> None:
+        try:
+            message_id = await self.delivery.deliver(job, Path(job.result_path))
+        except Exception as exc:
+            if not isinstance(exc, DeliveryFailed):
+                log.exception("job %d: delivery failed", job.id)
+            else:
+                log.error("job %d: delivery failed: %s", job.id, exc)
+            await self.store.mark_failed(job.id, f"delivery failed: {exc}", refund=True)
+            return
+        await self.store.mark_done(job.id, message_id)

@@ -1,0 +1,122 @@
+"""Checks on what a member typed. Discord enforces option types and ranges in its client, but a
+raw request can carry anything, so every value is checked again here. Each refusal names the
+option and says what is wrong; nothing here touches the queue or the database."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import unicodedata
+from dataclasses import dataclass
+
+MAX_SEED = 2**32 - 1
+
+# Zero-width and bidi-control characters: invisible, and a way to smuggle blocked terms past a filter.
+_INVISIBLE = re.compile("[\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff\u00ad]")
+_MENTION = re.compile(r"<@[!&]?\d+>|@everyone|@here")
+
+
+class ValidationError(ValueError):
+    """A value a member gave is unusable; the message is safe to show them."""
+
+
+@dataclass(frozen=True)
+class SizePreset:
+    name: str
+    label: str
+    width: int
+    height: int
+
+
+def size_presets(width: int, height: int) -> dict[str, SizePreset]:
+    """Square is the configured size; portrait and landscape keep about the same pixel count."""
+    long_side = max(16, round(max(width, height) * 1.1875 / 16) * 16)
+    short_side = max(16, round(min(width, height) * 0.8125 / 16) * 16)
+    presets = [
+        SizePreset("square", f"Square {width}x{height}", width, height),
+        SizePreset("portrait", f"Portrait {short_side}x{long_side}", short_side, long_side),
+        SizePreset("landscape", f"Landscape {long_side}x{short_side}", long_side, short_side),
+    ]
+    return {p.name: p for p in presets}
+
+
+@dataclass(frozen=True)
+class ImagineParams:
+    prompt: str
+    seed: int
+    steps: int
+    width: int
+    height: int
+    random_seed: bool
+
+
+def fold(text: str) -> str:
+    """Lower-case, accent-free form used to match blocked terms."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    return "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()
+
+
+def clean_prompt(prompt: object) -> str:
+    if not isinstance(prompt, str):
+        raise ValidationError("prompt must be text")
+    text = _INVISIBLE.sub("", prompt)
+    # Other control characters (newlines and tabs included) become spaces.
+    text = "".join(" " if unicodedata.category(c) == "Cc" else c for c in text)
+    return " ".join(text.split())
+
+
+def check_prompt(prompt: object, *, max_chars: int, blocked_terms: tuple[str, ...] = ()) -> str:
+    text = clean_prompt(prompt)
+    if not text:
+        raise ValidationError("prompt is empty: describe the image you want")
+    if len(text) > max_chars:
+        raise ValidationError(f"prompt is too long: {len(text)} characters, the limit is {max_chars}")
+    folded = fold(text)
+    for term in blocked_terms:
+        if term.strip() and fold(term.strip()) in folded:
+            raise ValidationError("prompt contains a term this server does not allow")
+    return text
+
+
+def _whole_number(value: object, name: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValidationError(f"{name} must be a whole number")
+    return value
+
+
+def check_seed(seed: object) -> tuple[int, bool]:
+    """Returns (seed, was_random). None or -1 draws a random seed."""
+    value = _whole_number(seed, "seed")
+    if value is None or value == -1:
+        return secrets.randbelow(MAX_SEED + 1), True
+    if not 0 <= value <= MAX_SEED:
+        raise ValidationError(f"seed must be between 0 and {MAX_SEED} (or -1 for a random seed)")
+    return value, False
+
+
+def check_steps(steps: object, *, default: int, maximum: int) -> int:
+    value = _whole_number(steps, "steps")
+    if value is None:
+        return default
+    if not 1 <= value <= maximum:
+        raise ValidationError(f"steps must be between 1 and {maximum}")
+    return value
+
+
+def check_imagine(prompt: object, seed: object, steps: object, size: object, generation, moderation) -> ImagineParams:
+    """`generation`/`moderation` are the matching sections of bot.config.Settings."""
+    text = check_prompt(prompt, max_chars=generation.max_prompt_chars, blocked_terms=moderation.blocked_terms)
+    value, was_random = check_seed(seed)
+    n = check_steps(steps, default=generation.default_steps, maximum=generation.max_steps)
+    presets = size_presets(generation.width, generation.height)
+    name = "square" if size is None else size
+    if not isinstance(name, str) or name not in presets:
+        raise ValidationError(f"size must be one of: {', '.join(presets)}")
+    preset = presets[name]
+    return ImagineParams(text, value, n, preset.width, preset.height, was_random)
+
+
+def has_mentions(text: str) -> bool:
+    return bool(_MENTION.search(text))

@@ -1,0 +1,109 @@
+"""Helpers for the bot tests: settings, an engine with a gate and failure switches, a running bot."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from pathlib import Path
+
+from fake_discord import FakeDiscord, discord  # first: silences discord.py's audioop warning  # noqa: F401
+
+from bot.config import default_settings  # noqa: E402
+from bot.discord.app import FluxBot  # noqa: E402
+
+ALICE, BOB, CAROL, ADMIN, MOD = 1001, 1002, 1003, 1009, 1010
+
+
+def make_settings(tmp_path: Path, model_dir: Path, fake: FakeDiscord, **sections):
+    base = {
+        "discord": {"token": fake.token, "guild_ids": [fake.guild_id], "admin_user_ids": [ADMIN]},
+        "model": {"preset": "tiny-random", "dir": str(model_dir), "device": "cpu"},
+        "generation": {"width": 256, "height": 256, "default_steps": 3, "max_steps": 50},
+        "quota": {"daily_limit": 5},
+        "queue": {"max_size": 100, "max_per_user": 3},
+        "storage": {"database": str(tmp_path / "fluxbot.db"), "results_dir": str(tmp_path / "results")},
+    }
+    for name, values in sections.items():
+        base.setdefault(name, {}).update(values)
+    return default_settings(**base)
+
+
+class ControlledEngine:
+    """The real tiny engine behind a gate (to hold the GPU busy) and per-prompt failure switches."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.preset = engine.preset
+        self.gate = threading.Event()
+        self.gate.set()
+        self.fail_on: dict[str, Exception] = {}
+        self.calls: list[str] = []
+        self.busy = threading.Event()
+
+    def generate(self, request, *, on_progress=None, should_cancel=None):
+        self.calls.append(request.prompt)
+        self.busy.set()
+        try:
+            if not self.gate.wait(30):
+                raise TimeoutError("test gate never opened")
+            for word, exc in self.fail_on.items():
+                if word in request.prompt:
+                    raise exc
+            return self.engine.generate(request, on_progress=on_progress, should_cancel=should_cancel)
+        finally:
+            self.busy.clear()
+
+
+def add_members(fake: FakeDiscord) -> None:
+    for uid, name in ((ALICE, "alice"), (BOB, "bob"), (CAROL, "carol"), (ADMIN, "admin")):
+        fake.add_member(uid, name)
+    fake.add_member(MOD, "mod", manage_guild=True)
+
+
+@contextlib.asynccontextmanager
+async def running_bot(fake: FakeDiscord, settings, engine, *, progress_interval: float = 0.0):
+    bot = FluxBot(settings, lambda: engine, guild_ready_timeout=0.01)
+    async with fake.run_bot(bot):
+        await fake.wait_commands_synced()
+        bot.queue.progress_interval = progress_interval
+        await asyncio.wait_for(bot.queue.engine_ready.wait(), 30)
+        yield bot
+
+
+async def eventually(check, timeout: float = 15.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def embed_field(message: dict, name: str) -> str | None:
+    for embed in message.get("embeds", []):
+        for field in embed.get("fields", []):
+            if field["name"] == name:
+                return field["value"]
+    return None
+
+
+def has_image(message: dict) -> bool:
+    return bool(message.get("attachments"))
+
+
+def ephemeral_texts(fake: FakeDiscord, interaction) -> list[str]:
+    """Text of every private answer to this interaction (callback type 4 with flag 64, or followups)."""
+    out = []
+    for ev in fake.events:
+        if f"/interactions/{interaction.id}/" in ev.path and ev.json and ev.json.get("type") == 4:
+            data = ev.json.get("data") or {}
+            if int(data.get("flags") or 0) & 64:
+                out.append(data.get("content") or "")
+        elif f"/webhooks/{fake.application_id}/{interaction.token}" in ev.path and ev.method == "POST" and ev.json:
+            if int(ev.json.get("flags") or 0) & 64:
+                out.append(ev.json.get("content") or "")
+    return out

@@ -1,0 +1,346 @@
+"""The bot end to end: the real discord.py client against a fake Discord on 127.0.0.1, the real
+tiny engine, a real SQLite file."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+import pytest
+from PIL import Image
+
+from botkit import (ADMIN, ALICE, BOB, CAROL, MOD, ControlledEngine, add_members, embed_field,
+                    ephemeral_texts, eventually, has_image, make_settings, running_bot)
+from fake_discord import FakeDiscord
+
+from bot.engine.pipeline import GenerationOOM
+from bot.store import JobStatus, Store
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+async def fake():
+    f = FakeDiscord()
+    await f.start()
+    f.install()
+    add_members(f)
+    yield f
+    await f.stop()
+
+
+@pytest.fixture
+def engine(tiny_engine):
+    return ControlledEngine(tiny_engine)
+
+
+@pytest.fixture
+def settings(tmp_path, model_dir, fake):
+    return make_settings(tmp_path, model_dir, fake)
+
+
+def attachment_bytes(fake, message) -> bytes:
+    return fake.attachment_data[int(message["attachments"][0]["id"])]
+
+
+async def imagine(fake, user, **options):
+    options.setdefault("prompt", "a lighthouse at dusk")
+    return await fake.slash("imagine", options, user_id=user)
+
+
+def image_messages(fake) -> list[dict]:
+    return [m for m in fake.messages.values() if has_image(m)]
+
+
+async def test_commands_are_synced_to_the_guild(fake, settings, engine):
+    async with running_bot(fake, settings, engine):
+        assert {"imagine", "queue", "cancel", "quota", "admin"} <= set(fake.synced_commands)
+        imagine_cmd = fake.synced_commands["imagine"]
+        opts = {o["name"]: o for o in imagine_cmd["options"]}
+        assert opts["prompt"]["required"] is True
+        assert opts["steps"]["min_value"] == 1 and opts["steps"]["max_value"] == 50
+        assert opts["seed"]["min_value"] == -1 and opts["seed"]["max_value"] == 2**32 - 1
+        assert all(o["description"] for o in opts.values())
+        assert {c["value"] for c in opts["size"]["choices"]} == {"square", "portrait", "landscape"}
+        # admin commands are hidden from members without Manage Server
+        assert int(fake.synced_commands["admin"]["default_member_permissions"]) == 1 << 5
+
+
+async def test_imagine_end_to_end(fake, settings, engine):
+    async with running_bot(fake, settings, engine) as bot:
+        inter = await imagine(fake, ALICE, prompt="a red cat <@1002> @everyone", seed=42, steps=4)
+        first = await inter.response()
+        assert first.json["type"] == 5  # deferred at once
+        final = await inter.wait_original(has_image)
+        # progress went through the same message: queue position / painting / step i/N
+        edits = [e.json.get("content") for e in fake.events
+                 if e.method == "PATCH" and "/messages/" in e.path and e.json and e.json.get("content")]
+        assert any("step 1/4" in c for c in edits), edits
+        assert embed_field(final, "Seed") == "42"
+        assert embed_field(final, "Steps") == "4"
+        assert embed_field(final, "Size") == "256x256"
+        assert embed_field(final, "Requested by") == f"<@{ALICE}>"
+        png = Image.open(io.BytesIO(attachment_bytes(fake, final)))
+        assert png.size == (256, 256)
+        assert png.text["seed"] == "42" and png.text["prompt"].startswith("a red cat")
+        # no message the bot sent may ping anyone
+        for ev in fake.events:
+            if ev.method in ("POST", "PATCH") and isinstance(ev.json, dict) and "allowed_mentions" in ev.json:
+                assert ev.json["allowed_mentions"].get("parse", []) == []
+        job = (await bot.store.recent_jobs(1))[0]
+        assert job.status is JobStatus.DONE and job.result_message_id == int(final["id"])
+
+
+async def test_random_seed_is_reported_as_a_plain_number(fake, settings, engine):
+    async with running_bot(fake, settings, engine) as bot:
+        inter = await imagine(fake, ALICE)
+        final = await inter.wait_original(has_image)
+        seed = embed_field(final, "Seed")
+        assert seed.isdigit()
+        job = (await bot.store.recent_jobs(1))[0]
+        assert int(seed) == job.seed
+        assert Image.open(io.BytesIO(attachment_bytes(fake, final))).text["seed"] == seed
+
+
+async def test_reroll_charges_the_clicker_and_changes_the_seed(fake, settings, engine):
+    async with running_bot(fake, settings, engine) as bot:
+        inter = await imagine(fake, ALICE, prompt="mountains at sunrise", seed=7)
+        final = await inter.wait_original(has_image)
+        job_id = (await bot.store.recent_jobs(1))[0].id
+        click = await fake.click(int(final["id"]), f"fluxbot:reroll:{job_id}", user_id=BOB)
+        rerolled = await click.wait_original(has_image)
+        assert rerolled["id"] != final["id"]
+        assert embed_field(rerolled, "Seed") != "7"
+        assert embed_field(rerolled, "Requested by") == f"<@{BOB}>"
+        new = (await bot.store.recent_jobs(1))[0]
+        assert new.prompt == "mountains at sunrise" and new.origin == "reroll" and new.user_id == BOB
+        assert (await bot.store.quota_status(BOB)).used == 1
+        assert (await bot.store.quota_status(ALICE)).used == 1
+
+
+async def test_delete_is_for_the_requester_or_an_admin(fake, settings, engine):
+    async with running_bot(fake, settings, engine) as bot:
+        finals = []
+        for _ in range(2):
+            inter = await imagine(fake, ALICE)
+            finals.append(await inter.wait_original(has_image))
+        jobs = sorted(j.id for j in await bot.store.recent_jobs(2))
+        # someone else: refused, message stays
+        click = await fake.click(int(finals[0]["id"]), f"fluxbot:delete:{jobs[0]}", user_id=BOB)
+        await click.response()
+        assert any("Only" in t for t in ephemeral_texts(fake, click))
+        assert int(finals[0]["id"]) in fake.messages
+        # the requester
+        click = await fake.click(int(finals[0]["id"]), f"fluxbot:delete:{jobs[0]}", user_id=ALICE)
+        await eventually(lambda: int(finals[0]["id"]) not in fake.messages, what="deletion by requester")
+        # an admin (Manage Server role)
+        click = await fake.click(int(finals[1]["id"]), f"fluxbot:delete:{jobs[1]}", user_id=MOD)
+        await eventually(lambda: int(finals[1]["id"]) not in fake.messages, what="deletion by admin")
+
+
+async def test_quota_exhausted_is_refused_without_an_image(fake, tmp_path, model_dir, engine):
+    settings = make_settings(tmp_path, model_dir, fake, quota={"daily_limit": 1})
+    async with running_bot(fake, settings, engine) as bot:
+        await (await imagine(fake, ALICE)).wait_original(has_image)
+        second = await imagine(fake, ALICE)
+        await second.response()
+        texts = ephemeral_texts(fake, second)
+        assert texts and "daily quota of 1 images is used up" in texts[0] and "resets" in texts[0]
+        await asyncio.sleep(0.2)
+        assert len(image_messages(fake)) == 1
+        assert len(await bot.store.recent_jobs(10)) == 1
+        q = await fake.slash("quota", {}, user_id=ALICE)
+        await q.response()
+        assert "used 1 of 1" in ephemeral_texts(fake, q)[0]
+
+
+async def test_admin_override_then_success(fake, tmp_path, model_dir, engine):
+    settings = make_settings(tmp_path, model_dir, fake, quota={"daily_limit": 1})
+    async with running_bot(fake, settings, engine) as bot:
+        await (await imagine(fake, ALICE)).wait_original(has_image)
+        cmd = await fake.slash("admin", {"user": ALICE, "limit": 3}, user_id=ADMIN,
+                               subcommands=["quota", "set"], resolved_users=[ALICE])
+        await cmd.response()
+        assert "used 1 of 3" in ephemeral_texts(fake, cmd)[0]
+        await (await imagine(fake, ALICE)).wait_original(has_image)
+        assert (await bot.store.quota_status(ALICE)).used == 2
+        # reset, show and default
+        cmd = await fake.slash("admin", {"user": ALICE}, user_id=MOD, subcommands=["quota", "reset"],
+                               resolved_users=[ALICE])
+        await cmd.response()
+        assert (await bot.store.quota_status(ALICE)).used == 0
+        cmd = await fake.slash("admin", {"limit": 9}, user_id=ADMIN, subcommands=["quota", "default"])
+        await cmd.response()
+        assert (await bot.store.quota_status(BOB)).limit == 9
+        cmd = await fake.slash("admin", {"user": BOB}, user_id=ADMIN, subcommands=["quota", "show"],
+                               resolved_users=[BOB])
+        await cmd.response()
+        assert "used 0 of 9" in ephemeral_texts(fake, cmd)[0]
+
+
+@pytest.mark.parametrize("sub,options", [
+    (["quota", "set"], {"user": BOB, "limit": 100}),
+    (["quota", "reset"], {"user": BOB}),
+    (["quota", "show"], {"user": BOB}),
+    (["quota", "default"], {"limit": 100}),
+])
+async def test_non_admin_is_refused_on_admin_commands(fake, settings, engine, sub, options):
+    async with running_bot(fake, settings, engine) as bot:
+        before = await bot.store.quota_status(BOB)
+        cmd = await fake.slash("admin", options, user_id=ALICE, subcommands=sub,
+                               resolved_users=[BOB] if "user" in options else [])
+        await cmd.response()
+        texts = ephemeral_texts(fake, cmd)
+        assert texts and "Manage Server" in texts[0]
+        assert await bot.store.quota_status(BOB) == before
+        assert await bot.store.default_limit() == settings.quota.daily_limit
+
+
+async def test_queue_full_and_per_user_cap_charge_nothing(fake, tmp_path, model_dir, engine):
+    settings = make_settings(tmp_path, model_dir, fake, queue={"max_size": 3, "max_per_user": 2})
+    engine.gate.clear()
+    async with running_bot(fake, settings, engine) as bot:
+        a1 = await imagine(fake, ALICE)
+        await eventually(engine.busy.is_set, what="GPU busy")
+        a2 = await imagine(fake, ALICE)
+        a3 = await imagine(fake, ALICE)  # third for Alice: over her cap of 2
+        await a3.response()
+        assert "already have 2 images waiting" in ephemeral_texts(fake, a3)[0]
+        b1 = await imagine(fake, BOB)
+        c1 = await imagine(fake, CAROL)  # queue of 3 is full
+        await c1.response()
+        assert "queue is full" in ephemeral_texts(fake, c1)[0]
+        assert (await bot.store.quota_status(ALICE)).used == 2
+        assert (await bot.store.quota_status(CAROL)).used == 0
+        # /queue lists what waits, the caller's own marked
+        q = await fake.slash("queue", {}, user_id=BOB)
+        await q.response()
+        listing = ephemeral_texts(fake, q)[0]
+        assert "now:" in listing and "← yours" in listing
+        engine.gate.set()
+        for inter in (a1, a2, b1):
+            await inter.wait_original(has_image)
+
+
+async def test_fair_order_between_users(fake, settings, engine):
+    engine.gate.clear()
+    async with running_bot(fake, settings, engine) as bot:
+        await imagine(fake, ALICE, prompt="alice one")
+        await eventually(engine.busy.is_set, what="GPU busy")
+        for user, prompt in ((ALICE, "alice two"), (ALICE, "alice three"), (BOB, "bob one")):
+            await (await imagine(fake, user, prompt=prompt)).response()
+        assert [j.prompt for j in bot.queue.waiting()] == ["bob one", "alice two", "alice three"]
+        engine.gate.set()
+        await bot.queue.wait_idle(30)
+        assert engine.calls == ["alice one", "bob one", "alice two", "alice three"]
+
+
+async def test_cancel_queued_and_running(fake, settings, engine):
+    engine.gate.clear()
+    async with running_bot(fake, settings, engine) as bot:
+        running = await imagine(fake, ALICE, steps=20)
+        await eventually(engine.busy.is_set, what="GPU busy")
+        waiting = await imagine(fake, ALICE)
+        await waiting.response()
+        assert (await bot.store.quota_status(ALICE)).used == 2
+        c1 = await fake.slash("cancel", {}, user_id=ALICE)
+        await c1.response()
+        assert "Cancelled your waiting image" in ephemeral_texts(fake, c1)[0]
+        assert (await bot.store.quota_status(ALICE)).used == 1
+        c2 = await fake.slash("cancel", {}, user_id=ALICE)
+        await c2.response()
+        assert "Stopping your image" in ephemeral_texts(fake, c2)[0]
+        engine.gate.set()
+        msg = await running.wait_original(lambda m: "Cancelled" in m["content"])
+        assert not has_image(msg)
+        await bot.queue.wait_idle(10)
+        assert (await bot.store.quota_status(ALICE)).used == 0
+        statuses = {j.status for j in await bot.store.recent_jobs(5)}
+        assert statuses == {JobStatus.CANCELLED}
+        c3 = await fake.slash("cancel", {}, user_id=ALICE)
+        await c3.response()
+        assert "nothing waiting" in ephemeral_texts(fake, c3)[0]
+
+
+async def test_failure_refunds_and_the_next_job_still_runs(fake, settings, engine):
+    engine.fail_on["explode"] = RuntimeError("CUDA error: an illegal memory access")
+    engine.fail_on["hungry"] = GenerationOOM("the GPU ran out of memory at 256x256")
+    async with running_bot(fake, settings, engine) as bot:
+        bad = await imagine(fake, ALICE, prompt="please explode")
+        msg = await bad.wait_original(lambda m: "Could not paint" in m["content"])
+        assert "refunded" in msg["content"]
+        oom = await imagine(fake, ALICE, prompt="a hungry model")
+        msg = await oom.wait_original(lambda m: "Could not paint" in m["content"])
+        assert "ran out of memory" in msg["content"]
+        assert (await bot.store.quota_status(ALICE)).used == 0
+        good = await imagine(fake, ALICE, prompt="a calm lake")
+        await good.wait_original(has_image)
+        assert (await bot.store.quota_status(ALICE)).used == 1
+        failed = [j for j in await bot.store.recent_jobs(5) if j.status is JobStatus.FAILED]
+        assert len(failed) == 2 and all(j.charged_day is None for j in failed)
+
+
+async def test_thirty_concurrent_requests_three_users_limit_five(fake, tmp_path, model_dir, engine):
+    settings = make_settings(tmp_path, model_dir, fake, quota={"daily_limit": 5},
+                             queue={"max_size": 100, "max_per_user": 10},
+                             generation={"default_steps": 1, "width": 256, "height": 256})
+    async with running_bot(fake, settings, engine, progress_interval=5) as bot:
+        users = [ALICE, BOB, CAROL] * 10
+        inters = await asyncio.gather(*(imagine(fake, u, prompt=f"burst {i}") for i, u in enumerate(users)))
+        await asyncio.gather(*(i.response() for i in inters))
+        refused = [i for i in inters if ephemeral_texts(fake, i)]
+        assert len(refused) == 15
+        assert all("daily quota of 5" in ephemeral_texts(fake, i)[0] for i in refused)
+        await bot.queue.wait_idle(120)
+        assert len(image_messages(fake)) == 15
+        for user in (ALICE, BOB, CAROL):
+            assert (await bot.store.quota_status(user)).used == 5
+        done = [j for j in await bot.store.recent_jobs(100) if j.status is JobStatus.DONE]
+        assert len(done) == 15
+
+
+async def test_quota_survives_a_restart(fake, settings, engine):
+    async with running_bot(fake, settings, engine):
+        for _ in range(2):
+            await (await imagine(fake, ALICE)).wait_original(has_image)
+    async with running_bot(fake, settings, engine) as bot:
+        q = await fake.slash("quota", {}, user_id=ALICE)
+        await q.response()
+        assert "used 2 of 5" in ephemeral_texts(fake, q)[0]
+        assert (await bot.store.quota_status(ALICE)).used == 2
+    async with await Store.open(settings.storage.database, default_daily_limit=5) as store:
+        assert (await store.quota_status(ALICE)).used == 2
+
+
+async def test_job_survives_a_gateway_drop(fake, settings, engine):
+    engine.gate.clear()
+    async with running_bot(fake, settings, engine):
+        inter = await imagine(fake, ALICE, steps=2)
+        await eventually(engine.busy.is_set, what="GPU busy")
+        await fake.drop_gateway()
+        engine.gate.set()
+        await inter.wait_original(has_image)
+        assert fake.gateway_connections == 2
+        # and the bot still answers commands
+        q = await fake.slash("quota", {}, user_id=ALICE)
+        await q.response()
+        assert ephemeral_texts(fake, q)
+
+
+@pytest.mark.parametrize("options,expected", [
+    ({"prompt": "   "}, "prompt is empty"),
+    ({"prompt": "x" * 1001}, "prompt is too long"),
+    ({"prompt": "a cat", "steps": 0}, "steps must be between 1 and 50"),
+    ({"prompt": "a cat", "steps": 51}, "steps must be between 1 and 50"),
+    ({"prompt": "a cat", "seed": 2**32}, "seed must be between 0 and 4294967295"),
+    ({"prompt": "a cat", "seed": -2}, "seed must be between"),
+    ({"prompt": "a cat", "size": "huge"}, "size must be one of"),
+])
+async def test_bad_imagine_input_is_refused_and_changes_nothing(fake, settings, engine, options, expected):
+    async with running_bot(fake, settings, engine) as bot:
+        inter = await fake.slash("imagine", options, user_id=ALICE)
+        await inter.response()
+        texts = ephemeral_texts(fake, inter)
+        assert texts and expected in texts[0], texts
+        assert await bot.store.recent_jobs(5) == []
+        assert (await bot.store.quota_status(ALICE)).used == 0
