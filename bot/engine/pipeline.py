@@ -150,7 +150,7 @@ class Engine:
         for name in ("dit", "text_encoder_1", "text_encoder_2", "vae_decoder"):
             offload.configure_streaming(getattr(pipe, name), pinned=plan.pinned,
                                         fp8_matmul=plan.fp8_matmul and name == "dit")
-        if log.isEnabledFor(logging.INFO):
+        if plan.device.type == "cuda" and log.isEnabledFor(logging.INFO):
             parts = ", ".join(f"{k} {r / GIB:.2f} GiB resident / {s / GIB:.2f} GiB streamed"
                               for k, (r, s) in self.placement.items())
             log.info("placement: %s", parts)

@@ -1,0 +1,23 @@
+# fluxbot on an NVIDIA GPU. Needs the NVIDIA Container Toolkit on the host.
+# torch's CUDA 13 wheels carry their own CUDA libraries; the base image brings a matching runtime.
+FROM nvidia/cuda:13.0.1-runtime-ubuntu24.04
+
+ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
+    PATH=/opt/venv/bin:$PATH MODELSCOPE_CACHE=/models/.cache
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && python3 -m venv /opt/venv
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY bot ./bot
+RUN pip install .
+
+# Non-root; weights and the database live on volumes, the config is mounted read-only.
+RUN useradd --create-home --uid 1000 fluxbot \
+ && mkdir -p /models /data /config && chown fluxbot:fluxbot /models /data
+USER fluxbot
+VOLUME ["/models", "/data"]
+ENTRYPOINT ["fluxbot"]
+CMD ["run", "--config", "/config/config.toml"]

@@ -1,0 +1,279 @@
+"""`fluxbot`: run the bot, paint one image, check the machine, fetch weights, back up the database."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import os
+import platform
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .config import ConfigError, Settings, load_settings
+from .logs import add_secret, redact, setup_logging
+
+log = logging.getLogger("fluxbot")
+DEFAULT_CONFIG = Path("config.toml")
+
+
+def _config_path(arg: str | None) -> Path | None:
+    if arg:
+        return Path(arg)
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
+
+
+def _load(arg: str | None, **kwargs) -> tuple[Settings, Path | None]:
+    path = _config_path(arg)
+    return load_settings(path, **kwargs), path
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"error: {redact(message)}", file=sys.stderr)
+    return code
+
+
+# --------------------------------------------------------------------------- run
+def cmd_run(args) -> int:
+    import discord
+
+    from .discord.app import FluxBot
+    from .engine import weights
+    from .engine.pipeline import Engine
+
+    settings, path = _load(args.config, require_token=True)
+    token = settings.discord.token.get()
+    setup_logging(args.log_level, secrets=[token])
+    add_secret(token)
+    root = weights.preset_root(settings.model.preset, settings.model.dir)
+    if settings.model.preset != "tiny-random":
+        missing = weights.missing_files(root)
+        if missing:
+            return _fail(str(weights.MissingWeightsError(root, missing, str(path or ""))))
+
+    def load_engine():
+        return Engine.load(settings.model, config_hint=str(path or ""))
+
+    bot = FluxBot(settings, load_engine)
+    # `docker stop` sends SIGTERM: shut down like Ctrl-C so the running job is left for the next start.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        bot.run(token, log_handler=None)
+    except discord.LoginFailure:
+        return _fail("Discord rejected the bot token: check DISCORD_TOKEN or [discord] token "
+                     "(Developer Portal -> your application -> Bot -> Reset Token)", 1)
+    except discord.PrivilegedIntentsRequired as exc:
+        return _fail(f"Discord refused a privileged intent: {exc}", 1)
+    return 0
+
+
+# --------------------------------------------------------------------------- generate
+class _Bar:
+    """A one-line progress bar on stderr."""
+
+    def __init__(self, width: int = 30):
+        self.width = width
+        self.start = time.perf_counter()
+
+    def __call__(self, step: int, total: int) -> None:
+        filled = round(self.width * step / total)
+        rate = (time.perf_counter() - self.start) / step
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] step {step}/{total}  {rate:.2f} s/step")
+        if step == total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def cmd_generate(args) -> int:
+    from .engine.pipeline import Engine, GenerationRequest
+    from .images import save_png
+    from .validation import ValidationError, check_prompt, check_seed, check_steps
+
+    settings, path = _load(args.config)
+    setup_logging(args.log_level)
+    model = settings.model
+    if args.preset:
+        model = dataclasses.replace(model, preset=args.preset)
+    gen = settings.generation
+    try:
+        prompt = check_prompt(args.prompt, max_chars=gen.max_prompt_chars)
+        seed, random_seed = check_seed(args.seed)
+        steps = check_steps(args.steps, default=gen.default_steps, maximum=gen.max_steps)
+    except ValidationError as exc:
+        return _fail(str(exc))
+    width, height = args.width or gen.width, args.height or gen.height
+    if width % 16 or height % 16 or not (64 <= width <= 2048 and 64 <= height <= 2048):
+        return _fail("width and height must be multiples of 16 between 64 and 2048")
+    engine = Engine.load(model, config_hint=str(path or ""))
+    print(f"seed: {seed}" + (" (random)" if random_seed else ""))
+    request = GenerationRequest(prompt, seed=seed, steps=steps, width=width, height=height, guidance=gen.guidance)
+    result = engine.generate(request, on_progress=_Bar())
+    out = Path(args.output or f"fluxbot-{seed}.png")
+    save_png(result.image, out, {"prompt": prompt, "seed": seed, "steps": steps, "size": f"{width}x{height}",
+                                 "model": model.preset, "generator": "fluxbot"})
+    print(f"time: {result.seconds:.2f} s")
+    print("peak VRAM: " + (f"{result.peak_vram_gib:.2f} GiB" if result.peak_vram_gib is not None else "n/a (CPU)"))
+    print(f"saved: {out}")
+    return 0
+
+
+# --------------------------------------------------------------------------- doctor
+def cmd_doctor(args) -> int:
+    import torch
+
+    from .engine import weights
+    from .engine.budget import fp8_matmul_supported
+    from .engine.pipeline import Engine, GenerationRequest
+
+    setup_logging("WARNING")
+    rows: list[tuple[str, str, str]] = []
+
+    def row(name: str, ok: str, detail: str) -> None:
+        rows.append((name, ok, redact(detail)))
+
+    row("python", "PASS" if sys.version_info >= (3, 10) else "FAIL", platform.python_version())
+    row("torch", "PASS", f"{torch.__version__} (CUDA build {torch.version.cuda or 'none'})")
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        row("gpu", "PASS", f"{props.name}, {props.total_memory / 1024**3:.1f} GiB, "
+                           f"compute {props.major}.{props.minor}")
+        row("fp8 matmul", "PASS" if fp8_matmul_supported(torch.device("cuda", 0)) else "INFO",
+            "available (Ada/Hopper)" if fp8_matmul_supported(torch.device("cuda", 0))
+            else "not on this card: float8 storage with bf16 compute")
+    else:
+        row("gpu", "WARN", "no CUDA GPU visible: the real model would run on the CPU (very slow)")
+    settings = None
+    try:
+        settings, path = _load(args.config)
+        row("config", "PASS", str(path) if path else "none (defaults; pass --config or create config.toml)")
+    except ConfigError as exc:
+        row("config", "FAIL", str(exc))
+    if settings is not None:
+        root = weights.preset_root(settings.model.preset, settings.model.dir)
+        if settings.model.preset == "tiny-random":
+            row("weights", "PASS", "tiny-random preset: built on first use, nothing to download")
+        else:
+            missing = weights.missing_files(root)
+            row("weights", "FAIL" if missing else "PASS",
+                f"missing under {root}: {', '.join(missing)}; run `fluxbot download`" if missing
+                else f"all present under {root}")
+        db = Path(settings.storage.database)
+        if db.exists():
+            try:
+                from .store import Store
+
+                async def check():
+                    store = await Store.open(db, default_daily_limit=settings.quota.daily_limit)
+                    try:
+                        return await store.integrity_ok(), await store.schema_version()
+                    finally:
+                        await store.close()
+                ok, version = asyncio.run(check())
+                row("database", "PASS" if ok else "FAIL", f"{db} (schema v{version}, integrity {'ok' if ok else 'FAILED'})")
+            except Exception as exc:
+                row("database", "FAIL", f"{db}: {exc}")
+        else:
+            row("database", "PASS", f"{db} (will be created on first run)")
+    try:
+        from types import SimpleNamespace
+        with tempfile.TemporaryDirectory() as tmp:
+            tiny = SimpleNamespace(preset="tiny-random", dir=Path(tmp), vram_limit_gb=8.0, device="auto",
+                                   fp8_matmul="auto", compile="off", keep_resident="auto", t5_fp8=False)
+            t0 = time.perf_counter()
+            engine = Engine.load(tiny)
+            res = engine.generate(GenerationRequest("doctor check", seed=1, steps=2, width=256, height=256))
+            row("tiny generation", "PASS", f"256x256, 2 steps on {engine.device} in {time.perf_counter() - t0:.1f} s "
+                                           f"(image std {__import__('numpy').asarray(res.image).std():.1f})")
+    except Exception as exc:
+        row("tiny generation", "FAIL", f"{type(exc).__name__}: {exc}")
+    width = max(len(r[0]) for r in rows)
+    for name, ok, detail in rows:
+        print(f"{name:<{width}}  {ok:<4}  {detail}")
+    failed = [r for r in rows if r[1] == "FAIL"]
+    print(f"\n{len(rows) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+# --------------------------------------------------------------------------- download, db
+def cmd_download(args) -> int:
+    from .engine import weights
+
+    settings, _ = _load(args.config)
+    setup_logging(args.log_level)
+    root = Path(settings.model.dir)
+    print(f"fetching majicflus + FLUX.1-dev files into {root} (about 33 GB; safe to re-run, resumes)")
+    missing = weights.download(root)
+    if missing:
+        return _fail("still missing after download: " + ", ".join(missing), 1)
+    print("all model files present")
+    return 0
+
+
+def cmd_db_backup(args) -> int:
+    from .store import Store
+
+    settings, _ = _load(args.config)
+
+    async def backup():
+        store = await Store.open(settings.storage.database, default_daily_limit=settings.quota.daily_limit)
+        try:
+            await store.backup(args.path)
+        finally:
+            await store.close()
+    asyncio.run(backup())
+    print(f"backed up {settings.storage.database} to {args.path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fluxbot", description=__doc__)
+    p.add_argument("--log-level", default=os.environ.get("FLUXBOT_LOG_LEVEL", "INFO"))
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp):
+        sp.add_argument("--config", help="TOML config file (default: ./config.toml if present)")
+        return sp
+
+    with_config(sub.add_parser("run", help="start the Discord bot")).set_defaults(func=cmd_run)
+    g = with_config(sub.add_parser("generate", help="paint one image to a PNG"))
+    g.add_argument("prompt")
+    g.add_argument("--seed", type=int, default=None, help="-1 or omitted: random")
+    g.add_argument("--steps", type=int, default=None)
+    g.add_argument("--width", type=int, default=None)
+    g.add_argument("--height", type=int, default=None)
+    g.add_argument("-o", "--output", default=None)
+    g.add_argument("--preset", choices=["majicflus", "tiny-random"], default=None)
+    g.set_defaults(func=cmd_generate)
+    with_config(sub.add_parser("doctor", help="check this machine, the config and the weights")).set_defaults(func=cmd_doctor)
+    with_config(sub.add_parser("download", help="fetch the model weights through modelscope")).set_defaults(func=cmd_download)
+    db = sub.add_parser("db", help="database tools").add_subparsers(dest="db_command", required=True)
+    b = with_config(db.add_parser("backup", help="online backup of the SQLite database"))
+    b.add_argument("path")
+    b.set_defaults(func=cmd_db_backup)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        from .engine.weights import MissingWeightsError
+        if isinstance(exc, MissingWeightsError):
+            return _fail(str(exc))
+        from .store import StoreError
+        if isinstance(exc, StoreError):
+            return _fail(str(exc))
+        raise
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,33 @@
+"""Promises the README makes about the project itself."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from bot.config import load_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    quickstart = readme.split("## Quickstart", 1)[1].split("##", 1)[0]
+    commands = [ln.strip() for ln in re.findall(r"```sh\n(.*?)```", quickstart, re.S)[0].splitlines()
+                if ln.strip() and not ln.strip().startswith("#")]
+    assert len(commands) == 2, commands
+    assert "fluxbot run" in commands[0]
+    ci = [ln.strip() for ln in (ROOT / ".ci/run").read_text().splitlines()]
+    assert commands[1] in ci
+
+
+def test_docker_config_loads(monkeypatch):
+    monkeypatch.setenv("DISCORD_TOKEN", "x" * 60)
+    settings = load_settings(ROOT / "config.docker.toml", require_token=True)
+    assert str(settings.model.dir) == "/models"
+    assert str(settings.storage.database) == "/data/fluxbot.db"
+
+
+def test_console_script_is_declared():
+    text = (ROOT / "pyproject.toml").read_text()
+    assert 'fluxbot = "bot.cli:main"' in text
