@@ -456,13 +456,27 @@ class Store:
                 f"database {self.path} failed its integrity check ({shown}); restore it from a backup or move it aside"
             )
         self._check_version(int(await _scalar(conn, SQL_PRAGMA_USER_VERSION)))
-        mode = str(await _scalar(conn, SQL_PRAGMA_WAL)).lower()
+        mode = await self._enable_wal(conn)
         if mode != "wal":
             raise StoreError(f"database {self.path} cannot use WAL journal mode (got {mode!r})")
         await _execute(conn, SQL_PRAGMA_FOREIGN_KEYS_ON)
         if await _scalar(conn, SQL_PRAGMA_FOREIGN_KEYS) != 1:
             raise StoreError("this SQLite build cannot enforce foreign keys")
         await self._migrate()
+
+    async def _enable_wal(self, conn: aiosqlite.Connection) -> str:
+        """Switch to WAL. SQLite answers "locked" at once, without the busy handler, when another
+        connection switches the same new file at the same moment: retry briefly."""
+        delay = 0.01
+        for _ in range(40):
+            try:
+                return str(await _scalar(conn, SQL_PRAGMA_WAL)).lower()
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.25)
+        return str(await _scalar(conn, SQL_PRAGMA_WAL)).lower()
 
     def _check_version(self, version: int) -> None:
         if version > LATEST_VERSION:
