@@ -41,6 +41,8 @@ class Delivery(Protocol):
     async def started(self, job: JobRecord) -> None: ...
     async def progress(self, job: JobRecord, step: int, total: int) -> None: ...
     async def deliver(self, job: JobRecord, image_path: Path) -> int | None: ...
+    async def find_delivered(self, job: JobRecord) -> int | None:
+        """After a crash between sending and recording: the id of the result message if it already arrived."""
     async def failed(self, job: JobRecord, reason: str) -> None: ...
     async def cancelled(self, job: JobRecord) -> None: ...
 
@@ -238,7 +240,16 @@ class JobQueue:
 
     async def _process(self, entry: _Entry) -> None:
         job = entry.job
-        if job.status is JobStatus.GENERATED:
+        if job.status is JobStatus.GENERATED:  # made before a restart; maybe even sent
+            try:
+                already = await self.delivery.find_delivered(job)
+            except Exception:
+                log.exception("job %d: could not check whether the result already arrived", job.id)
+                already = None
+            if already is not None:
+                log.info("job %d: result had already reached Discord (message %d)", job.id, already)
+                await self.store.mark_done(job.id, already)
+                return
             await self._deliver(job)
             return
         try:
@@ -317,6 +328,7 @@ class JobQueue:
         self._spawn(edit())
 
     async def _deliver(self, job: JobRecord) -> None:
+        job = await self.store.get_job(job.id) or job  # pick up the progress message id set meanwhile
         try:
             message_id = await self.delivery.deliver(job, Path(job.result_path))
         except Exception as exc:

@@ -60,6 +60,8 @@ def clean_prompt(prompt: object) -> str:
     if not isinstance(prompt, str):
         raise ValidationError("prompt must be text")
     text = _INVISIBLE.sub("", prompt)
+    # Mentions mean nothing to the painter (and must never ping): drop them.
+    text = _MENTION.sub(" ", text)
     # Other control characters (newlines and tabs included) become spaces.
     text = "".join(" " if unicodedata.category(c) == "Cc" else c for c in text)
     return " ".join(text.split())

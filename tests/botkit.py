@@ -11,6 +11,7 @@ from pathlib import Path
 from fake_discord import FakeDiscord, discord  # first: silences discord.py's audioop warning  # noqa: F401
 
 from bot.config import default_settings  # noqa: E402
+from bot.engine.pipeline import GenerationCancelled  # noqa: E402
 from bot.discord.app import FluxBot  # noqa: E402
 
 ALICE, BOB, CAROL, ADMIN, MOD = 1001, 1002, 1003, 1009, 1010
@@ -46,8 +47,12 @@ class ControlledEngine:
         self.calls.append(request.prompt)
         self.busy.set()
         try:
-            if not self.gate.wait(30):
-                raise TimeoutError("test gate never opened")
+            deadline = time.monotonic() + 30
+            while not self.gate.wait(0.02):  # like the real engine: a cancel stops it between steps
+                if should_cancel is not None and should_cancel():
+                    raise GenerationCancelled("cancelled while waiting at the test gate")
+                if time.monotonic() > deadline:
+                    raise TimeoutError("test gate never opened")
             for word, exc in self.fail_on.items():
                 if word in request.prompt:
                     raise exc

@@ -50,6 +50,7 @@ async def enqueue(interaction: discord.Interaction, params: ImagineParams, origi
         await tell(interaction, messages.refusal(admission.status, admission.quota, bot.settings))
         return
     job = admission.job
+    bot.queue.delivery.remember_upload_limit(job.id, getattr(interaction, "filesize_limit", None))
     await interaction.response.defer(thinking=True)
     position = bot.queue.position(job.id)
     text = messages.starting() if position == 0 else messages.queued(position or 1)

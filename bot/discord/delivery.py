@@ -33,6 +33,11 @@ class DiscordDelivery:
     def __init__(self, bot: discord.Client, *, upload_limit: int = DEFAULT_UPLOAD_LIMIT):
         self.bot = bot
         self.upload_limit = upload_limit
+        self.upload_limits: dict[int, int] = {}  # job id -> the limit its interaction reported
+
+    def remember_upload_limit(self, job_id: int, limit: int | None) -> None:
+        if limit:
+            self.upload_limits[job_id] = int(limit)
 
     # ------------------------------------------------------------------ plumbing
     def _webhook(self, job: JobRecord) -> discord.Webhook | None:
@@ -84,8 +89,24 @@ class DiscordDelivery:
         await channel.send(f"<@{job.user_id}> {text}",
                            allowed_mentions=discord.AllowedMentions(users=[discord.Object(job.user_id)]))
 
+    async def find_delivered(self, job: JobRecord) -> int | None:
+        """Did a result for this job already arrive? (crash between sending and recording)"""
+        webhook = self._webhook(job)
+        if webhook is not None and job.progress_message_id is not None:
+            try:
+                msg = await webhook.fetch_message(job.progress_message_id)
+            except discord.NotFound:
+                return None
+            if any(a.filename.startswith(f"fluxbot-{job.id}-") for a in msg.attachments):
+                return msg.id
+        # Channel posts carry a nonce, so a repeated post within minutes returns the first message.
+        return None
+
     async def deliver(self, job: JobRecord, image_path: Path) -> int | None:
-        data, ext = fit_upload(image_path.read_bytes(), self.upload_limit)
+        limit = self.upload_limits.pop(job.id, self.upload_limit)
+        data, ext = fit_upload(image_path.read_bytes(), limit)
+        if ext != "png":
+            log.info("job %d: PNG over the %d-byte upload limit; sent as %s", job.id, limit, ext)
         name = f"fluxbot-{job.id}-{job.seed}.{ext}"
         embed = messages.result_embed(job)
         embed.set_image(url=f"attachment://{name}")
@@ -117,6 +138,7 @@ class DiscordDelivery:
             msg = await channel.send(
                 f"<@{job.user_id}> your image is ready.", embed=embed,
                 file=discord.File(io.BytesIO(data), filename=name), view=result_view(job.id),
+                nonce=f"fluxbot-{job.id}",  # Discord drops a repeat of this post (enforce_nonce)
                 allowed_mentions=discord.AllowedMentions(everyone=False, roles=False,
                                                          users=[discord.Object(job.user_id)]))
         except discord.Forbidden as exc:

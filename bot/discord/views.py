@@ -57,7 +57,10 @@ async def answer_stray_component(interaction: discord.Interaction) -> None:
     custom_id = (interaction.data or {}).get("custom_id", "")
     if not isinstance(custom_id, str) or not custom_id.startswith(PREFIX):
         return
-    if re.fullmatch(r"fluxbot:(reroll|delete):[0-9]+", custom_id):
-        return  # a dynamic item handles it
+    on_message = {getattr(child, "custom_id", None)
+                  for row in (interaction.message.components if interaction.message else [])
+                  for child in getattr(row, "children", [row])}
+    if custom_id in on_message and re.fullmatch(r"fluxbot:(reroll|delete):[0-9]+", custom_id):
+        return  # a dynamic item handles it (discord.py ignores ids that are not on the message)
     await interaction.response.send_message("This button is no longer active.", ephemeral=True,
                                             allowed_mentions=messages.NO_PINGS)

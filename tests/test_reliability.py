@@ -1,0 +1,280 @@
+"""No job or quota lost: restarts, crashes between sending and recording, Discord faults, hostile input."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from botkit import (ADMIN, ALICE, BOB, ControlledEngine, add_members, embed_field, ephemeral_texts, eventually,
+                    has_image, make_settings, running_bot)
+from fake_discord import FakeDiscord
+
+from bot.store import JobStatus
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture
+async def fake():
+    f = FakeDiscord()
+    await f.start()
+    f.install()
+    add_members(f)
+    yield f
+    await f.stop()
+
+
+@pytest.fixture
+def engine(tiny_engine):
+    return ControlledEngine(tiny_engine)
+
+
+@pytest.fixture
+def settings(tmp_path, model_dir, fake):
+    return make_settings(tmp_path, model_dir, fake, queue={"max_per_user": 5})
+
+
+def images_for(fake, job_id: int) -> list[dict]:
+    return [m for m in fake.messages.values()
+            if any(a["filename"].startswith(f"fluxbot-{job_id}-") for a in m.get("attachments", []))]
+
+
+async def test_restart_resumes_waiting_and_interrupted_jobs_exactly_once(fake, settings, engine):
+    engine.gate.clear()
+    async with running_bot(fake, settings, engine) as bot:
+        inters = []
+        for user, prompt in ((ALICE, "first"), (BOB, "second"), (ALICE, "third")):
+            inter = await fake.slash("imagine", {"prompt": prompt}, user_id=user)
+            await inter.response()
+            inters.append(inter)
+        await eventually(engine.busy.is_set, what="GPU busy")
+        jobs = await bot.store.active_jobs()
+        assert [j.status for j in jobs] == [JobStatus.RUNNING, JobStatus.QUEUED, JobStatus.QUEUED]
+    # the bot stopped mid-job: the ledger still holds all three
+    engine.gate.set()
+    async with running_bot(fake, settings, engine) as bot:
+        await bot.queue.wait_idle(30)
+        done = sorted(await bot.store.recent_jobs(10), key=lambda j: j.id)
+        assert [j.status for j in done] == [JobStatus.DONE] * 3
+        assert done[0].attempts == 2 and done[1].attempts == 1
+        for job in done:
+            assert len(images_for(fake, job.id)) == 1
+        assert (await bot.store.quota_status(ALICE)).used == 2
+        assert (await bot.store.quota_status(BOB)).used == 1
+    for inter in inters:
+        assert has_image(await inter.original())
+
+
+async def test_crash_between_sending_and_recording_sends_nothing_twice(fake, settings, engine):
+    async with running_bot(fake, settings, engine) as bot:
+        stuck = asyncio.Event()
+        real_mark_done = bot.store.mark_done
+
+        async def crash_before_recording(job_id, message_id, now=None):
+            stuck.set()
+            await asyncio.Event().wait()  # the process "dies" here
+        bot.store.mark_done = crash_before_recording
+        inter = await fake.slash("imagine", {"prompt": "once only", "seed": 5}, user_id=ALICE)
+        await asyncio.wait_for(stuck.wait(), 30)
+        bot.store.mark_done = real_mark_done
+        job = (await bot.store.recent_jobs(1))[0]
+        assert job.status is JobStatus.GENERATED
+        assert len(images_for(fake, job.id)) == 1
+    async with running_bot(fake, settings, engine) as bot:
+        await bot.queue.wait_idle(30)
+        job = await bot.store.get_job(job.id)
+        assert job.status is JobStatus.DONE
+        assert len(images_for(fake, job.id)) == 1  # found, not sent again
+        assert engine.calls.count("once only") == 1
+        assert (await bot.store.quota_status(ALICE)).used == 1
+    assert embed_field(await inter.original(), "Seed") == "5"
+
+
+async def test_generated_but_unsent_result_is_sent_after_restart(fake, settings, engine):
+    async with running_bot(fake, settings, engine) as bot:
+        stuck = asyncio.Event()
+
+        async def crash_before_sending(job, path):
+            stuck.set()
+            await asyncio.Event().wait()
+        bot.queue.delivery.deliver = crash_before_sending
+        await fake.slash("imagine", {"prompt": "late delivery"}, user_id=ALICE)
+        await asyncio.wait_for(stuck.wait(), 30)
+        job = (await bot.store.recent_jobs(1))[0]
+        assert job.status is JobStatus.GENERATED and not images_for(fake, job.id)
+    async with running_bot(fake, settings, engine) as bot:
+        await bot.queue.wait_idle(30)
+        assert (await bot.store.get_job(job.id)).status is JobStatus.DONE
+        assert len(images_for(fake, job.id)) == 1
+        assert engine.calls.count("late delivery") == 1  # not painted again
+
+
+async def test_a_job_that_keeps_dying_is_given_up_and_refunded(fake, tmp_path, model_dir, engine):
+    settings = make_settings(tmp_path, model_dir, fake, jobs={"max_attempts": 2})
+    engine.gate.clear()
+    for _ in range(2):  # two starts, each interrupted mid-job
+        async with running_bot(fake, settings, engine) as bot:
+            if not await bot.store.recent_jobs(1):
+                await (await fake.slash("imagine", {"prompt": "doomed"}, user_id=ALICE)).response()
+            await eventually(engine.busy.is_set, what="GPU busy")
+    engine.gate.set()
+    async with running_bot(fake, settings, engine) as bot:
+        await bot.queue.wait_idle(30)
+        job = (await bot.store.recent_jobs(1))[0]
+        assert job.status is JobStatus.FAILED and job.attempts == 3
+        assert (await bot.store.quota_status(ALICE)).used == 0
+
+
+async def test_deleted_progress_message_gets_the_result_as_a_new_message(fake, settings, engine):
+    engine.gate.clear()
+    async with running_bot(fake, settings, engine) as bot:
+        inter = await fake.slash("imagine", {"prompt": "orphan"}, user_id=ALICE)
+        original = await inter.wait_original(lambda m: m["content"])
+        fake._delete(int(original["id"]))  # a moderator deleted the "Queued" message
+        engine.gate.set()
+        await bot.queue.wait_idle(30)
+        job = (await bot.store.recent_jobs(1))[0]
+        assert job.status is JobStatus.DONE
+        [msg] = images_for(fake, job.id)
+        assert msg["id"] != original["id"]
+
+
+async def test_rate_limit_is_honoured_and_retried(fake, settings, engine):
+    engine.gate.clear()
+    async with running_bot(fake, settings, engine, progress_interval=60) as bot:
+        inter = await fake.slash("imagine", {"prompt": "slow down"}, user_id=ALICE)
+        await inter.wait_original(lambda m: m["content"])
+        fake.fail_next("PATCH", r"/webhooks/\d+/[^/]+/messages/", status=429, times=2)
+        engine.gate.set()
+        await bot.queue.wait_idle(30)
+        assert [e for e in fake.events if e.status == 429]
+        assert has_image(await inter.original())
+
+
+async def test_oversized_png_is_reencoded_under_the_upload_limit(fake, tmp_path, model_dir, engine):
+    settings = make_settings(tmp_path, model_dir, fake, generation={"width": 512, "height": 512})
+    fake.attachment_size_limit = 60_000
+    async with running_bot(fake, settings, engine) as bot:
+        inter = await fake.slash("imagine", {"prompt": "big noisy image", "seed": 77, "steps": 1}, user_id=ALICE)
+        final = await inter.wait_original(has_image)
+        att = final["attachments"][0]
+        assert att["size"] <= 60_000 and not att["filename"].endswith(".png")
+        assert embed_field(final, "Seed") == "77" and embed_field(final, "Size") == "512x512"
+        job = (await bot.store.recent_jobs(1))[0]
+        assert job.result_path.endswith(".png")  # the full PNG stays on disk
+
+
+async def test_missing_permissions_is_a_logged_failure_and_a_refund(fake, settings, engine, caplog):
+    engine.gate.clear()
+    async with running_bot(fake, settings, engine, progress_interval=60) as bot:
+        await (await fake.slash("imagine", {"prompt": "nowhere to go"}, user_id=ALICE)).response()
+        await eventually(engine.busy.is_set, what="GPU busy")
+        unknown_webhook = {"code": 10015, "message": "Unknown Webhook"}
+        fake.fail_next("*", r"/webhooks/", status=404, body=unknown_webhook, times=20)
+        fake.fail_next("POST", r"/channels/\d+/messages", status=403,
+                       body={"code": 50013, "message": "Missing Permissions"}, times=5)
+        engine.gate.set()
+        await bot.queue.wait_idle(30)
+        job = (await bot.store.recent_jobs(1))[0]
+        assert job.status is JobStatus.FAILED and "Missing Permissions" in job.error
+        assert (await bot.store.quota_status(ALICE)).used == 0
+        assert any("delivery failed" in r.getMessage() for r in caplog.records)
+        q = await fake.slash("quota", {}, user_id=ALICE)  # still alive
+        await q.response()
+
+
+async def test_token_never_reaches_the_logs(fake, settings, engine, caplog):
+    caplog.set_level(logging.DEBUG)
+    async with running_bot(fake, settings, engine) as bot:
+        await (await fake.slash("imagine", {"prompt": "secret keeper"}, user_id=ALICE)).wait_original(has_image)
+        await fake.drop_gateway()
+        await (await fake.slash("quota", {}, user_id=ALICE)).response()
+        jobs = await bot.store.recent_jobs(5)
+    lines = [r.getMessage() for r in caplog.records] + [caplog.text]
+    assert lines and not [ln for ln in lines if fake.token in ln]
+    assert all(fake.token not in repr(j) for j in jobs)
+
+
+HOSTILE = [
+    # (command, options or raw options, subcommands, expected reply)
+    ("imagine", {"prompt": ""}, (), "prompt is empty"),
+    ("imagine", {"prompt": "   \n\t  "}, (), "prompt is empty"),
+    ("imagine", {"prompt": "\u200b\u200d\u2060\ufeff"}, (), "prompt is empty"),
+    ("imagine", {"prompt": "\x00\x07\x1b"}, (), "prompt is empty"),
+    ("imagine", {"prompt": "@everyone @here"}, (), "prompt is empty"),
+    ("imagine", {"prompt": "<@&123456789> <@!42>"}, (), "prompt is empty"),
+    ("imagine", {"prompt": "x" * 1001}, (), "prompt is too long: 1001 characters, the limit is 1000"),
+    ("imagine", {"prompt": "a\u200b" * 1001}, (), "prompt is too long"),
+    ("imagine", {"prompt": "a cat", "seed": -2}, (), "seed must be between 0 and 4294967295"),
+    ("imagine", {"prompt": "a cat", "seed": 2**32}, (), "seed must be between 0 and 4294967295"),
+    ("imagine", {"prompt": "a cat", "steps": 0}, (), "steps must be between 1 and 50"),
+    ("imagine", {"prompt": "a cat", "steps": 51}, (), "steps must be between 1 and 50"),
+    ("imagine", {"prompt": "a cat", "steps": -3}, (), "steps must be between 1 and 50"),
+    ("imagine", {"prompt": "a cat", "size": "poster"}, (), "size must be one of: square, portrait, landscape"),
+    ("imagine", [{"name": "prompt", "type": 3, "value": "a cat"}, {"name": "seed", "type": 4, "value": "abc"}],
+     (), "seed must be a whole number"),
+    ("imagine", [{"name": "prompt", "type": 3, "value": "a cat"}, {"name": "steps", "type": 4, "value": "ten"}],
+     (), "steps must be a whole number"),
+    ("imagine", [{"name": "prompt", "type": 3, "value": "a cat"}, {"name": "steps", "type": 4, "value": 2.5}],
+     (), "steps must be a whole number"),
+    ("imagine", [{"name": "prompt", "type": 3, "value": 12345}], (), "prompt must be text"),
+    ("imagine", {"prompt": "a lot of GORE here"}, (), "term this server does not allow"),
+    ("imagine", {"prompt": "so much góre"}, (), "term this server does not allow"),
+    ("imagine", {"prompt": "g\u200bore"}, (), "term this server does not allow"),
+    ("admin", {"limit": 3}, ("quota", "frobnicate"), "Unknown command"),
+    ("admin", {"user": BOB, "limit": -1}, ("quota", "set"), "limit must be a whole number between 0 and 100000"),
+    ("nonexistent", {}, (), "Unknown command"),
+]
+
+
+@pytest.mark.parametrize("command,options,subcommands,expected", HOSTILE,
+                         ids=[f"{i}-{row[0]}" for i, row in enumerate(HOSTILE)])
+async def test_hostile_input_gets_a_clear_message_and_changes_nothing(
+        fake, tmp_path, model_dir, engine, command, options, subcommands, expected):
+    settings = make_settings(tmp_path, model_dir, fake, moderation={"blocked_terms": ["gore"]})
+    async with running_bot(fake, settings, engine) as bot:
+        raw = options if isinstance(options, list) else None
+        inter = await fake.slash(command, None if raw else options, raw_options=raw, user_id=ADMIN,
+                                 subcommands=list(subcommands),
+                                 resolved_users=[BOB] if isinstance(options, dict) and "user" in options else [])
+        await inter.response()
+        texts = ephemeral_texts(fake, inter)
+        assert texts and expected in texts[0], texts
+        assert await bot.store.recent_jobs(5) == []
+        assert bot.queue.waiting() == [] and bot.queue.running is None
+        for user in (ADMIN, BOB):
+            q = await bot.store.quota_status(user)
+            assert q.used == 0 and not q.has_override
+        assert not [m for m in fake.messages.values() if has_image(m)]
+
+
+@pytest.mark.parametrize("custom_id,clicker,on_own_message,expected", [
+    ("fluxbot:reroll:999999", ALICE, True, "no longer know that image"),   # job unknown to this database
+    ("fluxbot:delete:999999", ALICE, True, "no longer know that image"),
+    ("fluxbot:reroll:999999", ALICE, False, "no longer active"),           # forged: not on the message
+    ("fluxbot:delete:{job}", BOB, False, "Only"),                          # someone else's image
+    ("fluxbot:frobnicate:{job}", ALICE, True, "no longer active"),
+    ("fluxbot:", ALICE, True, "no longer active"),
+])
+async def test_hostile_button_clicks_get_an_answer_and_change_nothing(fake, settings, engine, custom_id,
+                                                                        clicker, on_own_message, expected):
+    async with running_bot(fake, settings, engine) as bot:
+        final = await (await fake.slash("imagine", {"prompt": "a pear"}, user_id=ALICE)).wait_original(has_image)
+        job = (await bot.store.recent_jobs(1))[0]
+        custom_id = custom_id.format(job=job.id)
+        target = final
+        if on_own_message:  # a message (e.g. from an older database) that carries exactly this button
+            target = fake.add_message("old result", components=[{"type": 1, "components": [
+                {"type": 2, "style": 1, "label": "x", "custom_id": custom_id}]}])
+        before = (await bot.store.recent_jobs(10), await bot.store.quota_status(ALICE),
+                  await bot.store.quota_status(BOB))
+        click = await fake.click(int(target["id"]), custom_id, user_id=clicker)
+        await click.response()
+        texts = ephemeral_texts(fake, click)
+        assert texts and expected in texts[0], texts
+        after = (await bot.store.recent_jobs(10), await bot.store.quota_status(ALICE),
+                 await bot.store.quota_status(BOB))
+        assert after == before
+        assert int(final["id"]) in fake.messages
