@@ -11,6 +11,9 @@ Systems:
   ours            bot.engine.Engine with the budget as [model] vram_limit_gb
   seed-diffsynth  the original article's setup on DiffSynth 2.x: DiT float8 + everything offloaded
                   to the CPU, DiffSynth's own vram_limit (= budget - 1, its 8 GB example uses 7)
+  diffusers       diffusers' FluxPipeline in its fastest setup for the budget: everything bf16 on the
+                  GPU when unlimited; otherwise float8 layerwise casting of the transformer + leaf-level
+                  group offloading with a CUDA stream for every model (the fastest one that fits 8 GB)
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ def load(system: str, budget: int | None, root: Path, device: str, preset: str):
     if system == "ours":
         from bot.engine.pipeline import Engine
         settings = SimpleNamespace(preset=preset, dir=root, vram_limit_gb=None if budget is None else float(budget),
-                                   device=device, fp8_matmul=os.environ.get("FP8_MATMUL", "auto"), compile="off",
+                                   device=device, fp8_matmul=os.environ.get("FP8_MATMUL", "auto"),
                                    keep_resident="auto", t5_fp8=False)
         engine = Engine.load(settings)
 
@@ -104,12 +107,94 @@ def load(system: str, budget: int | None, root: Path, device: str, preset: str):
             return img, {"text_encode_s": marks["denoise"] - t0, "denoise_s": marks["decode"] - marks["denoise"],
                          "decode_s": end - marks["decode"]}
         return run, f"DiffSynth vram_limit={None if budget is None else budget - 1.0}"
+    if system == "diffusers":
+        return load_diffusers(budget, root, device, preset)
     raise SystemExit(f"unknown system {system}")
+
+
+@torch.no_grad()
+def _fill_random(module: torch.nn.Module, device: str) -> None:
+    """Random weights, drawn on the GPU (fast) and copied to where the module lives."""
+    gen = torch.Generator("cuda").manual_seed(0)
+    for name, p in list(module.named_parameters()) + list(module.named_buffers()):
+        if not p.is_floating_point():
+            continue
+        src = torch.empty(p.shape, device="cuda", dtype=torch.float32)
+        if p.dim() <= 1:
+            src.fill_(1.0) if "norm" in name and name.endswith("weight") else src.normal_(0, 0.02, generator=gen)
+        else:
+            src.normal_(0, 1.0 / max(1, p[0].numel()) ** 0.5, generator=gen)
+        p.data.copy_(src.to(p.dtype))
+        del src
+
+
+def load_diffusers(budget, root: Path, device: str, preset: str):
+    """FluxPipeline from components built in memory with full-size shapes and random weights."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers.hooks import apply_group_offloading
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+    from bot.engine import weights
+    from diffsynth.models.flux_text_encoder_t5 import FluxTextEncoderT5
+
+    files = weights.model_files(weights.preset_root(preset, root))
+    bf16 = torch.bfloat16
+    resident = budget is None
+    home = device if resident else "cpu"
+    with torch.device("meta"):
+        transformer = FluxTransformer2DModel(guidance_embeds=True)
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            block_out_channels=(128, 256, 512, 512), layers_per_block=2, scaling_factor=0.3611,
+                            shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
+        clip = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                            num_attention_heads=12, vocab_size=49408, max_position_embeddings=77,
+                                            projection_dim=768, hidden_act="quick_gelu"))
+        t5 = T5EncoderModel(FluxTextEncoderT5().config)
+    models = []
+    for m in (transformer, vae, clip, t5):
+        m = m.to_empty(device=home).to(bf16)
+        _fill_random(m, device)
+        models.append(m.eval())
+    transformer, vae, clip, t5 = models
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                            base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(scheduler=sched, vae=vae, text_encoder=clip,
+                        tokenizer=CLIPTokenizer.from_pretrained(str(files.tokenizer)),
+                        text_encoder_2=t5, tokenizer_2=T5TokenizerFast.from_pretrained(str(files.tokenizer_2)),
+                        transformer=transformer)
+    if resident:
+        setup = "bf16, everything on the GPU"
+    else:
+        transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=bf16)
+        for m in (transformer, t5, clip, vae):
+            apply_group_offloading(m, onload_device=torch.device(device), offload_device=torch.device("cpu"),
+                                   offload_type="leaf_level", use_stream=True)
+        setup = "fp8 layerwise casting + leaf-level group offload with a CUDA stream"
+
+    def run(seed, steps, width, height):
+        t0 = time.perf_counter()
+        # text encoding timed separately: diffusers encodes inside __call__
+        pe, ppe, _ = pipe.encode_prompt(prompt=f"{PROMPT}, take {seed}", prompt_2=None, max_sequence_length=512,
+                                        device=torch.device(device))
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        out = pipe(prompt_embeds=pe, pooled_prompt_embeds=ppe, num_inference_steps=steps, width=width, height=height,
+                   guidance_scale=3.5, generator=torch.Generator("cpu").manual_seed(seed), output_type="latent")
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        latents = pipe._unpack_latents(out.images, height, width, pipe.vae_scale_factor)
+        latents = (latents / pipe.vae.config.scaling_factor) + pipe.vae.config.shift_factor
+        img = pipe.vae.decode(latents.to(bf16), return_dict=False)[0]
+        torch.cuda.synchronize()
+        t3 = time.perf_counter()
+        return img, {"text_encode_s": t1 - t0, "denoise_s": t2 - t1, "decode_s": t3 - t2}
+    return run, f"diffusers {__import__('diffusers').__version__}: {setup}"
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--system", default="ours", choices=["ours", "seed-diffsynth"])
+    ap.add_argument("--system", default="ours", choices=["ours", "seed-diffsynth", "diffusers"])
     ap.add_argument("--budget", default="none", help="8, 12, 24 or none")
     ap.add_argument("--weights", type=Path, required=True)
     ap.add_argument("--preset", default="majicflus")

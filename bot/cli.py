@@ -182,7 +182,7 @@ def cmd_doctor(args) -> int:
         from types import SimpleNamespace
         with tempfile.TemporaryDirectory() as tmp:
             tiny = SimpleNamespace(preset="tiny-random", dir=Path(tmp), vram_limit_gb=8.0, device="auto",
-                                   fp8_matmul="auto", compile="off", keep_resident="auto", t5_fp8=False)
+                                   fp8_matmul="auto", keep_resident="auto", t5_fp8=False)
             t0 = time.perf_counter()
             engine = Engine.load(tiny)
             res = engine.generate(GenerationRequest("doctor check", seed=1, steps=2, width=256, height=256))

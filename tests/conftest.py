@@ -17,7 +17,6 @@ class TinyModelSettings:
     vram_limit_gb: float | None = 8.0
     device: str = "cpu"
     fp8_matmul: str = "auto"
-    compile: str = "off"
     keep_resident: str = "auto"
     t5_fp8: bool = False
 

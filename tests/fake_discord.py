@@ -58,6 +58,7 @@ class Event:
     query: dict = dataclasses.field(default_factory=dict)
     status: int = 200  # status the fake answered with (injected failures included)
     response: Any = None  # JSON the fake answered with
+    received_at: float = dataclasses.field(default_factory=time.monotonic)  # time.monotonic() when the request came in
 
 
 def _now() -> str:
@@ -75,6 +76,7 @@ class FakeInteraction:
         self.followups: list[dict] = []
         self.original_id: int | None = None
         self.responded = False
+        self.sent_at: float | None = None  # time.monotonic() just before INTERACTION_CREATE went out
 
     async def response(self, timeout: float = 10) -> Event:
         path = f"/interactions/{self.id}/{self.token}/callback"
@@ -123,6 +125,7 @@ class FakeDiscord:
         self._cond = asyncio.Condition()
         self._ws: web.WebSocketResponse | None = None
         self._ws_ready = False
+        self._ready_number = 0  # gateway connection number (1, 2...) of the socket that is READY now
         self._all_ws: set[web.WebSocketResponse] = set()
         self._send_lock = asyncio.Lock()
         self._pending: list[tuple[str, dict]] = []
@@ -203,6 +206,12 @@ class FakeDiscord:
 
     async def wait_ready(self, timeout: float = 10) -> None:
         await self._wait(lambda: self._ws is not None and self._ws_ready, timeout, "gateway READY")
+
+    async def wait_connected(self, after: int, timeout: float = 10) -> None:
+        """Until a bot that opened gateway connection number > `after` is READY (or RESUMED): e.g. a restarted
+        bot process, with `after` = gateway_connections read before it started."""
+        await self._wait(lambda: self._ws is not None and self._ws_ready and self._ready_number > after,
+                         timeout, f"gateway connection #{after + 1} READY")
 
     async def wait_commands_synced(self, timeout: float = 10, names: Iterable[str] = ()) -> None:
         names = set(names)
@@ -320,6 +329,7 @@ class FakeDiscord:
         ws = web.WebSocketResponse(max_msg_size=0)
         await ws.prepare(request)
         self.gateway_connections += 1
+        number = self.gateway_connections
         self._all_ws.add(ws)
         await self._send(ws, {"op": 10, "d": {"heartbeat_interval": self.heartbeat_interval}, "s": None, "t": None})
         try:
@@ -343,14 +353,14 @@ class FakeDiscord:
                         "application": {"id": str(self.application_id), "flags": 0}, "private_channels": [],
                         "relationships": [], "presences": []})
                     await self._dispatch("GUILD_CREATE", self._guild())
-                    self._ws_ready = True
+                    self._ws_ready, self._ready_number = True, number
                 elif op == 6:
                     if d.get("session_id") != self.session_id or d.get("token") != self.token:
                         await self._send(ws, {"op": 9, "d": False, "s": None, "t": None})
                         continue
                     self._ws = ws
                     await self._dispatch("RESUMED", {})
-                    self._ws_ready = True
+                    self._ws_ready, self._ready_number = True, number
                 await self._notify()
         finally:
             self._all_ws.discard(ws)
@@ -391,6 +401,7 @@ class FakeDiscord:
             **(extra or {})}
         inter = FakeInteraction(self, payload)
         self.interactions[iid] = inter
+        inter.sent_at = time.monotonic()
         await self._dispatch("INTERACTION_CREATE", payload)
         return inter
 
@@ -530,6 +541,7 @@ class FakeDiscord:
         return web.Response(body=data) if data is not None else web.Response(status=404)
 
     async def _rest_handler(self, request: web.Request) -> web.Response:
+        received_at = time.monotonic()
         path = "/" + request.match_info["tail"]
         path = path[len("/api/v10"):] if path.startswith("/api/v10/") else path
         body, files = None, []
@@ -547,7 +559,7 @@ class FakeDiscord:
                 body = json.loads(raw) if raw else None
             except ValueError:
                 body = raw.decode(errors="replace")
-        event = Event(request.method, path, body, [f for _, f in files], dict(request.query))
+        event = Event(request.method, path, body, [f for _, f in files], dict(request.query), received_at=received_at)
         fail = self._take_fail(request.method, path)
         headers = {}
         if fail is not None:

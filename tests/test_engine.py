@@ -156,3 +156,26 @@ def test_download_asks_modelscope_for_exactly_the_needed_files(tmp_path):
          ["ae.safetensors", "text_encoder/model.safetensors", "text_encoder_2/*", "tokenizer/*", "tokenizer_2/*"]),
     ]
     assert "MAILAND/majicflus_v1/majicflus_v134.safetensors" in missing  # nothing was really fetched
+
+
+def test_streamed_placement_paints_the_same_pixels(model_dir, tiny_engine):
+    """A budget too small for the model streams most layers (prefetching the next ones); the
+    image must not change."""
+    from bot.engine.budget import Plan
+
+    plan = Plan(device=torch.device("cpu"), compute_dtype=torch.float32, budget_gib=0.01,
+                dit_resident_gib=0.0001, text_encoders_resident=False, keep_resident=True,
+                fp8_matmul=False, pinned=False)
+    streamed = Engine.load(TinyModelSettings(dir=model_dir), plan=plan)
+    resident, moved = streamed.placement["dit"]
+    assert moved > resident > 0
+    assert streamed.placement["text_encoder_2"][1] > 0
+    req = GenerationRequest("a streamed cat", seed=11, steps=3, width=128, height=128)
+    a = pixels(streamed.generate(req))
+    b = pixels(streamed.generate(req))
+    c = pixels(tiny_engine.generate(req))
+    assert np.array_equal(a, c) and np.array_equal(b, c)
+    dit_streamer = streamed.streamers["dit"]
+    assert not dit_streamer.recording and len(dit_streamer.order) > 5  # order learned, prefetching on
+    assert dit_streamer.copied_bytes > 3 * moved  # every step copies the streamed part again
+    assert dit_streamer.pending == {}  # flushed after each job

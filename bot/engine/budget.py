@@ -34,7 +34,6 @@ class Plan:
     keep_resident: bool               # keep weights on the GPU between jobs
     fp8_matmul: bool                  # real float8 matmuls (Ada/Hopper) instead of cast-to-bf16
     pinned: bool                      # stream offloaded weights from pinned host memory
-    compile: bool
     tiled_vae: bool = False           # decode in overlapping tiles to bound activation memory
 
     def describe(self) -> str:
@@ -42,7 +41,7 @@ class Plan:
         return (f"device={self.device} dtype={str(self.compute_dtype).replace('torch.', '')} budget={budget} "
                 f"dit_resident={'all' if self.dit_resident_gib is None else f'{self.dit_resident_gib:.1f} GiB'} "
                 f"text_encoders_resident={self.text_encoders_resident} keep_resident={self.keep_resident} "
-                f"fp8_matmul={self.fp8_matmul} pinned={self.pinned} compile={self.compile} tiled_vae={self.tiled_vae}")
+                f"fp8_matmul={self.fp8_matmul} pinned={self.pinned} tiled_vae={self.tiled_vae}")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -95,6 +94,5 @@ def make_plan(model_settings, device: torch.device | None = None) -> Plan:
         keep_resident=_switch(model_settings.keep_resident, True),
         fp8_matmul=fp8,
         pinned=True,
-        compile=_switch(model_settings.compile, False),
         tiled_vae=not unlimited and budget < TILED_VAE_BELOW_GIB,
     )

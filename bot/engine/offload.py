@@ -21,6 +21,7 @@ log = logging.getLogger("fluxbot.engine")
 
 FP8 = (torch.float8_e4m3fn,)
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
+SMALL_BYTES = 1 << 20
 
 
 def managed_modules(model: torch.nn.Module) -> list[AutoTorchModule]:
@@ -76,6 +77,11 @@ def _quantizer():
 
 
 def _fp8_linear_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return fp8_linear(x, weight, bias)
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T + bias with a real float8 matmul when the weight is stored in float8."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if weight.dtype not in FP8 or x2.shape[0] < 16:
@@ -97,33 +103,73 @@ def _fp8_ok(module: AutoWrappedLinear) -> bool:
     return module.in_features % 16 == 0 and module.out_features % 16 == 0
 
 
-def configure_streaming(model: torch.nn.Module, *, pinned: bool, fp8_matmul: bool) -> None:
+def configure_linears(model: torch.nn.Module, *, fp8_matmul: bool) -> None:
     for m in managed_modules(model):
         if isinstance(m, AutoWrappedLinear):
             m.keep_fp8 = fp8_matmul and _fp8_ok(m) and m.preparing_dtype in FP8
             m.cast_to = types.MethodType(_fast_cast_to, m)
             if m.keep_fp8:
                 m.linear_forward = types.MethodType(_fp8_linear_forward, m)
-        if pinned:
-            pin(m)
 
 
-def place(model: torch.nn.Module, resident_bytes: int | None) -> tuple[int, int]:
-    """Put the first `resident_bytes` of the model's layers on the GPU for good; stream the rest.
+def _streamed_linear_forward(self, x, *args, **kwargs):
+    tensors = self._streamer.fetch(self)
+    weight = tensors[0]
+    bias = tensors[1] if len(tensors) > 1 else None
+    if not (self.keep_fp8 and weight.dtype in FP8):
+        weight = weight.to(self.computation_dtype)
+        bias = None if bias is None else bias.to(self.computation_dtype)
+    return self.linear_forward(x, weight, bias)
 
-    `None` keeps everything resident. Returns (resident bytes, streamed bytes).
+
+def _streamed_module_forward(self, *args, **kwargs):
+    # Swap the wrapped module's tensors for their device copies for this call only. DiffSynth
+    # would deep-copy the whole module on the CPU first (T5's feed-forward blocks: 250 MB each).
+    tensors = self._streamer.fetch(self)
+    saved = [t.data for t in self._stream_targets]
+    try:
+        for target, t in zip(self._stream_targets, tensors):
+            target.data = t.to(self.computation_dtype) if t.is_floating_point() else t
+        return self.module(*args, **kwargs)
+    finally:
+        for target, data in zip(self._stream_targets, saved):
+            target.data = data
+
+
+def _stream(m: AutoTorchModule, streamer) -> None:
+    m._streamer = streamer
+    if isinstance(m, AutoWrappedLinear):
+        m._stream_sources = [m.weight] + ([m.bias] if m.bias is not None else [])
+        m.forward = types.MethodType(_streamed_linear_forward, m)
+    else:
+        m._stream_targets = list(_own_tensors(m))
+        m._stream_sources = [t.data for t in m._stream_targets]
+        m.forward = types.MethodType(_streamed_module_forward, m)
+
+
+def place(model: torch.nn.Module, resident_bytes: int | None, streamer=None, *,
+          pinned: bool = False) -> tuple[int, int]:
+    """Put the first `resident_bytes` of the model's layers on the GPU for good; stream the rest
+    through `streamer` (from pinned host memory when `pinned`). `None` keeps everything resident.
+    Returns (resident bytes, streamed bytes).
     """
     resident = streamed = 0
     for m in managed_modules(model):
+        if isinstance(m, AutoWrappedModule) and isinstance(m.computation_dtype, torch.dtype):
+            # Norms and embeddings are small: keep them in the compute dtype, so no per-call cast or copy.
+            m.offload_dtype = m.onload_dtype = m.preparing_dtype = m.computation_dtype
         size = nbytes(m, m.preparing_dtype if isinstance(m.preparing_dtype, torch.dtype) else None)
-        if resident_bytes is None or resident + size <= resident_bytes:
-            m.onload()
+        m.onload()
+        small = isinstance(m, AutoWrappedModule) and size < SMALL_BYTES  # a norm: not worth a copy
+        if resident_bytes is None or resident + size <= resident_bytes or streamer is None or small:
             m.preparing()
             m.vram_limit = None
             resident += size
         else:
-            m.onload()
-            m.vram_limit = 0  # never "prepare": copy in for every forward
+            m.vram_limit = 0  # never "prepare"
+            if pinned:
+                pin(m)
+            _stream(m, streamer)
             streamed += size
     return resident, streamed
 

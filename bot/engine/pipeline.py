@@ -23,6 +23,7 @@ from PIL import Image
 
 from . import offload, weights
 from .budget import GIB, Plan, make_plan
+from .streaming import Streamer
 
 log = logging.getLogger("fluxbot.engine")
 
@@ -141,15 +142,22 @@ class Engine:
     def _place(self) -> None:
         plan, pipe = self.plan, self.pipe
         dit_bytes = None if plan.dit_resident_gib is None else int(plan.dit_resident_gib * GIB)
+        text_bytes = None if plan.text_encoders_resident else 0
+        for name in ("dit", "text_encoder_1", "text_encoder_2", "vae_decoder"):
+            offload.configure_linears(getattr(pipe, name), fp8_matmul=plan.fp8_matmul and name == "dit")
+        self.streamers = {
+            "dit": Streamer(plan.device, depth=4, wrap=True),       # wraps into the next step
+            "text_encoder_2": Streamer(plan.device, depth=2, wrap=False),
+            "text_encoder_1": Streamer(plan.device, depth=2, wrap=False),
+        }
         self.placement = {
-            "dit": offload.place(pipe.dit, dit_bytes),
-            "text_encoder_1": offload.place(pipe.text_encoder_1, None if plan.text_encoders_resident else 0),
-            "text_encoder_2": offload.place(pipe.text_encoder_2, None if plan.text_encoders_resident else 0),
+            "dit": offload.place(pipe.dit, dit_bytes, self.streamers["dit"], pinned=plan.pinned),
+            "text_encoder_1": offload.place(pipe.text_encoder_1, text_bytes, self.streamers["text_encoder_1"],
+                                            pinned=plan.pinned),
+            "text_encoder_2": offload.place(pipe.text_encoder_2, text_bytes, self.streamers["text_encoder_2"],
+                                            pinned=plan.pinned),
             "vae_decoder": offload.place(pipe.vae_decoder, None),
         }
-        for name in ("dit", "text_encoder_1", "text_encoder_2", "vae_decoder"):
-            offload.configure_streaming(getattr(pipe, name), pinned=plan.pinned,
-                                        fp8_matmul=plan.fp8_matmul and name == "dit")
         if plan.device.type == "cuda" and log.isEnabledFor(logging.INFO):
             parts = ", ".join(f"{k} {r / GIB:.2f} GiB resident / {s / GIB:.2f} GiB streamed"
                               for k, (r, s) in self.placement.items())
@@ -211,6 +219,8 @@ class Engine:
                 f"{self.plan.budget_gib or 'unlimited'} GiB): {str(exc).splitlines()[0]}"
             ) from None
         finally:
+            for streamer in self.streamers.values():
+                streamer.flush()
             if not self.plan.keep_resident:
                 self._release()
         end = time.perf_counter()

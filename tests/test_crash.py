@@ -1,0 +1,223 @@
+"""SIGKILL crash tests: the bot in its own process is killed at a chosen point, then started again.
+
+The promise under test: no job or quota unit is lost, and nothing is delivered twice. The bot is
+the real `fluxbot run` (tests/bot_process.py) talking to a FakeDiscord served from this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sqlite3
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from botkit import ALICE, BOB, CAROL, add_members
+from fake_discord import FakeDiscord
+
+from bot.store import Store
+
+pytestmark = pytest.mark.timeout(120)
+
+LAUNCHER = Path(__file__).with_name("bot_process.py")
+START_TIMEOUT = 60.0  # import torch + diffsynth, load the tiny model, connect
+FINISH_TIMEOUT = 60.0
+REQUESTS = [(ALICE, "a lighthouse at dusk"), (BOB, "a red cat"), (CAROL, "a quiet harbour"),
+            (ALICE, "a second lighthouse"), (BOB, "a second cat")]
+# what the ledger must say about the interrupted job at the moment of the kill
+STATE_AT_KILL = {"before": "running", "during": "running", "after_generation": "generated",
+                 "after_delivery": "generated"}
+
+
+def write_config(tmp_path: Path, model_dir: Path, fake: FakeDiscord) -> Path:
+    config = tmp_path / "config.toml"
+    config.write_text(f"""
+[discord]
+guild_ids = [{fake.guild_id}]
+
+[model]
+preset = "tiny-random"
+dir = "{model_dir.as_posix()}"
+device = "cpu"
+
+[generation]
+width = 256
+height = 256
+default_steps = 2
+
+[quota]
+daily_limit = 10
+
+[queue]
+max_size = 100
+max_per_user = 5
+
+[storage]
+database = "{(tmp_path / 'fluxbot.db').as_posix()}"
+results_dir = "{(tmp_path / 'results').as_posix()}"
+""")
+    return config
+
+
+class BotProcess:
+    """One `fluxbot run` child process; its output goes to a log file shown when a check fails."""
+
+    def __init__(self, fake: FakeDiscord, config: Path, log: Path):
+        self.fake, self.config, self.log = fake, config, log
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self, kill_point: str | None = None, marker: Path | None = None) -> None:
+        args = [str(LAUNCHER), "--api-base", self.fake.api_base, "--gateway", self.fake.gateway_url,
+                "--config", str(self.config)]
+        if kill_point:
+            args += ["--kill-point", kill_point, "--marker", str(marker)]
+        env = {**os.environ, "DISCORD_TOKEN": self.fake.token, "FLUXBOT_LOG_LEVEL": "INFO",
+               "PYTHONUNBUFFERED": "1"}
+        with open(self.log, "ab") as out:
+            out.write(f"\n===== start (kill point: {kill_point}) =====\n".encode())
+            out.flush()
+            self.proc = await asyncio.create_subprocess_exec(sys.executable, *args, stdin=asyncio.subprocess.DEVNULL,
+                                                             stdout=out, stderr=out, env=env)
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-chars:]
+        except OSError:
+            return "(no log)"
+
+    def check_alive(self) -> None:
+        if self.proc is not None and self.proc.returncode is not None:
+            raise AssertionError(f"the bot process exited early with code {self.proc.returncode}:\n{self.log_tail()}")
+
+    async def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()  # SIGKILL: no cleanup of any kind runs in the bot
+            await self.proc.wait()
+
+    async def stop(self, timeout: float = 20.0) -> int:
+        """SIGTERM (what `docker stop` sends), then SIGKILL if it does not exit in time."""
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.proc.wait(), timeout)
+            except asyncio.TimeoutError:
+                await self.kill()
+                raise AssertionError(f"the bot did not stop on SIGTERM within {timeout}s:\n{self.log_tail()}")
+        return self.proc.returncode
+
+
+async def until(check, proc: BotProcess, timeout: float, what: str):
+    """Poll `check` (and that the process is alive) until it returns something true."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        proc.check_alive()
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}; bot log:\n{proc.log_tail()}")
+        await asyncio.sleep(0.05)
+
+
+def read_jobs(db: Path) -> list[dict]:
+    """The ledger, read with the stdlib through a read-only connection (the bot may be writing)."""
+    if not db.exists():
+        return []
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as conn:
+        conn.row_factory = sqlite3.Row
+        return [dict(r) for r in conn.execute(
+            "SELECT id, user_id, status, attempts, charged_day, result_message_id FROM jobs ORDER BY id")]
+
+
+def read_usage(db: Path) -> dict[tuple[int, str], int]:
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as conn:
+        return {(u, d): n for u, d, n in conn.execute("SELECT user_id, day, used FROM usage")}
+
+
+def image_messages(fake: FakeDiscord, job_id: int) -> list[dict]:
+    prefix = f"fluxbot-{job_id}-"
+    return [m for m in fake.messages.values()
+            if any(a["filename"].startswith(prefix) for a in m.get("attachments", []))]
+
+
+@pytest.fixture
+async def fake():
+    f = FakeDiscord()
+    await f.start()  # not installed here: the bot process is what talks to it
+    add_members(f)
+    yield f
+    await f.stop()
+
+
+@pytest.mark.parametrize("kill_point", list(STATE_AT_KILL))
+async def test_sigkill_loses_nothing_and_sends_nothing_twice(fake, tmp_path, model_dir, kill_point):
+    db = tmp_path / "fluxbot.db"
+    marker = tmp_path / "killed-here"
+    bot = BotProcess(fake, write_config(tmp_path, model_dir, fake), tmp_path / "bot.log")
+    try:
+        # ---- first life: five jobs from three members, then SIGKILL at the kill point
+        await bot.start(kill_point, marker)
+        await until(lambda: fake.gateway_connections > 0, bot, START_TIMEOUT, "the bot to connect")
+        await fake.wait_connected(0, timeout=15)
+        await fake.wait_commands_synced(names=["imagine"])
+        for user, prompt in REQUESTS:
+            inter = await fake.slash("imagine", {"prompt": prompt}, user_id=user)
+            ack = await inter.response(timeout=30)
+            assert ack.json["type"] == 5, ack.json  # admitted and deferred, not refused
+        await until(marker.exists, bot, FINISH_TIMEOUT, f"the kill point {kill_point!r}")
+        await bot.kill()
+
+        jobs = read_jobs(db)
+        assert len(jobs) == len(REQUESTS)
+        interrupted = [j for j in jobs if j["status"] != "queued"]
+        assert [j["status"] for j in interrupted] == [STATE_AT_KILL[kill_point]], jobs
+        victim = interrupted[0]["id"]
+        sent_before_restart = len(image_messages(fake, victim))
+        assert sent_before_restart == (1 if kill_point == "after_delivery" else 0)
+
+        # ---- second life: no kill point; every job must finish
+        connections = fake.gateway_connections
+        await bot.start()
+        await until(lambda: all(j["status"] == "done" for j in read_jobs(db)), bot, START_TIMEOUT + FINISH_TIMEOUT,
+                    "every job to be done")
+        await until(lambda: fake.gateway_connections > connections, bot, 15, "the restarted bot to connect")
+        await fake.wait_connected(connections, timeout=15)
+        assert await bot.stop() == 0, bot.log_tail()
+    finally:
+        await bot.kill()
+
+    # ---- nothing lost, nothing twice
+    jobs = read_jobs(db)
+    assert [j["status"] for j in jobs] == ["done"] * len(REQUESTS)
+    for job in jobs:
+        images = image_messages(fake, job["id"])
+        assert len(images) == 1, f"job {job['id']} was delivered {len(images)} times ({kill_point})"
+        assert job["result_message_id"] == int(images[0]["id"])
+        assert job["charged_day"] is not None  # still charged: a done job is never refunded
+    assert len([m for m in fake.messages.values() if m.get("attachments")]) == len(REQUESTS)
+    if kill_point == "after_delivery":
+        assert len(image_messages(fake, victim)) == 1  # found after the restart, not sent again
+    by_id = {j["id"]: j for j in jobs}
+    assert by_id[victim]["attempts"] == (2 if kill_point in ("before", "during") else 1)
+    assert all(j["attempts"] == 1 for j in jobs if j["id"] != victim)
+
+    # quotas: one unit per job, none charged twice, none lost
+    per_user = Counter(user for user, _ in REQUESTS)
+    assert Counter(j["user_id"] for j in jobs) == per_user
+    usage = read_usage(db)
+    assert sum(usage.values()) == len(REQUESTS)
+    store = await Store.open(db, default_daily_limit=10)
+    try:
+        for user, n in per_user.items():
+            q = await store.quota_status(user)
+            assert q.used == n, (user, q)
+            assert q.remaining == 10 - n
+    finally:
+        await store.close()
