@@ -1,0 +1,78 @@
+"""Collect benchmark records into docs/benchmarks.json and draw docs/benchmarks.png.
+
+    python benchmarks/report.py docs/raw/gpu3_*.json docs/raw/gpu4_*.json
+
+Each input is one record written by engine_bench.py. The markdown in docs/benchmarks.md is
+written by hand around these numbers (what was measured, on which card, with which command).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+ROOT = Path(__file__).resolve().parents[1]
+FIELDS = ["system", "setup", "budget_gb", "card", "ok", "sec_per_image", "sec_per_step", "text_encode_s", "vae_s",
+          "peak_vram_gib", "peak_reserved_gib", "peak_process_gib", "peak_host_gib", "date", "torch", "diffsynth",
+          "images", "error"]
+COLORS = {"ours": (124, 92, 255), "seed-diffsynth": (230, 140, 60), "diffusers": (70, 160, 120)}
+
+
+def load(paths: list[Path]) -> list[dict]:
+    out = []
+    for p in paths:
+        rec = json.loads(p.read_text())
+        out.append({k: rec.get(k) for k in FIELDS if k in rec or k in ("error",)})
+    order = {"ours": 0, "seed-diffsynth": 1, "diffusers": 2}
+    return sorted(out, key=lambda r: (r["budget_gb"] is None, r["budget_gb"] or 0, order.get(r["system"], 9)))
+
+
+def chart(records: list[dict], path: Path) -> None:
+    budgets = sorted({r["budget_gb"] for r in records}, key=lambda b: (b is None, b or 0))
+    systems = [s for s in COLORS if any(r["system"] == s for r in records)]
+    worst = max((r["sec_per_image"] or 0) for r in records if r["ok"]) or 1
+    row_h, bar_h, left, width = 26 * len(systems) + 24, 20, 170, 900
+    img = Image.new("RGB", (width, 60 + row_h * len(budgets) + 30), "white")
+    d = ImageDraw.Draw(img)
+    d.text((10, 10), "Seconds per 1024x1024 image, 20 steps (lower is better); X = budget not met", fill="black")
+    y = 40
+    for b in budgets:
+        d.text((10, y + 4), "unlimited" if b is None else f"{b} GB card", fill="black")
+        for s in systems:
+            rec = next((r for r in records if r["system"] == s and r["budget_gb"] == b), None)
+            d.text((90, y + 4), s, fill=COLORS[s])
+            if rec is None:
+                d.text((left, y + 4), "not measured", fill=(150, 150, 150))
+            elif not rec["ok"] or rec["sec_per_image"] is None:
+                d.text((left, y + 4), "X  " + (rec.get("error") or "failed")[:90], fill=(200, 0, 0))
+            else:
+                w = int((width - left - 120) * rec["sec_per_image"] / worst)
+                d.rectangle([left, y + 2, left + max(w, 2), y + 2 + bar_h - 4], fill=COLORS[s])
+                d.text((left + max(w, 2) + 6, y + 4),
+                       f"{rec['sec_per_image']:.2f} s  ({rec['peak_process_gib']} GiB)", fill="black")
+            y += 26
+        y += 24
+    img.save(path)
+
+
+def main(argv: list[str]) -> int:
+    import argparse
+    ap = argparse.ArgumentParser()
+    ap.add_argument("records", nargs="+", type=Path)
+    ap.add_argument("--out-dir", type=Path, default=ROOT / "docs")
+    a = ap.parse_args(argv)
+    records = load(a.records)
+    (a.out_dir / "benchmarks.json").write_text(json.dumps(records, indent=1) + "\n")
+    chart(records, a.out_dir / "benchmarks.png")
+    for r in records:
+        print(f"{r['system']:<15} {str(r['budget_gb']):>5}  ok={r['ok']!s:<5} "
+              f"{r.get('sec_per_image')} s/img  {r.get('sec_per_step')} s/step  "
+              f"process {r.get('peak_process_gib')} GiB  host {r.get('peak_host_gib')} GiB")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

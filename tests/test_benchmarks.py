@@ -1,0 +1,33 @@
+"""The GPU benchmark scripts, run on the CPU with the tiny model so CI keeps them working."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("system", ["ours", "seed-diffsynth"])
+def test_engine_bench_runs_on_the_tiny_model(tmp_path, model_dir, system):
+    out = tmp_path / f"{system}.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks/engine_bench.py"), "--system", system, "--preset", "tiny-random",
+         "--device", "cpu", "--weights", str(model_dir), "--images", "2", "--warmup", "1", "--steps", "2",
+         "--size", "128", "--json", str(out)],
+        capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rec = json.loads(out.read_text())
+    assert rec["ok"] is True and rec["system"] == system and rec["images"] == 2
+    assert rec["sec_per_image"] > 0 and rec["sec_per_step"] > 0 and rec["peak_host_gib"] > 0
+    assert rec["card"] == "cpu" and rec["peak_process_gib"] is None
+
+    report = subprocess.run([sys.executable, str(ROOT / "benchmarks/report.py"), str(out), "--out-dir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=60)
+    assert report.returncode == 0, report.stderr[-2000:]
+    records = json.loads((tmp_path / "benchmarks.json").read_text())
+    assert records[0]["system"] == system and (tmp_path / "benchmarks.png").stat().st_size > 1000
