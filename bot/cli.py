@@ -11,6 +11,7 @@ import platform
 import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -60,7 +61,8 @@ def cmd_run(args) -> int:
 
     bot = FluxBot(settings, load_engine)
     # `docker stop` sends SIGTERM: shut down like Ctrl-C so the running job is left for the next start.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         bot.run(token, log_handler=None)
     except discord.LoginFailure:

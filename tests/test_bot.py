@@ -344,3 +344,77 @@ async def test_bad_imagine_input_is_refused_and_changes_nothing(fake, settings, 
         assert texts and expected in texts[0], texts
         assert await bot.store.recent_jobs(5) == []
         assert (await bot.store.quota_status(ALICE)).used == 0
+
+
+async def test_buttons_keep_working_after_a_restart(fake, settings, engine):
+    async with running_bot(fake, settings, engine) as bot:
+        final = await (await imagine(fake, ALICE, prompt="persistent pear")).wait_original(has_image)
+        job_id = (await bot.store.recent_jobs(1))[0].id
+    async with running_bot(fake, settings, engine) as bot:  # a new process would know nothing in memory
+        click = await fake.click(int(final["id"]), f"fluxbot:reroll:{job_id}", user_id=BOB)
+        rerolled = await click.wait_original(has_image)
+        assert embed_field(rerolled, "Requested by") == f"<@{BOB}>"
+        click = await fake.click(int(final["id"]), f"fluxbot:delete:{job_id}", user_id=ALICE)
+        await eventually(lambda: int(final["id"]) not in fake.messages, what="deletion after restart")
+
+
+async def test_commands_sync_globally_without_guild_ids(fake, tmp_path, model_dir, engine):
+    settings = make_settings(tmp_path, model_dir, fake, discord={"guild_ids": []})
+    async with running_bot(fake, settings, engine):
+        puts = [e.path for e in fake.events if e.method == "PUT" and e.path.endswith("/commands")]
+        assert puts == [f"/applications/{fake.application_id}/commands"]
+
+
+async def test_every_message_disables_mentions(fake, settings, engine):
+    async with running_bot(fake, settings, engine) as bot:
+        await (await imagine(fake, ALICE, prompt="hi <@1002> @everyone <@&55> there")).wait_original(has_image)
+        await (await fake.slash("queue", {}, user_id=BOB)).response()
+        await (await fake.slash("quota", {}, user_id=BOB)).response()
+        await bot.queue.wait_idle(10)
+        job = (await bot.store.recent_jobs(5))[-1]
+    sent = [e for e in fake.events if e.method in ("POST", "PATCH") and isinstance(e.json, dict)
+            and ("content" in e.json or "embeds" in e.json or "data" in e.json)]
+    assert sent
+    for ev in sent:
+        body = ev.json.get("data", ev.json) if "/callback" in ev.path else ev.json
+        if ev.json.get("type") in (5, 6):  # a bare acknowledgement carries no message
+            continue
+        mentions = body.get("allowed_mentions")
+        assert mentions is not None, (ev.method, ev.path, body)
+        assert mentions.get("parse", []) == [] and not mentions.get("roles"), (ev.path, mentions)
+    assert "<@" not in job.prompt and "@everyone" not in job.prompt
+
+
+async def test_result_goes_to_the_channel_once_the_token_is_stale(fake, settings, engine, monkeypatch):
+    from bot.discord import delivery
+    engine.gate.clear()
+    async with running_bot(fake, settings, engine) as bot:
+        inter = await imagine(fake, ALICE, prompt="a slow painting")
+        await inter.wait_original(lambda m: m["content"])
+        monkeypatch.setattr(delivery, "TOKEN_FRESH_S", -1)  # as if 15 minutes had passed
+        engine.gate.set()
+        await bot.queue.wait_idle(30)
+        job = (await bot.store.recent_jobs(1))[0]
+        assert job.status is JobStatus.DONE
+        post = next(e for e in fake.events if e.method == "POST" and e.path == f"/channels/{fake.channel_id}/messages")
+        assert post.json["content"].startswith(f"<@{ALICE}>")
+        assert post.json["allowed_mentions"]["users"] == [str(ALICE)] or \
+            post.json["allowed_mentions"]["users"] == [ALICE]
+        assert post.json["allowed_mentions"].get("parse", []) == []
+        assert post.json["nonce"] == f"fluxbot-{job.id}" and post.json["enforce_nonce"] is True
+        assert fake.messages[job.result_message_id]["attachments"]
+        assert not has_image(await inter.original())  # the stale interaction message was not touched
+
+
+async def test_run_with_a_rejected_token_is_one_clear_line(fake, tmp_path, model_dir, monkeypatch, capsys):
+    from bot.cli import main
+    bad = "bad-token-" + "x" * 50
+    monkeypatch.setenv("DISCORD_TOKEN", bad)
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f'[model]\npreset = "tiny-random"\ndir = "{model_dir}"\ndevice = "cpu"\n'
+                   f'[storage]\ndatabase = "{tmp_path / "b.db"}"\n[discord]\nguild_ids = [{fake.guild_id}]\n')
+    rc = await asyncio.to_thread(main, ["run", "--config", str(cfg)])
+    captured = capsys.readouterr()
+    assert rc == 1
+    assert "Discord rejected the bot token" in captured.err
+    assert bad not in captured.err + captured.out
