@@ -60,6 +60,7 @@ def load(system: str, budget: int | None, root: Path, device: str, preset: str):
         from bot.engine.pipeline import Engine
         settings = SimpleNamespace(preset=preset, dir=root, vram_limit_gb=None if budget is None else float(budget),
                                    device=device, fp8_matmul=os.environ.get("FP8_MATMUL", "auto"),
+                                   compile=os.environ.get("COMPILE", "auto"),
                                    keep_resident="auto", t5_fp8=False)
         engine = Engine.load(settings)
 
@@ -126,6 +127,10 @@ def _fill_random(module: torch.nn.Module, device: str) -> None:
             src.normal_(0, 1.0 / max(1, p[0].numel()) ** 0.5, generator=gen)
         p.data.copy_(src.to(p.dtype))
         del src
+    # to_empty() leaves integer buffers (CLIP's position ids) as garbage: rebuild them.
+    for name, buf in module.named_buffers():
+        if not buf.is_floating_point() and name.endswith("position_ids"):
+            buf.copy_(torch.arange(buf.shape[-1], device=buf.device).expand_as(buf))
 
 
 def load_diffusers(budget, root: Path, device: str, preset: str):
@@ -204,10 +209,12 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--json", type=Path, required=True)
+    ap.add_argument("--no-cap", action="store_true",
+                    help="do not cap the allocator: measure the time of a setup that does not fit the budget")
     a = ap.parse_args()
     budget = None if a.budget == "none" else int(a.budget)
     cuda = a.device.startswith("cuda")
-    rec = {"system": a.system, "budget_gb": budget, "ok": False, "steps": a.steps, "size": a.size,
+    rec = {"system": a.system, "budget_gb": budget, "ok": False, "allocator_capped": not a.no_cap, "steps": a.steps, "size": a.size,
            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
            "torch": torch.__version__, "card": torch.cuda.get_device_name() if cuda else "cpu"}
     try:
@@ -220,7 +227,7 @@ def main() -> int:
         ctx = context_gib(a.device)
         rec["context_gib"] = round(ctx, 3)
         rec["driver"] = torch.cuda.driver_version() if hasattr(torch.cuda, "driver_version") else None
-        if budget is not None:
+        if budget is not None and not a.no_cap:
             total = torch.cuda.get_device_properties(a.device).total_memory
             cap = (WHOLE_PROCESS_TARGET[budget] - ctx) * GIB
             torch.cuda.set_per_process_memory_fraction(cap / total)

@@ -57,7 +57,11 @@ def cmd_run(args) -> int:
             return _fail(str(weights.MissingWeightsError(root, missing, str(path or ""))))
 
     def load_engine():
-        return Engine.load(settings.model, config_hint=str(path or ""))
+        engine = Engine.load(settings.model, config_hint=str(path or ""))
+        if engine.compiled:  # compile now, not during a member's first image
+            gen = settings.generation
+            log.info("warming up the compiled model (%.0f s)", engine.warm_up(gen.width, gen.height))
+        return engine
 
     bot = FluxBot(settings, load_engine)
     # `docker stop` sends SIGTERM: shut down like Ctrl-C so the running job is left for the next start.

@@ -271,6 +271,7 @@ class ModelSettings(_Section):
     device: str = _opt("auto", _device)
     fp8_matmul: str = _opt("auto", _choice("auto", "on", "off"))
     keep_resident: str = _opt("auto", _choice("auto", "on", "off"))
+    compile: str = _opt("auto", _choice("auto", "on", "off"))
     t5_fp8: bool = _opt(False, _bool)
 
 

@@ -18,6 +18,7 @@ class TinyModelSettings:
     device: str = "cpu"
     fp8_matmul: str = "auto"
     keep_resident: str = "auto"
+    compile: str = "auto"
     t5_fp8: bool = False
 
 

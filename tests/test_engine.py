@@ -165,7 +165,7 @@ def test_streamed_placement_paints_the_same_pixels(model_dir, tiny_engine):
 
     plan = Plan(device=torch.device("cpu"), compute_dtype=torch.float32, budget_gib=0.01,
                 dit_resident_gib=0.0001, text_encoders_resident=False, keep_resident=True,
-                fp8_matmul=False, pinned=False)
+                fp8_matmul=False, pinned=False, compile="off")
     streamed = Engine.load(TinyModelSettings(dir=model_dir), plan=plan)
     resident, moved = streamed.placement["dit"]
     assert moved > resident > 0
@@ -179,3 +179,27 @@ def test_streamed_placement_paints_the_same_pixels(model_dir, tiny_engine):
     assert not dit_streamer.recording and len(dit_streamer.order) > 5  # order learned, prefetching on
     assert dit_streamer.copied_bytes > 3 * moved  # every step copies the streamed part again
     assert dit_streamer.pending == {}  # flushed after each job
+
+
+def test_compiled_blocks_paint_the_same_image(model_dir, tiny_engine):
+    """[model] compile = "on": the DiT blocks go through torch.compile without graph breaks."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    compiled = Engine.load(TinyModelSettings(dir=model_dir, compile="on"))
+    assert compiled.compiled
+    req = GenerationRequest("compiled cat", seed=4, steps=2, width=128, height=128)
+    a = pixels(compiled.generate(req)).astype(int)
+    b = pixels(tiny_engine.generate(req)).astype(int)
+    assert np.abs(a - b).max() <= 2  # fused kernels round differently, nothing more
+    assert not counters["graph_break"]
+    assert counters["stats"]["unique_graphs"] >= 2
+
+
+def test_compile_is_skipped_when_layers_stream(model_dir):
+    from bot.engine.budget import Plan
+
+    plan = Plan(device=torch.device("cpu"), compute_dtype=torch.float32, budget_gib=0.01,
+                dit_resident_gib=0.0001, text_encoders_resident=False, keep_resident=True,
+                fp8_matmul=False, pinned=False, compile="on")
+    assert not Engine.load(TinyModelSettings(dir=model_dir), plan=plan).compiled

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import discord
@@ -27,6 +28,11 @@ DEFAULT_UPLOAD_LIMIT = 8 * 1024 * 1024
 UNKNOWN_MESSAGE = 10008
 UNKNOWN_WEBHOOK = 10015
 INVALID_WEBHOOK_TOKEN = 50027
+HISTORY_LIMIT = 100  # messages looked through for a result sent before a crash
+
+
+def _holds_result(job: JobRecord, msg: discord.Message) -> bool:
+    return any(a.filename.startswith(f"fluxbot-{job.id}-") for a in msg.attachments)
 
 
 class DiscordDelivery:
@@ -96,10 +102,25 @@ class DiscordDelivery:
             try:
                 msg = await webhook.fetch_message(job.progress_message_id)
             except discord.NotFound:
-                return None
-            if any(a.filename.startswith(f"fluxbot-{job.id}-") for a in msg.attachments):
+                msg = None
+            if msg is not None and _holds_result(job, msg):
                 return msg.id
-        # Channel posts carry a nonce, so a repeated post within minutes returns the first message.
+        # The result may be a message of its own: a followup (the progress message was deleted) or a
+        # channel post (token expired; its nonce dedupes a repeat only for minutes). Look in the channel.
+        return await self._find_in_channel(job)
+
+    async def _find_in_channel(self, job: JobRecord, limit: int = HISTORY_LIMIT) -> int | None:
+        """The newest of the channel's last `limit` messages since the job was queued that is this job's result."""
+        try:
+            channel = await self._channel(job)
+            after = datetime.fromtimestamp(job.queued_at, timezone.utc)
+            async for msg in channel.history(limit=limit, after=after, oldest_first=False):
+                ours = (self.bot.user is not None and msg.author.id == self.bot.user.id) or \
+                    (job.application_id is not None and msg.webhook_id == job.application_id)
+                if ours and _holds_result(job, msg):  # a member's upload of the same name does not count
+                    return msg.id
+        except (DeliveryFailed, discord.HTTPException) as exc:
+            log.warning("job %d: could not look for an earlier result in channel %s: %s", job.id, job.channel_id, exc)
         return None
 
     async def deliver(self, job: JobRecord, image_path: Path) -> int | None:

@@ -35,13 +35,14 @@ class Plan:
     fp8_matmul: bool                  # real float8 matmuls (Ada/Hopper) instead of cast-to-bf16
     pinned: bool                      # stream offloaded weights from pinned host memory
     tiled_vae: bool = False           # decode in overlapping tiles to bound activation memory
+    compile: str = "off"              # "auto": compile when the DiT is fully resident on a GPU
 
     def describe(self) -> str:
         budget = "unlimited" if self.budget_gib is None else f"{self.budget_gib:g} GiB"
         return (f"device={self.device} dtype={str(self.compute_dtype).replace('torch.', '')} budget={budget} "
                 f"dit_resident={'all' if self.dit_resident_gib is None else f'{self.dit_resident_gib:.1f} GiB'} "
                 f"text_encoders_resident={self.text_encoders_resident} keep_resident={self.keep_resident} "
-                f"fp8_matmul={self.fp8_matmul} pinned={self.pinned} tiled_vae={self.tiled_vae}")
+                f"fp8_matmul={self.fp8_matmul} pinned={self.pinned} tiled_vae={self.tiled_vae} compile={self.compile}")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -74,7 +75,8 @@ def make_plan(model_settings, device: torch.device | None = None) -> Plan:
     device = device or resolve_device(model_settings.device)
     if device.type != "cuda":
         # CPU: bf16 convolutions are ~150x slower than fp32 here; weights stay float8 in storage.
-        return Plan(device, torch.float32, None, None, True, True, False, False, False)
+        return Plan(device, torch.float32, None, None, True, True, False, False, False,
+                    compile=getattr(model_settings, "compile", "auto"))
 
     total_gib = torch.cuda.get_device_properties(device).total_memory / GIB
     budget = model_settings.vram_limit_gb
@@ -95,4 +97,5 @@ def make_plan(model_settings, device: torch.device | None = None) -> Plan:
         fp8_matmul=fp8,
         pinned=True,
         tiled_vae=not unlimited and budget < TILED_VAE_BELOW_GIB,
+        compile=getattr(model_settings, "compile", "auto"),
     )

@@ -118,6 +118,7 @@ class Engine:
         if plan.tiled_vae:
             _tile_vae_decoder(pipe.vae_decoder)
         self._place()
+        self.compiled = self._maybe_compile()
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -162,6 +163,31 @@ class Engine:
             parts = ", ".join(f"{k} {r / GIB:.2f} GiB resident / {s / GIB:.2f} GiB streamed"
                               for k, (r, s) in self.placement.items())
             log.info("placement: %s", parts)
+
+    def _maybe_compile(self) -> bool:
+        """torch.compile each DiT block (one graph per block class, shared by all blocks)."""
+        mode = self.plan.compile
+        streamed = self.placement["dit"][1]
+        if mode == "off" or (mode == "auto" and self.device.type != "cuda"):
+            return False
+        if streamed:
+            # Streamed layers run Python between matmuls; dynamo would re-trace them every step.
+            if mode == "on":
+                log.warning("[model] compile = \"on\" ignored: %.1f GiB of the DiT is streamed; it needs a "
+                            "budget that holds the whole DiT", streamed / GIB)
+            return False
+        import torch._dynamo
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
+        for block in list(self.pipe.dit.blocks) + list(self.pipe.dit.single_blocks):
+            block.compile()
+        log.info("DiT blocks will be compiled on first use (the first image is slower)")
+        return True
+
+    def warm_up(self, width: int, height: int) -> float:
+        """Run a short generation so compilation happens now, not in a member's first job."""
+        t0 = time.perf_counter()
+        self.generate(GenerationRequest("warm-up", seed=0, steps=2, width=width, height=height))
+        return time.perf_counter() - t0
 
     def _release(self) -> None:
         for name in ("dit", "text_encoder_1", "text_encoder_2", "vae_decoder"):
