@@ -32,3 +32,25 @@ def tiny_engine(model_dir):
     from bot.engine.pipeline import Engine
 
     return Engine.load(TinyModelSettings(dir=model_dir))
+
+
+@pytest.fixture
+async def fake():
+    """A fake Discord on 127.0.0.1 that the real discord.py client in the bot talks to."""
+    from botkit import add_members
+    from fake_discord import FakeDiscord
+
+    f = FakeDiscord()
+    await f.start()
+    f.install()
+    add_members(f)
+    yield f
+    await f.stop()
+
+
+@pytest.fixture
+def engine(tiny_engine):
+    """The session's tiny engine behind a gate and failure switches (tests/botkit.py)."""
+    from botkit import ControlledEngine
+
+    return ControlledEngine(tiny_engine)

@@ -9,29 +9,13 @@ import io
 import pytest
 from PIL import Image
 
-from botkit import (ADMIN, ALICE, BOB, CAROL, MOD, ControlledEngine, add_members, embed_field,
+from botkit import (ADMIN, ALICE, BOB, CAROL, MOD, embed_field,
                     ephemeral_texts, eventually, has_image, make_settings, running_bot)
-from fake_discord import FakeDiscord
 
 from bot.engine.pipeline import GenerationOOM
 from bot.store import JobStatus, Store
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-async def fake():
-    f = FakeDiscord()
-    await f.start()
-    f.install()
-    add_members(f)
-    yield f
-    await f.stop()
-
-
-@pytest.fixture
-def engine(tiny_engine):
-    return ControlledEngine(tiny_engine)
 
 
 @pytest.fixture

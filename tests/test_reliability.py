@@ -7,28 +7,12 @@ import logging
 
 import pytest
 
-from botkit import (ADMIN, ALICE, BOB, ControlledEngine, add_members, embed_field, ephemeral_texts, eventually,
+from botkit import (ADMIN, ALICE, BOB, embed_field, ephemeral_texts, eventually,
                     has_image, make_settings, running_bot)
-from fake_discord import FakeDiscord
 
 from bot.store import JobStatus
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture
-async def fake():
-    f = FakeDiscord()
-    await f.start()
-    f.install()
-    add_members(f)
-    yield f
-    await f.stop()
-
-
-@pytest.fixture
-def engine(tiny_engine):
-    return ControlledEngine(tiny_engine)
 
 
 @pytest.fixture

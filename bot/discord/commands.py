@@ -145,52 +145,49 @@ def build_commands(settings) -> list:
         await tell(interaction, messages.ADMIN_ONLY)
         return False
 
-    def check_limit(limit: object) -> int:
+    async def admin_limit(interaction: discord.Interaction, limit: object) -> int | None:
+        """The checked limit, or None after telling the caller why not (not an admin, bad value)."""
+        if not await admin_guard(interaction):
+            return None
         if isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit <= MAX_LIMIT:
-            raise ValidationError(f"limit must be a whole number between 0 and {MAX_LIMIT}")
+            await tell(interaction, f"Nothing changed: limit must be a whole number between 0 and {MAX_LIMIT}.")
+            return None
         return limit
+
+    async def show_member(interaction: discord.Interaction, user) -> None:
+        q = await interaction.client.store.quota_status(user.id)
+        await tell(interaction, messages.quota_text(q, whose=f"<@{user.id}> has"))
 
     @quota_admin.command(name="set", description="Set a member's daily limit from now on")
     @app_commands.describe(user="The member", limit=f"Images per day (0 to {MAX_LIMIT})")
     async def quota_set(interaction: discord.Interaction, user: discord.User,
                         limit: app_commands.Range[int, 0, MAX_LIMIT]) -> None:
-        if not await admin_guard(interaction):
+        value = await admin_limit(interaction, limit)
+        if value is None:
             return
-        try:
-            value = check_limit(limit)
-        except ValidationError as exc:
-            await tell(interaction, f"Nothing changed: {exc}.")
-            return
-        store = interaction.client.store
-        await store.set_user_limit(user.id, value)
-        await tell(interaction, messages.quota_text(await store.quota_status(user.id), whose=f"<@{user.id}> has"))
+        await interaction.client.store.set_user_limit(user.id, value)
+        await show_member(interaction, user)
 
     @quota_admin.command(name="reset", description="Clear a member's usage for today")
     @app_commands.describe(user="The member")
     async def quota_reset(interaction: discord.Interaction, user: discord.User) -> None:
         if not await admin_guard(interaction):
             return
-        store = interaction.client.store
-        await store.reset_usage(user.id)
-        await tell(interaction, messages.quota_text(await store.quota_status(user.id), whose=f"<@{user.id}> has"))
+        await interaction.client.store.reset_usage(user.id)
+        await show_member(interaction, user)
 
     @quota_admin.command(name="show", description="Show a member's quota")
     @app_commands.describe(user="The member")
     async def quota_show(interaction: discord.Interaction, user: discord.User) -> None:
         if not await admin_guard(interaction):
             return
-        q = await interaction.client.store.quota_status(user.id)
-        await tell(interaction, messages.quota_text(q, whose=f"<@{user.id}> has"))
+        await show_member(interaction, user)
 
     @quota_admin.command(name="default", description="Daily limit for everyone without a personal one")
     @app_commands.describe(limit=f"Images per day (0 to {MAX_LIMIT})")
     async def quota_default(interaction: discord.Interaction, limit: app_commands.Range[int, 0, MAX_LIMIT]) -> None:
-        if not await admin_guard(interaction):
-            return
-        try:
-            value = check_limit(limit)
-        except ValidationError as exc:
-            await tell(interaction, f"Nothing changed: {exc}.")
+        value = await admin_limit(interaction, limit)
+        if value is None:
             return
         await interaction.client.store.set_default_limit(value)
         await tell(interaction, f"The default daily limit is now {value} images (members with a personal limit keep theirs).")
