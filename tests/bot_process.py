@@ -1,12 +1,17 @@
 """Run the real bot (`fluxbot run`) in its own process against a FakeDiscord, for the SIGKILL tests.
 
     DISCORD_TOKEN=... python tests/bot_process.py --api-base URL --gateway URL --config FILE \
-        [--kill-point before|during|after_generation|after_delivery --marker FILE]
+        [--kill-point before|during|after_generation|after_delivery --marker FILE] [--wait-for FILE]
 
 The kill point is test code: it monkeypatches one place in the bot so that the first job to get
 there writes `--marker` (the job id or prompt, then a rename: the file appears whole) and blocks
 forever, in the GPU thread or in the event loop, so the test can SIGKILL the process exactly there.
 Everything else is the product: `bot.cli.main(["run", "--config", FILE])`.
+
+`--wait-for FILE`: import the heavy modules (torch, diffsynth, discord.py: seconds), then wait until
+FILE exists before starting the bot. A test starts the "restarted" process early, while the first
+one still runs, and lets it go once the first is dead: a fresh process that has touched neither the
+database nor Discord yet, only without the import time on the test's clock.
 
 - before:           the worker is about to generate its first job (ledger: running, nothing painted)
 - during:           the engine finished denoising step 1 of the first generation (GPU thread)
@@ -104,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True)
     p.add_argument("--kill-point", choices=KILL_POINTS)
     p.add_argument("--marker", type=Path)
+    p.add_argument("--wait-for", type=Path, help="after the imports, wait until this file exists")
+    p.add_argument("--wait-timeout", type=float, default=300.0)
     args = p.parse_args(argv)
     if args.kill_point and not args.marker:
         p.error("--kill-point needs --marker")
@@ -121,6 +128,16 @@ def main(argv: list[str] | None = None) -> int:
         p.error("DISCORD_TOKEN must be set")
 
     from bot.cli import main as fluxbot_main
+    if args.wait_for:
+        import bot.discord.app  # noqa: F401  (what `run` imports: torch, diffsynth, the tiny model builder)
+        import bot.engine.pipeline  # noqa: F401
+        import bot.engine.tiny  # noqa: F401
+        deadline = time.monotonic() + args.wait_timeout
+        while not args.wait_for.exists():
+            if time.monotonic() > deadline:
+                print(f"bot_process: {args.wait_for} never appeared", file=sys.stderr)
+                return 3
+            time.sleep(0.02)
     return fluxbot_main(["run", "--config", args.config])
 
 

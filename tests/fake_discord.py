@@ -16,6 +16,9 @@ Checked against discord.py 2.7.1. Usage::
 - A deferred ("thinking...") response is replaced by the first followup, as Discord does.
 - discord.py sleeps 5 s before any IDENTIFY but the first: drop_gateway(resume=False) is slow unless the test
   replaces bot.before_identify_hook.
+- A bot in another process (tests/bot_process.py): pass api_base and gateway_url to it instead of install();
+  after restarting it, wait_connected(gateway_connections read before the restart).
+- Timing: Event.received_at and FakeInteraction.sent_at are time.monotonic() stamps (ack latency = their difference).
 """
 from __future__ import annotations
 

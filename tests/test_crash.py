@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from botkit import ALICE, BOB, CAROL, add_members
+from botkit import ALICE, BOB, CAROL, make_settings, running_bot
 from fake_discord import FakeDiscord
 
-from bot.store import Store
+from bot.store import JobStatus, Store
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -72,11 +72,14 @@ class BotProcess:
         self.fake, self.config, self.log = fake, config, log
         self.proc: asyncio.subprocess.Process | None = None
 
-    async def start(self, kill_point: str | None = None, marker: Path | None = None) -> None:
+    async def start(self, kill_point: str | None = None, marker: Path | None = None,
+                    wait_for: Path | None = None) -> None:
         args = [str(LAUNCHER), "--api-base", self.fake.api_base, "--gateway", self.fake.gateway_url,
                 "--config", str(self.config)]
         if kill_point:
             args += ["--kill-point", kill_point, "--marker", str(marker)]
+        if wait_for:
+            args += ["--wait-for", str(wait_for)]
         env = {**os.environ, "DISCORD_TOKEN": self.fake.token, "FLUXBOT_LOG_LEVEL": "INFO",
                "PYTHONUNBUFFERED": "1"}
         with open(self.log, "ab") as out:
@@ -130,14 +133,14 @@ def read_jobs(db: Path) -> list[dict]:
     """The ledger, read with the stdlib through a read-only connection (the bot may be writing)."""
     if not db.exists():
         return []
-    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as conn:
+    with contextlib.closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True, timeout=5)) as conn:
         conn.row_factory = sqlite3.Row
         return [dict(r) for r in conn.execute(
             "SELECT id, user_id, status, attempts, charged_day, result_message_id FROM jobs ORDER BY id")]
 
 
 def read_usage(db: Path) -> dict[tuple[int, str], int]:
-    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as conn:
+    with contextlib.closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True, timeout=5)) as conn:
         return {(u, d): n for u, d, n in conn.execute("SELECT user_id, day, used FROM usage")}
 
 
@@ -147,32 +150,27 @@ def image_messages(fake: FakeDiscord, job_id: int) -> list[dict]:
             if any(a["filename"].startswith(prefix) for a in m.get("attachments", []))]
 
 
-@pytest.fixture
-async def fake():
-    f = FakeDiscord()
-    await f.start()  # not installed here: the bot process is what talks to it
-    add_members(f)
-    yield f
-    await f.stop()
-
-
 @pytest.mark.parametrize("kill_point", list(STATE_AT_KILL))
 async def test_sigkill_loses_nothing_and_sends_nothing_twice(fake, tmp_path, model_dir, kill_point):
+    # `fake` (conftest) is also installed in this process, which is harmless: the bot process is what talks to it
     db = tmp_path / "fluxbot.db"
-    marker = tmp_path / "killed-here"
-    bot = BotProcess(fake, write_config(tmp_path, model_dir, fake), tmp_path / "bot.log")
+    marker, go = tmp_path / "killed-here", tmp_path / "go"
+    config = write_config(tmp_path, model_dir, fake)
+    first = BotProcess(fake, config, tmp_path / "first.log")
+    bot = BotProcess(fake, config, tmp_path / "second.log")  # the restart
     try:
         # ---- first life: five jobs from three members, then SIGKILL at the kill point
-        await bot.start(kill_point, marker)
-        await until(lambda: fake.gateway_connections > 0, bot, START_TIMEOUT, "the bot to connect")
+        await first.start(kill_point, marker)
+        await bot.start(wait_for=go)  # imports meanwhile; runs the bot only once `go` exists
+        await until(lambda: fake.gateway_connections > 0, first, START_TIMEOUT, "the bot to connect")
         await fake.wait_connected(0, timeout=15)
         await fake.wait_commands_synced(names=["imagine"])
         for user, prompt in REQUESTS:
             inter = await fake.slash("imagine", {"prompt": prompt}, user_id=user)
             ack = await inter.response(timeout=30)
             assert ack.json["type"] == 5, ack.json  # admitted and deferred, not refused
-        await until(marker.exists, bot, FINISH_TIMEOUT, f"the kill point {kill_point!r}")
-        await bot.kill()
+        await until(marker.exists, first, FINISH_TIMEOUT, f"the kill point {kill_point!r}")
+        await first.kill()
 
         jobs = read_jobs(db)
         assert len(jobs) == len(REQUESTS)
@@ -184,13 +182,14 @@ async def test_sigkill_loses_nothing_and_sends_nothing_twice(fake, tmp_path, mod
 
         # ---- second life: no kill point; every job must finish
         connections = fake.gateway_connections
-        await bot.start()
-        await until(lambda: all(j["status"] == "done" for j in read_jobs(db)), bot, START_TIMEOUT + FINISH_TIMEOUT,
-                    "every job to be done")
+        go.touch()
+        await until(lambda: [j["status"] for j in read_jobs(db)] == ["done"] * len(REQUESTS), bot,
+                    START_TIMEOUT + FINISH_TIMEOUT, "every job to be done")
         await until(lambda: fake.gateway_connections > connections, bot, 15, "the restarted bot to connect")
         await fake.wait_connected(connections, timeout=15)
         assert await bot.stop() == 0, bot.log_tail()
     finally:
+        await first.kill()
         await bot.kill()
 
     # ---- nothing lost, nothing twice
@@ -221,3 +220,42 @@ async def test_sigkill_loses_nothing_and_sends_nothing_twice(fake, tmp_path, mod
             assert q.remaining == 10 - n
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize("progress_message", ["deleted", "never_recorded"])
+async def test_result_sent_as_a_new_message_is_found_after_a_crash(fake, tmp_path, model_dir, engine,
+                                                                    progress_message):
+    """The result went out as a message of its own (its progress message was deleted by a moderator, or
+    its id never reached the ledger), then the bot died before recording it: the restart must find that
+    message in the channel instead of sending the image twice. In-process (the kill point is the same
+    as `after_delivery` above; what differs is where the result went)."""
+    settings = make_settings(tmp_path, model_dir, fake)
+    engine.gate.clear()
+    async with running_bot(fake, settings, engine) as bot:
+        stuck = asyncio.Event()
+        real_mark_done = bot.store.mark_done
+
+        async def die_before_recording(job_id, message_id, now=None):
+            stuck.set()
+            await asyncio.Event().wait()
+        bot.store.mark_done = die_before_recording
+        inter = await fake.slash("imagine", {"prompt": "a message of its own"}, user_id=ALICE)
+        original = await inter.wait_original(lambda m: m["content"])
+        job = (await bot.store.recent_jobs(1))[0]
+        if progress_message == "deleted":
+            fake._delete(int(original["id"]))
+        else:  # as if the worker delivered before the command handler recorded the progress message
+            with contextlib.closing(sqlite3.connect(settings.storage.database, timeout=10)) as conn, conn:
+                conn.execute("UPDATE jobs SET progress_message_id = NULL WHERE id = ?", (job.id,))
+        engine.gate.set()
+        await asyncio.wait_for(stuck.wait(), 30)
+        bot.store.mark_done = real_mark_done
+        [sent] = image_messages(fake, job.id)
+    async with running_bot(fake, settings, engine) as bot:
+        await bot.queue.wait_idle(30)
+        job = await bot.store.get_job(job.id)
+        assert job.status is JobStatus.DONE
+        assert image_messages(fake, job.id) == [sent]  # found, not sent again
+        assert job.result_message_id == int(sent["id"])
+        assert engine.calls.count("a message of its own") == 1
+        assert (await bot.store.quota_status(ALICE)).used == 1

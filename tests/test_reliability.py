@@ -262,3 +262,17 @@ async def test_hostile_button_clicks_get_an_answer_and_change_nothing(fake, sett
                  await bot.store.quota_status(BOB))
         assert after == before
         assert int(final["id"]) in fake.messages
+
+
+async def test_a_failed_acknowledgement_edit_does_not_lose_the_job(fake, settings, engine):
+    engine.gate.clear()
+    async with running_bot(fake, settings, engine) as bot:
+        fake.fail_next("PATCH", r"/messages/@original", status=400, times=1)
+        inter = await fake.slash("imagine", {"prompt": "hiccup"}, user_id=ALICE)
+        await inter.response()
+        await eventually(lambda: bot.queue.running is not None or bot.queue.waiting(), what="queued job")
+        assert not ephemeral_texts(fake, inter)  # no false "something went wrong"
+        engine.gate.set()
+        await bot.queue.wait_idle(30)
+        job = (await bot.store.recent_jobs(1))[0]
+        assert job.status is JobStatus.DONE and len(images_for(fake, job.id)) == 1

@@ -51,10 +51,16 @@ async def enqueue(interaction: discord.Interaction, params: ImagineParams, origi
         return
     job = admission.job
     bot.queue.delivery.remember_upload_limit(job.id, getattr(interaction, "filesize_limit", None))
-    await interaction.response.defer(thinking=True)
-    position = bot.queue.position(job.id)
-    text = messages.starting() if position == 0 else messages.queued(position or 1)
-    msg = await interaction.edit_original_response(content=text, allowed_mentions=messages.NO_PINGS)
+    try:
+        await interaction.response.defer(thinking=True)
+        position = bot.queue.position(job.id)
+        text = messages.starting() if position == 0 else messages.queued(position or 1)
+        msg = await interaction.edit_original_response(content=text, allowed_mentions=messages.NO_PINGS)
+    except discord.HTTPException as exc:
+        # The job is admitted and charged: it still runs, and delivery finds another way
+        # (a followup or the channel). Telling the member "something went wrong" would be false.
+        log.warning("job %d: could not show its queue position (%s); it stays queued", job.id, exc)
+        return
     await bot.store.set_progress_message(job.id, msg.id)
     bot.queue.attach_message(job.id, msg.id)
 
