@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import functools
+import heapq
 import logging
 import threading
 import time
@@ -141,16 +142,24 @@ class JobQueue:
     # ------------------------------------------------------------------ views
     def waiting(self) -> list[JobRecord]:
         """Waiting jobs in the order they will run."""
-        served = dict(self._served)
-        turn = self._turn
-        pending = [e.job for e in self._entries.values() if e is not self._running]
-        order = []
-        while pending:
-            nxt = min(pending, key=lambda j: (served.get(j.user_id, -1), j.id))
-            order.append(nxt)
-            pending.remove(nxt)
+        # Round robin: the next job is the oldest one of the user served least recently.
+        per_user: dict[int, list[JobRecord]] = {}
+        for entry in self._entries.values():
+            if entry is not self._running:
+                per_user.setdefault(entry.job.user_id, []).append(entry.job)
+        heap = []
+        for user, jobs in per_user.items():
+            jobs.sort(key=lambda j: j.id, reverse=True)  # pop() takes the oldest
+            heap.append((self._served.get(user, -1), jobs[-1].id, user))
+        heapq.heapify(heap)
+        order, turn = [], self._turn
+        while heap:
+            _, _, user = heapq.heappop(heap)
+            jobs = per_user[user]
+            order.append(jobs.pop())
             turn += 1
-            served[nxt.user_id] = turn
+            if jobs:
+                heapq.heappush(heap, (turn, jobs[-1].id, user))
         return order
 
     @property
