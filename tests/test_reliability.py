@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -179,6 +180,9 @@ async def test_token_never_reaches_the_logs(fake, settings, engine, caplog):
     lines = [r.getMessage() for r in caplog.records] + [caplog.text]
     assert lines and not [ln for ln in lines if fake.token in ln]
     assert all(fake.token not in repr(j) for j in jobs)
+    db = Path(settings.storage.database)
+    stored = b"".join(p.read_bytes() for p in db.parent.glob(db.name + "*"))  # the file, its WAL and SHM
+    assert stored and fake.token.encode() not in stored
 
 
 HOSTILE = [
