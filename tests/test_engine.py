@@ -203,3 +203,19 @@ def test_compile_is_skipped_when_layers_stream(model_dir):
                 dit_resident_gib=0.0001, text_encoders_resident=False, keep_resident=True,
                 fp8_matmul=False, pinned=False, compile="on")
     assert not Engine.load(TinyModelSettings(dir=model_dir), plan=plan).compiled
+
+
+def test_t5_fp8_stores_the_text_encoder_in_float8(model_dir, tiny_engine, monkeypatch):
+    """[model] t5_fp8 = true (opt-in): T5's matrices, feed-forward blocks included, are stored in
+    float8 (only norms stay in the compute dtype); the image changes only slightly."""
+    from bot.engine import offload
+
+    monkeypatch.setattr(offload, "SMALL_BYTES", 1024)  # the tiny model's blocks are all "small" otherwise
+    small = Engine.load(TinyModelSettings(dir=model_dir, t5_fp8=True))
+    t5 = small.pipe.text_encoder_2
+    matrices = {n: p.dtype for n, p in t5.named_parameters() if p.dim() == 2 and p.numel() >= 32 * 32}
+    assert any("DenseReluDense" in n for n in matrices) and set(matrices.values()) == {torch.float8_e4m3fn}
+    req = GenerationRequest("a float8 cat", seed=8, steps=2, width=128, height=128)
+    a = pixels(small.generate(req)).astype(int)
+    b = pixels(tiny_engine.generate(req)).astype(int)
+    assert a.std() > 10 and np.abs(a - b).mean() < 40
