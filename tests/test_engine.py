@@ -219,3 +219,18 @@ def test_t5_fp8_stores_the_text_encoder_in_float8(model_dir, tiny_engine, monkey
     a = pixels(small.generate(req)).astype(int)
     b = pixels(tiny_engine.generate(req)).astype(int)
     assert a.std() > 10 and np.abs(a - b).mean() < 40
+
+
+def test_keep_resident_off_releases_and_replaces_between_jobs(model_dir, tiny_engine):
+    """[model] keep_resident = "off" (e.g. a GPU shared with games): every job places the model and
+    gives the memory back afterwards; the pixels do not change."""
+    from diffsynth.core.vram.layers import AutoTorchModule
+
+    engine = Engine.load(TinyModelSettings(dir=model_dir, keep_resident="off"))
+    assert not engine.plan.keep_resident
+    req = GenerationRequest("a shy cat", seed=9, steps=2, width=128, height=128)
+    a = pixels(engine.generate(req))
+    states = {m.state for m in engine.pipe.dit.modules() if isinstance(m, AutoTorchModule)}
+    assert states == {0}  # released after the job
+    b = pixels(engine.generate(req))
+    assert np.array_equal(a, b) and np.array_equal(a, pixels(tiny_engine.generate(req)))

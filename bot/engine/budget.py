@@ -75,7 +75,9 @@ def make_plan(model_settings, device: torch.device | None = None) -> Plan:
     device = device or resolve_device(model_settings.device)
     if device.type != "cuda":
         # CPU: bf16 convolutions are ~150x slower than fp32 here; weights stay float8 in storage.
-        return Plan(device, torch.float32, None, None, True, True, False, False, False,
+        return Plan(device, torch.float32, None, None, True,
+                    keep_resident=_switch(getattr(model_settings, "keep_resident", "auto"), True),
+                    fp8_matmul=False, pinned=False, tiled_vae=False,
                     compile=getattr(model_settings, "compile", "auto"))
 
     total_gib = torch.cuda.get_device_properties(device).total_memory / GIB
