@@ -196,13 +196,28 @@ def test_compiled_blocks_paint_the_same_image(model_dir, tiny_engine):
     assert counters["stats"]["unique_graphs"] >= 2
 
 
-def test_compile_is_skipped_when_layers_stream(model_dir):
+def test_only_whole_resident_blocks_are_compiled_when_layers_stream(model_dir, tiny_engine):
+    from torch._dynamo.utils import counters
+
     from bot.engine.budget import Plan
 
-    plan = Plan(device=torch.device("cpu"), compute_dtype=torch.float32, budget_gib=0.01,
-                dit_resident_gib=0.0001, text_encoders_resident=False, keep_resident=True,
-                fp8_matmul=False, pinned=False, compile="on")
-    assert not Engine.load(TinyModelSettings(dir=model_dir), plan=plan).compiled
+    def plan(resident_gib):
+        return Plan(device=torch.device("cpu"), compute_dtype=torch.float32, budget_gib=0.01,
+                    dit_resident_gib=resident_gib, text_encoders_resident=False, keep_resident=True,
+                    fp8_matmul=False, pinned=False, compile="on")
+
+    assert not Engine.load(TinyModelSettings(dir=model_dir), plan=plan(0.0001)).compiled  # nothing whole fits
+    counters.clear()
+    mixed = Engine.load(TinyModelSettings(dir=model_dir), plan=plan(0.0008))  # the double block fits, the single streams
+    assert mixed.compiled and mixed.placement["dit"][1] > 0
+    req = GenerationRequest("half compiled", seed=6, steps=2, width=128, height=128)
+    a = pixels(mixed.generate(req)).astype(int)
+    graphs = counters["stats"]["unique_graphs"]
+    b = pixels(mixed.generate(req)).astype(int)
+    assert counters["stats"]["unique_graphs"] == graphs  # no re-tracing on the next job
+    assert np.abs(a - b).max() == 0
+    assert np.abs(a - pixels(tiny_engine.generate(req)).astype(int)).max() <= 2
+    assert not counters["graph_break"]
 
 
 def test_t5_fp8_stores_the_text_encoder_in_float8(model_dir, tiny_engine, monkeypatch):

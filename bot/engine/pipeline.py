@@ -165,22 +165,24 @@ class Engine:
             log.info("placement: %s", parts)
 
     def _maybe_compile(self) -> bool:
-        """torch.compile each DiT block (one graph per block class, shared by all blocks)."""
+        """torch.compile every DiT block whose layers all stay on the GPU (one graph per block
+        class, shared by those blocks). Blocks with streamed layers stay eager: their Python
+        streaming code would make dynamo re-trace them every step."""
         mode = self.plan.compile
-        streamed = self.placement["dit"][1]
         if mode == "off" or (mode == "auto" and self.device.type != "cuda"):
             return False
-        if streamed:
-            # Streamed layers run Python between matmuls; dynamo would re-trace them every step.
+        blocks = list(self.pipe.dit.blocks) + list(self.pipe.dit.single_blocks)
+        resident = [b for b in blocks if not any(hasattr(m, "_streamer") for m in b.modules())]
+        if not resident:
             if mode == "on":
-                log.warning("[model] compile = \"on\" ignored: %.1f GiB of the DiT is streamed; it needs a "
-                            "budget that holds the whole DiT", streamed / GIB)
+                log.warning("[model] compile = \"on\" ignored: no DiT block fits the budget whole")
             return False
         import torch._dynamo
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
-        for block in list(self.pipe.dit.blocks) + list(self.pipe.dit.single_blocks):
+        for block in resident:
             block.compile()
-        log.info("DiT blocks will be compiled on first use (the first image is slower)")
+        log.info("%d of %d DiT blocks will be compiled on first use (the first image is slower)",
+                 len(resident), len(blocks))
         return True
 
     def warm_up(self, width: int, height: int) -> float:
