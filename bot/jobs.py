@@ -13,6 +13,7 @@ so one member's three queued jobs do not hold back everyone else.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import functools
 import heapq
@@ -136,7 +137,6 @@ class JobQueue:
         """Remember the message that shows this job's progress (also stored in the ledger)."""
         entry = self._entries.get(job_id)
         if entry is not None:
-            import dataclasses
             entry.job = dataclasses.replace(entry.job, progress_message_id=message_id)
 
     # ------------------------------------------------------------------ views
@@ -304,7 +304,7 @@ class JobQueue:
         call = functools.partial(self._engine.generate, request, on_progress=on_progress,
                                  should_cancel=entry.cancel.is_set)
         try:
-            return await asyncio.wrap_future(loop.run_in_executor(self._gpu, call))
+            return await loop.run_in_executor(self._gpu, call)
         except GenerationCancelled:
             if self._stopping:
                 return None  # stays "running" in the ledger: resumed on next start

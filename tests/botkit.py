@@ -8,7 +8,7 @@ import threading
 import time
 from pathlib import Path
 
-from fake_discord import FakeDiscord, discord  # first: silences discord.py's audioop warning  # noqa: F401
+from fake_discord import FakeDiscord
 
 from bot.config import default_settings  # noqa: E402
 from bot.engine.pipeline import GenerationCancelled  # noqa: E402
