@@ -173,9 +173,11 @@ def load_diffusers(budget, root: Path, device: str, preset: str):
     else:
         transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=bf16)
         for m in (transformer, t5, clip, vae):
+            # record_stream: weights copied on the side stream are released once used; without it
+            # every onloaded group stayed on the GPU until the budget ran out (gpu6, gpu7).
             apply_group_offloading(m, onload_device=torch.device(device), offload_device=torch.device("cpu"),
-                                   offload_type="leaf_level", use_stream=True)
-        setup = "fp8 layerwise casting + leaf-level group offload with a CUDA stream"
+                                   offload_type="leaf_level", use_stream=True, record_stream=True)
+        setup = "fp8 layerwise casting + leaf-level group offload with a CUDA stream (record_stream)"
 
     def run(seed, steps, width, height):
         t0 = time.perf_counter()
