@@ -28,7 +28,6 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -57,11 +56,11 @@ def context_gib(device) -> float:
 
 def load(system: str, budget: int | None, root: Path, device: str, preset: str):
     if system == "ours":
+        from bot.config import ModelSettings
         from bot.engine.pipeline import Engine
-        settings = SimpleNamespace(preset=preset, dir=root, vram_limit_gb=None if budget is None else float(budget),
-                                   device=device, fp8_matmul=os.environ.get("FP8_MATMUL", "auto"),
-                                   compile=os.environ.get("COMPILE", "auto"),
-                                   keep_resident="auto", t5_fp8=False)
+        settings = ModelSettings(preset=preset, dir=root, vram_limit_gb=None if budget is None else float(budget),
+                                 device=device, fp8_matmul=os.environ.get("FP8_MATMUL", "auto"),
+                                 compile=os.environ.get("COMPILE", "auto"))
         engine = Engine.load(settings)
 
         def run(seed, steps, width, height):

@@ -9,12 +9,12 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bot.config import ModelSettings  # noqa: E402
 from bot.engine.pipeline import Engine, GenerationRequest  # noqa: E402
 
 
@@ -25,8 +25,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
     budget = None if a.budget == "none" else float(a.budget)
-    settings = SimpleNamespace(preset="majicflus", dir=a.weights, vram_limit_gb=budget, device="cuda",
-                               fp8_matmul=os.environ.get("FP8_MATMUL", "auto"), keep_resident="auto", t5_fp8=False)
+    settings = ModelSettings(preset="majicflus", dir=a.weights, vram_limit_gb=budget, device="cuda",
+                             fp8_matmul=os.environ.get("FP8_MATMUL", "auto"))
     engine = Engine.load(settings)
     req = GenerationRequest("profile", seed=1, steps=4, width=1024, height=1024)
     engine.generate(req)  # warm-up (compiles the quantizer)

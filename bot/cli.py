@@ -185,10 +185,9 @@ def cmd_doctor(args) -> int:
         else:
             row("database", "PASS", f"{db} (will be created on first run)")
     try:
-        from types import SimpleNamespace
+        from .config import ModelSettings
         with tempfile.TemporaryDirectory() as tmp:
-            tiny = SimpleNamespace(preset="tiny-random", dir=Path(tmp), vram_limit_gb=8.0, device="auto",
-                                   fp8_matmul="auto", keep_resident="auto", t5_fp8=False)
+            tiny = ModelSettings(preset="tiny-random", dir=Path(tmp))
             t0 = time.perf_counter()
             engine = Engine.load(tiny)
             res = engine.generate(GenerationRequest("doctor check", seed=1, steps=2, width=256, height=256))

@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from bot.config import ModelSettings
 
-@dataclass(frozen=True)
-class TinyModelSettings:
-    """Stands in for bot.config.ModelSettings where a test needs only the model part."""
 
-    dir: Path
-    preset: str = "tiny-random"
-    vram_limit_gb: float | None = 8.0
-    device: str = "cpu"
-    fp8_matmul: str = "auto"
-    keep_resident: str = "auto"
-    compile: str = "auto"
-    t5_fp8: bool = False
+def tiny_model_settings(dir: Path, **overrides) -> ModelSettings:
+    """The [model] section for the tiny random model on the CPU."""
+    return ModelSettings(**{"preset": "tiny-random", "dir": dir, "device": "cpu", **overrides})
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +23,7 @@ def model_dir(tmp_path_factory) -> Path:
 def tiny_engine(model_dir):
     from bot.engine.pipeline import Engine
 
-    return Engine.load(TinyModelSettings(dir=model_dir))
+    return Engine.load(tiny_model_settings(model_dir))
 
 
 @pytest.fixture

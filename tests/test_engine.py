@@ -8,7 +8,7 @@ import torch
 
 from bot.engine import layouts, weights
 from bot.engine.pipeline import Engine, GenerationCancelled, GenerationRequest
-from conftest import TinyModelSettings
+from conftest import tiny_model_settings
 
 
 def pixels(result) -> np.ndarray:
@@ -102,7 +102,7 @@ def test_missing_weights_name_each_file_and_the_fetch_command(tmp_path):
     (tmp_path / weights.FLUX_DIR).mkdir(parents=True)
     (tmp_path / weights.FLUX_DIR / "ae.safetensors").write_bytes(b"x")
     with pytest.raises(weights.MissingWeightsError) as err:
-        Engine.load(TinyModelSettings(dir=tmp_path, preset="majicflus"), config_hint="my.toml")
+        Engine.load(tiny_model_settings(tmp_path, preset="majicflus"), config_hint="my.toml")
     msg = str(err.value)
     assert "majicflus_v134.safetensors" in msg
     assert "text_encoder/model.safetensors" in msg
@@ -166,7 +166,7 @@ def test_streamed_placement_paints_the_same_pixels(model_dir, tiny_engine):
     plan = Plan(device=torch.device("cpu"), compute_dtype=torch.float32, budget_gib=0.01,
                 dit_resident_gib=0.0001, text_encoders_resident=False, keep_resident=True,
                 fp8_matmul=False, pinned=False, compile="off")
-    streamed = Engine.load(TinyModelSettings(dir=model_dir), plan=plan)
+    streamed = Engine.load(tiny_model_settings(model_dir), plan=plan)
     resident, moved = streamed.placement["dit"]
     assert moved > resident > 0
     assert streamed.placement["text_encoder_2"][1] > 0
@@ -186,7 +186,7 @@ def test_compiled_blocks_paint_the_same_image(model_dir, tiny_engine):
     from torch._dynamo.utils import counters
 
     counters.clear()
-    compiled = Engine.load(TinyModelSettings(dir=model_dir, compile="on"))
+    compiled = Engine.load(tiny_model_settings(model_dir, compile="on"))
     assert compiled.compiled
     req = GenerationRequest("compiled cat", seed=4, steps=2, width=128, height=128)
     a = pixels(compiled.generate(req)).astype(int)
@@ -206,9 +206,9 @@ def test_only_whole_resident_blocks_are_compiled_when_layers_stream(model_dir, t
                     dit_resident_gib=resident_gib, text_encoders_resident=False, keep_resident=True,
                     fp8_matmul=False, pinned=False, compile="on")
 
-    assert not Engine.load(TinyModelSettings(dir=model_dir), plan=plan(0.0001)).compiled  # nothing whole fits
+    assert not Engine.load(tiny_model_settings(model_dir), plan=plan(0.0001)).compiled  # nothing whole fits
     counters.clear()
-    mixed = Engine.load(TinyModelSettings(dir=model_dir), plan=plan(0.0008))  # the double block fits, the single streams
+    mixed = Engine.load(tiny_model_settings(model_dir), plan=plan(0.0008))  # the double block fits, the single streams
     assert mixed.compiled and mixed.placement["dit"][1] > 0
     req = GenerationRequest("half compiled", seed=6, steps=2, width=128, height=128)
     a = pixels(mixed.generate(req)).astype(int)
@@ -226,7 +226,7 @@ def test_t5_fp8_stores_the_text_encoder_in_float8(model_dir, tiny_engine, monkey
     from bot.engine import offload
 
     monkeypatch.setattr(offload, "SMALL_BYTES", 1024)  # the tiny model's blocks are all "small" otherwise
-    small = Engine.load(TinyModelSettings(dir=model_dir, t5_fp8=True))
+    small = Engine.load(tiny_model_settings(model_dir, t5_fp8=True))
     t5 = small.pipe.text_encoder_2
     matrices = {n: p.dtype for n, p in t5.named_parameters() if p.dim() == 2 and p.numel() >= 32 * 32}
     assert any("DenseReluDense" in n for n in matrices) and set(matrices.values()) == {torch.float8_e4m3fn}
@@ -241,7 +241,7 @@ def test_keep_resident_off_releases_and_replaces_between_jobs(model_dir, tiny_en
     gives the memory back afterwards; the pixels do not change."""
     from diffsynth.core.vram.layers import AutoTorchModule
 
-    engine = Engine.load(TinyModelSettings(dir=model_dir, keep_resident="off"))
+    engine = Engine.load(tiny_model_settings(model_dir, keep_resident="off"))
     assert not engine.plan.keep_resident
     req = GenerationRequest("a shy cat", seed=9, steps=2, width=128, height=128)
     a = pixels(engine.generate(req))

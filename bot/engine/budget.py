@@ -20,8 +20,6 @@ HEADROOM_GIB = 4.0
 TILED_VAE_BELOW_GIB = 16.0
 # Below this budget the text encoders are streamed layer by layer instead of resident.
 TEXT_ENCODERS_RESIDENT_FROM_GIB = 30.0
-# From this budget on the whole DiT stays resident and never leaves the GPU between jobs.
-KEEP_RESIDENT_FROM_GIB = 16.0
 
 
 @dataclass(frozen=True)
@@ -35,7 +33,7 @@ class Plan:
     fp8_matmul: bool                  # real float8 matmuls (Ada/Hopper) instead of cast-to-bf16
     pinned: bool                      # stream offloaded weights from pinned host memory
     tiled_vae: bool = False           # decode in overlapping tiles to bound activation memory
-    compile: str = "off"              # "auto": compile when the DiT is fully resident on a GPU
+    compile: str = "off"              # compile the DiT blocks that stay whole on the GPU ("auto": on a GPU)
 
     def describe(self) -> str:
         budget = "unlimited" if self.budget_gib is None else f"{self.budget_gib:g} GiB"
@@ -76,9 +74,8 @@ def make_plan(model_settings, device: torch.device | None = None) -> Plan:
     if device.type != "cuda":
         # CPU: bf16 convolutions are ~150x slower than fp32 here; weights stay float8 in storage.
         return Plan(device, torch.float32, None, None, True,
-                    keep_resident=_switch(getattr(model_settings, "keep_resident", "auto"), True),
-                    fp8_matmul=False, pinned=False, tiled_vae=False,
-                    compile=getattr(model_settings, "compile", "auto"))
+                    keep_resident=_switch(model_settings.keep_resident, True),
+                    fp8_matmul=False, pinned=False, tiled_vae=False, compile=model_settings.compile)
 
     total_gib = torch.cuda.get_device_properties(device).total_memory / GIB
     budget = model_settings.vram_limit_gb
@@ -99,5 +96,5 @@ def make_plan(model_settings, device: torch.device | None = None) -> Plan:
         fp8_matmul=fp8,
         pinned=True,
         tiled_vae=not unlimited and budget < TILED_VAE_BELOW_GIB,
-        compile=getattr(model_settings, "compile", "auto"),
+        compile=model_settings.compile,
     )

@@ -27,6 +27,7 @@ from .streaming import Streamer
 
 log = logging.getLogger("fluxbot.engine")
 
+MODELS = ("dit", "text_encoder_1", "text_encoder_2", "vae_decoder")  # the pipeline parts we place
 ProgressFn = Callable[[int, int], None]
 CancelFn = Callable[[], bool]
 
@@ -117,6 +118,13 @@ class Engine:
         pipe.load_models_to_device = lambda names: None
         if plan.tiled_vae:
             _tile_vae_decoder(pipe.vae_decoder)
+        for name in MODELS:
+            offload.configure_linears(getattr(pipe, name), fp8_matmul=plan.fp8_matmul and name == "dit")
+        self.streamers = {
+            "dit": Streamer(plan.device, depth=4, wrap=True),       # wraps into the next step
+            "text_encoder_2": Streamer(plan.device, depth=2, wrap=False),
+            "text_encoder_1": Streamer(plan.device, depth=2, wrap=False),
+        }
         self._place()
         self.compiled = self._maybe_compile()
 
@@ -135,7 +143,7 @@ class Engine:
         plan = plan or make_plan(model_settings)
         log.info("loading %s from %s (%s)", preset, root, plan.describe())
         t0 = time.perf_counter()
-        pipe = build_pipeline(weights.model_files(root), plan, t5_fp8=getattr(model_settings, "t5_fp8", False))
+        pipe = build_pipeline(weights.model_files(root), plan, t5_fp8=model_settings.t5_fp8)
         engine = cls(pipe, plan, root, preset)
         log.info("model loaded in %.1f s", time.perf_counter() - t0)
         return engine
@@ -144,13 +152,6 @@ class Engine:
         plan, pipe = self.plan, self.pipe
         dit_bytes = None if plan.dit_resident_gib is None else int(plan.dit_resident_gib * GIB)
         text_bytes = None if plan.text_encoders_resident else 0
-        for name in ("dit", "text_encoder_1", "text_encoder_2", "vae_decoder"):
-            offload.configure_linears(getattr(pipe, name), fp8_matmul=plan.fp8_matmul and name == "dit")
-        self.streamers = {
-            "dit": Streamer(plan.device, depth=4, wrap=True),       # wraps into the next step
-            "text_encoder_2": Streamer(plan.device, depth=2, wrap=False),
-            "text_encoder_1": Streamer(plan.device, depth=2, wrap=False),
-        }
         self.placement = {
             "dit": offload.place(pipe.dit, dit_bytes, self.streamers["dit"], pinned=plan.pinned),
             "text_encoder_1": offload.place(pipe.text_encoder_1, text_bytes, self.streamers["text_encoder_1"],
@@ -192,7 +193,7 @@ class Engine:
         return time.perf_counter() - t0
 
     def _release(self) -> None:
-        for name in ("dit", "text_encoder_1", "text_encoder_2", "vae_decoder"):
+        for name in MODELS:
             offload.release(getattr(self.pipe, name))
         self.free_memory()
 
@@ -242,19 +243,17 @@ class Engine:
             )
         except torch.cuda.OutOfMemoryError as exc:
             self.free_memory()
-            raise GenerationOOM(
-                f"the GPU ran out of memory at {req.width}x{req.height} (budget "
-                f"{self.plan.budget_gib or 'unlimited'} GiB): {str(exc).splitlines()[0]}"
-            ) from None
+            budget = "unlimited" if self.plan.budget_gib is None else f"{self.plan.budget_gib:g} GiB"
+            raise GenerationOOM(f"the GPU ran out of memory at {req.width}x{req.height} (budget {budget}): "
+                                f"{str(exc).splitlines()[0]}") from None
         finally:
             for streamer in self.streamers.values():
                 streamer.flush()
             if not self.plan.keep_resident:
                 self._release()
-        end = time.perf_counter()
         if cuda:
             torch.cuda.synchronize(self.device)
-            end = time.perf_counter()
+        end = time.perf_counter()
         if "denoise" in marks:
             timings["text_encode_s"] = marks["denoise"] - marks["start"]
             timings["denoise_s"] = marks.get("decode", end) - marks["denoise"]
@@ -317,7 +316,7 @@ def build_pipeline(files: weights.ModelFiles, plan: Plan, *, t5_fp8: bool = Fals
             tokenizer_2_config=ModelConfig(path=str(files.tokenizer_2)),
         )
     log.debug("diffsynth: %s", chatter.getvalue())
-    for name in ("dit", "text_encoder_1", "text_encoder_2", "vae_decoder"):
+    for name in MODELS:
         if getattr(pipe, name) is None:
             raise RuntimeError(f"DiffSynth did not recognise the {name} file (unknown key layout)")
     return pipe
