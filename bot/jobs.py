@@ -133,8 +133,9 @@ class JobQueue:
             self._wake.set()
         return admission
 
-    def attach_message(self, job_id: int, message_id: int) -> None:
-        """Remember the message that shows this job's progress (also stored in the ledger)."""
+    async def attach_message(self, job_id: int, message_id: int) -> None:
+        """Record the message that shows this job's progress, in the ledger and in the queue."""
+        await self.store.set_progress_message(job_id, message_id)
         entry = self._entries.get(job_id)
         if entry is not None:
             entry.job = dataclasses.replace(entry.job, progress_message_id=message_id)
@@ -176,11 +177,9 @@ class JobQueue:
         return None
 
     # ------------------------------------------------------------------ cancel
-    async def cancel(self, user_id: int, job_id: int | None = None) -> tuple[CancelOutcome, JobRecord | None]:
-        """Cancel one of `user_id`'s jobs: the given one, else their newest waiting job, else their running one."""
+    async def cancel(self, user_id: int) -> tuple[CancelOutcome, JobRecord | None]:
+        """Cancel one of `user_id`'s jobs: their newest waiting job, else their running one."""
         mine = [e for e in self._entries.values() if e.job.user_id == user_id]
-        if job_id is not None:
-            mine = [e for e in mine if e.job.id == job_id]
         waiting = [e for e in mine if e is not self._running and e.job.status is JobStatus.QUEUED]
         if waiting:
             entry = max(waiting, key=lambda e: e.job.id)
@@ -209,6 +208,11 @@ class JobQueue:
             await coro
         except Exception:
             log.exception("could not tell Discord about %s", what)
+
+    async def _fail(self, job: JobRecord, error: str, reason: str | None = None) -> None:
+        """Record the failure (refunding the quota unit) and tell the member `reason` (default: `error`)."""
+        job = await self.store.mark_failed(job.id, error, refund=True)
+        await self._safe("a failure", self.delivery.failed(job, reason or error))
 
     async def _notify_positions(self, limit: int = 10) -> None:
         for pos, job in enumerate(self.waiting()[:limit], start=1):
@@ -269,13 +273,10 @@ class JobQueue:
         entry.job = job
         max_attempts = self.settings.jobs.max_attempts
         if job.attempts > max_attempts:
-            reason = f"it failed {max_attempts} times in a row, so it was given up"
-            job = await self.store.mark_failed(job.id, reason, refund=True)
-            await self._safe("a failure", self.delivery.failed(job, reason))
+            await self._fail(job, f"it failed {max_attempts} times in a row, so it was given up")
             return
         if self._engine is None:
-            job = await self.store.mark_failed(job.id, self._engine_error or "no model", refund=True)
-            await self._safe("a failure", self.delivery.failed(job, self._engine_error or "no model"))
+            await self._fail(job, self._engine_error or "no model")
             return
         self._running = entry
         self._spawn(self._notify_positions())
@@ -312,14 +313,12 @@ class JobQueue:
             await self._safe("a cancel", self.delivery.cancelled(job))
         except GenerationOOM as exc:
             log.error("job %d: %s", job.id, exc)
-            reason = "the GPU ran out of memory; your quota was refunded. Try fewer steps or a smaller size."
-            job = await self.store.mark_failed(job.id, str(exc), refund=True)
-            await self._safe("a failure", self.delivery.failed(job, reason))
+            await self._fail(job, str(exc), "the GPU ran out of memory; your quota was refunded. "
+                                            "Try fewer steps or a smaller size.")
         except Exception as exc:
             log.exception("job %d: generation failed", job.id)
-            reason = f"generation failed ({type(exc).__name__}); your quota was refunded"
-            job = await self.store.mark_failed(job.id, f"{type(exc).__name__}: {exc}", refund=True)
-            await self._safe("a failure", self.delivery.failed(job, reason))
+            await self._fail(job, f"{type(exc).__name__}: {exc}",
+                             f"generation failed ({type(exc).__name__}); your quota was refunded")
         return None
 
     def _on_progress(self, entry: _Entry, step: int, total: int) -> None:
@@ -341,10 +340,8 @@ class JobQueue:
         try:
             message_id = await self.delivery.deliver(job, Path(job.result_path))
         except Exception as exc:
-            if not isinstance(exc, DeliveryFailed):
-                log.exception("job %d: delivery failed", job.id)
-            else:
-                log.error("job %d: delivery failed: %s", job.id, exc)
+            # DeliveryFailed is an expected refusal (permissions, channel gone): no traceback.
+            log.error("job %d: delivery failed: %s", job.id, exc, exc_info=not isinstance(exc, DeliveryFailed))
             await self.store.mark_failed(job.id, f"delivery failed: {exc}", refund=True)
             return
         await self.store.mark_done(job.id, message_id)

@@ -50,7 +50,7 @@ async def enqueue(interaction: discord.Interaction, params: ImagineParams, origi
         await tell(interaction, messages.refusal(admission.status, admission.quota, bot.settings))
         return
     job = admission.job
-    bot.queue.delivery.remember_upload_limit(job.id, getattr(interaction, "filesize_limit", None))
+    bot.queue.delivery.remember_upload_limit(job.id, interaction.filesize_limit)
     try:
         await interaction.response.defer(thinking=True)
         position = bot.queue.position(job.id)
@@ -61,8 +61,7 @@ async def enqueue(interaction: discord.Interaction, params: ImagineParams, origi
         # (a followup or the channel). Telling the member "something went wrong" would be false.
         log.warning("job %d: could not show its queue position (%s); it stays queued", job.id, exc)
         return
-    await bot.store.set_progress_message(job.id, msg.id)
-    bot.queue.attach_message(job.id, msg.id)
+    await bot.queue.attach_message(job.id, msg.id)
 
 
 async def reroll(interaction: discord.Interaction, job_id: int) -> None:

@@ -7,6 +7,7 @@ channel as a message that mentions the requester.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import time
@@ -92,8 +93,7 @@ class DiscordDelivery:
             except discord.NotFound:
                 pass
         channel = await self._channel(job)
-        await channel.send(f"<@{job.user_id}> {text}",
-                           allowed_mentions=discord.AllowedMentions(users=[discord.Object(job.user_id)]))
+        await channel.send(f"<@{job.user_id}> {text}", allowed_mentions=messages.ping_only(job.user_id))
 
     async def find_delivered(self, job: JobRecord) -> int | None:
         """Did a result for this job already arrive? (crash between sending and recording)"""
@@ -125,10 +125,15 @@ class DiscordDelivery:
 
     async def deliver(self, job: JobRecord, image_path: Path) -> int | None:
         limit = self.upload_limits.pop(job.id, self.upload_limit)
-        data, ext = fit_upload(image_path.read_bytes(), limit)
+        # Reading and re-encoding a 1024x1024 image takes long enough to stall the event loop.
+        data, ext = await asyncio.to_thread(lambda: fit_upload(image_path.read_bytes(), limit))
         if ext != "png":
             log.info("job %d: PNG over the %d-byte upload limit; sent as %s", job.id, limit, ext)
         name = f"fluxbot-{job.id}-{job.seed}.{ext}"
+
+        def file() -> discord.File:  # a File is consumed by one request; each attempt needs its own
+            return discord.File(io.BytesIO(data), filename=name)
+
         embed = messages.result_embed(job)
         embed.set_image(url=f"attachment://{name}")
         webhook = self._webhook(job)
@@ -138,14 +143,14 @@ class DiscordDelivery:
                     try:
                         msg = await webhook.edit_message(
                             job.progress_message_id, content="", embed=embed,
-                            attachments=[discord.File(io.BytesIO(data), filename=name)],
+                            attachments=[file()],
                             view=result_view(job.id), allowed_mentions=messages.NO_PINGS)
                         return msg.id
                     except discord.NotFound as exc:
                         if exc.code != UNKNOWN_MESSAGE:
                             raise
                         log.info("job %d: progress message was deleted; posting the result anew", job.id)
-                msg = await webhook.send(embed=embed, file=discord.File(io.BytesIO(data), filename=name),
+                msg = await webhook.send(embed=embed, file=file(),
                                          view=result_view(job.id), allowed_mentions=messages.NO_PINGS, wait=True)
                 return msg.id
             except discord.NotFound as exc:
@@ -158,10 +163,9 @@ class DiscordDelivery:
         try:
             msg = await channel.send(
                 f"<@{job.user_id}> your image is ready.", embed=embed,
-                file=discord.File(io.BytesIO(data), filename=name), view=result_view(job.id),
+                file=file(), view=result_view(job.id),
                 nonce=f"fluxbot-{job.id}",  # Discord drops a repeat of this post (enforce_nonce)
-                allowed_mentions=discord.AllowedMentions(everyone=False, roles=False,
-                                                         users=[discord.Object(job.user_id)]))
+                allowed_mentions=messages.ping_only(job.user_id))
         except discord.Forbidden as exc:
             raise DeliveryFailed(f"missing permission to post in channel {job.channel_id}: {exc.text}") from None
         return msg.id
