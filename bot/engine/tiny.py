@@ -21,6 +21,7 @@ from diffsynth.models.general_modules import TimestepEmbeddings
 from transformers import T5Config, T5EncoderModel
 
 from . import layouts
+from .weights import DIT_FILE, FLUX_DIR, missing_files, model_files
 
 log = logging.getLogger("fluxbot.engine.tiny")
 
@@ -137,7 +138,7 @@ def _randomize(module: torch.nn.Module, gen: torch.Generator) -> dict[str, torch
     """Random weights with sane scales so activations stay finite through every layer."""
     out = {}
     for name, p in module.state_dict().items():
-        if name.endswith(("norm.weight", "scale")) or "norm" in name and name.endswith("weight") and p.dim() == 1:
+        if p.dim() == 1 and "norm" in name and name.endswith("weight"):  # norm scales start at one
             t = torch.ones_like(p)
         elif p.dim() == 1:
             t = torch.randn(p.shape, generator=gen) * 0.02
@@ -219,7 +220,6 @@ def build_state_dicts(seed: int = SEED) -> dict[str, dict[str, torch.Tensor]]:
     t5_file = layouts.t5_to_transformers(t5)
     keys = sorted(t5_file)
     half = len(keys) // 2
-    from .weights import DIT_FILE, FLUX_DIR
     return {
         DIT_FILE: layouts.dit_to_bfl(dit),
         f"{FLUX_DIR}/ae.safetensors": layouts.vae_to_bfl(enc, dec),
@@ -231,8 +231,6 @@ def build_state_dicts(seed: int = SEED) -> dict[str, dict[str, torch.Tensor]]:
 
 def write_tiny_model(root: Path, seed: int = SEED) -> Path:
     """Write the tiny model set under `root` in the real layout (idempotent). Returns root."""
-    from .weights import FLUX_DIR, missing_files
-
     root = Path(root)
     if not missing_files(root):
         return root
@@ -268,8 +266,6 @@ def register_with_diffsynth(root: Path) -> None:
     """Teach DiffSynth's model registry the tiny files' key/shape hashes (as it knows the real ones)."""
     from diffsynth.configs import MODEL_CONFIGS, VRAM_MANAGEMENT_MODULE_MAPS
     from diffsynth.core.loader import hash_model_file
-
-    from .weights import model_files
 
     files = model_files(Path(root))
     hashes = {
