@@ -53,8 +53,7 @@ def _page_lock(t: torch.Tensor) -> bool:
         return True
     cudart = torch.cuda.cudart()
     err = cudart.cudaHostRegister(ptr, size, 0)
-    if int(err) != 0:
-        torch.cuda.synchronize()  # clear the sticky-free error state of the failed call
+    if int(err) != 0:  # e.g. part of the range is registered already: the caller pins a copy instead
         return False
     _registered.add(ptr)
     return True
