@@ -28,6 +28,10 @@ def test_docker_config_loads(monkeypatch):
     assert str(settings.storage.database) == "/data/fluxbot.db"
 
 
-def test_console_script_is_declared():
-    text = (ROOT / "pyproject.toml").read_text()
-    assert 'fluxbot = "bot.cli:main"' in text
+def test_console_script_is_installed():
+    from importlib.metadata import entry_points
+
+    from bot.cli import main
+
+    [script] = entry_points(group="console_scripts", name="fluxbot")
+    assert script.load() is main
