@@ -270,6 +270,7 @@ class ModelSettings(_Section):
     vram_limit_gb: float | None = _opt(8.0, _vram)
     device: str = _opt("auto", _device)
     fp8_matmul: str = _opt("auto", _choice("auto", "on", "off"))
+    fast_accum: str = _opt("auto", _choice("auto", "on", "off"))
     keep_resident: str = _opt("auto", _choice("auto", "on", "off"))
     compile: str = _opt("auto", _choice("auto", "on", "off"))
     t5_fp8: bool = _opt(False, _bool)

@@ -66,7 +66,7 @@ def test_defaults_without_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert s.model == ModelSettings(dir=tmp_path / "models")
     assert s.model.preset == "majicflus"
     assert s.model.vram_limit_gb == 8.0
-    assert (s.model.device, s.model.fp8_matmul, s.model.keep_resident, s.model.compile) == ("auto",) * 4
+    assert (s.model.device, s.model.fp8_matmul, s.model.fast_accum, s.model.keep_resident, s.model.compile) == ("auto",) * 5
     assert s.model.t5_fp8 is False
     assert s.generation == GenerationSettings(
         default_steps=20, max_steps=50, width=1024, height=1024, max_prompt_chars=1000, guidance=3.5
@@ -103,6 +103,7 @@ FULL = """\
     vram_limit_gb = "auto"
     device = "cuda:1"
     fp8_matmul = "on"
+    fast_accum = "off"
     keep_resident = "off"
     compile = "off"
     t5_fp8 = true
@@ -147,6 +148,7 @@ def test_full_valid_file(tmp_path: Path) -> None:
             vram_limit_gb=None,
             device="cuda:1",
             fp8_matmul="on",
+            fast_accum="off",
             keep_resident="off",
             compile="off",
             t5_fp8=True,
@@ -222,6 +224,7 @@ BAD = [
     ("bad enum preset", "[model]\npreset = 'flux-dev'\n", ["[model] preset", "one of 'majicflus', 'tiny-random'", "got 'flux-dev'"]),
     ("bad enum lever", "[model]\ncompile = true\n", ["[model] compile", "one of 'auto', 'on', 'off'", "got True"]),
     ("bad enum fp8", "[model]\nfp8_matmul = 'yes'\n", ["[model] fp8_matmul", "'auto', 'on', 'off'"]),
+    ("bad enum fast accum", "[model]\nfast_accum = true\n", ["[model] fast_accum", "'auto', 'on', 'off'"]),
     ("bad device", "[model]\ndevice = 'gpu'\n", ["[model] device", "'auto', 'cuda', 'cpu', 'cuda:N'", "got 'gpu'"]),
     ("bad device index", "[model]\ndevice = 'cuda:x'\n", ["[model] device", "got 'cuda:x'"]),
     ("vram zero", "[model]\nvram_limit_gb = 0\n", ["[model] vram_limit_gb", "'auto' or a number of GiB > 0", "got 0"]),

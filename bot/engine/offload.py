@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import types
+from typing import Optional
 
 import torch
 from diffsynth.core.vram.layers import AutoTorchModule, AutoWrappedLinear, AutoWrappedModule
@@ -22,6 +23,7 @@ log = logging.getLogger("fluxbot.engine")
 FP8 = (torch.float8_e4m3fn,)
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
 SMALL_BYTES = 1 << 20
+MIN_ROWS = 16  # torch._scaled_mm wants at least this many rows
 
 
 def managed_modules(model: torch.nn.Module) -> list[AutoTorchModule]:
@@ -93,19 +95,26 @@ def _quantizer():
         return _quantize_rowwise
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ weight.T + bias with a real float8 matmul when the weight is stored in float8."""
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *,
+               fast_accum: bool = False) -> torch.Tensor:
+    """x @ weight.T + bias with a real float8 matmul when the weight is stored in float8.
+    `fast_accum`: the tensor cores' fast float8 accumulation (fewer promotions to fp32)."""
+    if weight.dtype not in FP8:
+        return torch.nn.functional.linear(x, weight, bias)
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    if weight.dtype not in FP8 or x2.shape[0] < 16:
-        # Tiny inputs (the timestep/guidance embedders) gain nothing from float8.
-        w = weight if weight.dtype not in FP8 else weight.to(x.dtype)
-        b = bias if bias is None or bias.dtype not in FP8 else bias.to(x.dtype)
-        return torch.nn.functional.linear(x, w, b)
+    rows = x2.shape[0]
+    if rows < MIN_ROWS:
+        # One row (the AdaLN modulation: 3 GB of weights a step) still goes through float8: padded,
+        # it reads the float8 weight once instead of casting a bf16 copy first (3x the traffic).
+        x2 = torch.nn.functional.pad(x2, (0, 0, 0, MIN_ROWS - rows))
     # Row-wise activation scales; the stored weights are plain float8 (scale 1).
     xq, scale_a = _quantizer()(x2)
     scale_b = torch.ones((1, weight.shape[0]), device=x.device, dtype=torch.float32)
-    out = torch._scaled_mm(xq, weight.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=x.dtype)
+    out = torch._scaled_mm(xq, weight.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=x.dtype,
+                           use_fast_accum=fast_accum)
+    if rows < MIN_ROWS:
+        out = out[:rows]
     if bias is not None:
         out = out + bias.to(x.dtype)  # row-wise scaling takes no fused bias in some torch releases
     return out.reshape(*shape[:-1], out.shape[-1])
@@ -116,23 +125,43 @@ def _fp8_ok(module: AutoWrappedLinear) -> bool:
     return module.in_features % 16 == 0 and module.out_features % 16 == 0
 
 
-def configure_linears(model: torch.nn.Module, *, fp8_matmul: bool) -> None:
+def configure_linears(model: torch.nn.Module, *, fp8_matmul: bool, fast_accum: bool = False) -> None:
     for m in managed_modules(model):
         if isinstance(m, AutoWrappedLinear):
             m.keep_fp8 = fp8_matmul and _fp8_ok(m) and m.preparing_dtype in FP8
             m.cast_to = types.MethodType(_fast_cast_to, m)
             if m.keep_fp8:
-                m.linear_forward = fp8_linear  # an instance attribute: called as linear_forward(x, w, b)
+                # an instance attribute: called as linear_forward(x, w, b)
+                m.linear_forward = functools.partial(fp8_linear, fast_accum=fast_accum)
+
+
+def _run_streamed_linear(layer: AutoWrappedLinear, x: torch.Tensor) -> torch.Tensor:
+    tensors = layer._streamer.fetch(layer)
+    weight = tensors[0]
+    bias = tensors[1] if len(tensors) > 1 else None
+    if not (layer.keep_fp8 and weight.dtype in FP8):
+        weight = weight.to(layer.computation_dtype)
+        bias = None if bias is None else bias.to(layer.computation_dtype)
+    return layer.linear_forward(x, weight, bias)
+
+
+_streamed_layers: dict[int, AutoWrappedLinear] = {}  # host weight address -> its streamed layer
+
+
+@torch.library.custom_op("fluxbot::streamed_linear", mutates_args=())
+def streamed_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """A streamed layer's forward as one opaque op: torch.compile fuses everything around it
+    in the block and calls it as it is, instead of tracing the streaming code (graph breaks)."""
+    return _run_streamed_linear(_streamed_layers[weight.data_ptr()], x)
+
+
+@streamed_linear.register_fake
+def _(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 def _streamed_linear_forward(self, x, *args, **kwargs):
-    tensors = self._streamer.fetch(self)
-    weight = tensors[0]
-    bias = tensors[1] if len(tensors) > 1 else None
-    if not (self.keep_fp8 and weight.dtype in FP8):
-        weight = weight.to(self.computation_dtype)
-        bias = None if bias is None else bias.to(self.computation_dtype)
-    return self.linear_forward(x, weight, bias)
+    return streamed_linear(x, self.weight, self.bias)
 
 
 def _streamed_module_forward(self, *args, **kwargs):
@@ -153,6 +182,7 @@ def _stream(m: AutoTorchModule, streamer) -> None:
     m._streamer = streamer
     if isinstance(m, AutoWrappedLinear):
         m._stream_sources = [m.weight] + ([m.bias] if m.bias is not None else [])
+        _streamed_layers[m.weight.data_ptr()] = m
         m.forward = types.MethodType(_streamed_linear_forward, m)
     else:
         m._stream_targets = list(_own_tensors(m))
@@ -160,22 +190,82 @@ def _stream(m: AutoTorchModule, streamer) -> None:
         m.forward = types.MethodType(_streamed_module_forward, m)
 
 
-def place(model: torch.nn.Module, resident_bytes: int | None, streamer=None, *,
-          pinned: bool = False) -> tuple[int, int]:
-    """Put the first `resident_bytes` of the model's layers on the GPU for good; stream the rest
-    through `streamer` (from pinned host memory when `pinned`). `None` keeps everything resident.
-    Returns (resident bytes, streamed bytes).
+def _group(name: str) -> str:
+    """The repeated block a layer belongs to ("single_blocks.7", "encoder.block.3"), else the
+    layer's own name."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[:i + 1])
+    return name
+
+
+def choose_resident(sizes: list[tuple[str, int, bool]], resident_bytes: int) -> set[str]:
+    """Which groups stay on the GPU. `sizes` lists (group, bytes, is_block) in execution order.
+
+    Loose layers (embedders, final layers) come first while they fit. The blocks that fit the rest
+    are spread evenly between the streamed ones: while a resident block computes, the copy engine
+    fetches the next streamed one, so the transfers hide behind compute. (Resident blocks first and
+    streamed ones after would leave the copy engine idle for the first part of every step.)
     """
-    resident = streamed = 0
-    for m in managed_modules(model):
+    keep: set[str] = set()
+    left = resident_bytes
+    for group, size, is_block in sizes:
+        if not is_block and size <= left:
+            keep.add(group)
+            left -= size
+    blocks = [(g, size) for g, size, is_block in sizes if is_block]
+    total = sum(size for _, size in blocks)
+    share = min(1.0, left / total) if total else 0.0
+    seen = kept = 0
+    for group, size in blocks:
+        seen += size
+        target = share * seen
+        # Keep the block when that brings the resident bytes closer to their even share.
+        if kept + size <= left and abs(kept + size - target) <= abs(kept - target):
+            keep.add(group)
+            kept += size
+    return keep
+
+
+def place(model: torch.nn.Module, resident_bytes: int | None, streamer=None, *,
+          pinned: bool = False, per_job: frozenset[int] = frozenset()) -> tuple[int, int, int]:
+    """Keep about `resident_bytes` of the model's layers on the GPU for good, in whole blocks spread
+    through the model; stream the rest through `streamer` (from pinned host memory when `pinned`).
+    `None` keeps everything resident. Layers in `per_job` (module ids) run once per job: under a
+    budget they stay in host memory and are copied in when called, taking no resident space.
+    Returns (resident bytes, bytes streamed every step, bytes copied once per job).
+    """
+    layers = []
+    for name, m in model.named_modules():
+        if not isinstance(m, AutoTorchModule):
+            continue
         size = nbytes(m, m.preparing_dtype if isinstance(m.preparing_dtype, torch.dtype) else None)
         small = isinstance(m, AutoWrappedModule) and size < SMALL_BYTES  # a norm: not worth a copy
         if small and isinstance(m.computation_dtype, torch.dtype):
             # Keep norms in the compute dtype: no per-call module copy, and nothing lost to float8.
             m.offload_dtype = m.onload_dtype = m.preparing_dtype = m.computation_dtype
             size = nbytes(m, m.computation_dtype)
+        layers.append((_group(name), m, size, small))
+    always = sum(size for _, _, size, small in layers if small)
+    limited = resident_bytes is not None and streamer is not None
+    if not limited:
+        keep = {group for group, *_ in layers}
+    else:
+        groups: dict[str, int] = {}
+        for group, m, size, small in layers:
+            groups[group] = groups.get(group, 0) + (0 if small or id(m) in per_job else size)
+        sizes = [(g, size, g.rsplit(".", 1)[-1].isdigit()) for g, size in groups.items()]
+        keep = choose_resident(sizes, max(0, resident_bytes - always))
+    resident = streamed = once = 0
+    for group, m, size, small in layers:
         m.onload()
-        if resident_bytes is None or resident + size <= resident_bytes or streamer is None or small:
+        if limited and id(m) in per_job and not small:
+            m.vram_limit = 0  # never "prepare": DiffSynth's forward copies the weight in per call
+            if pinned:
+                pin(m)
+            once += size
+        elif small or group in keep:
             m.preparing()
             m.vram_limit = None
             resident += size
@@ -185,7 +275,7 @@ def place(model: torch.nn.Module, resident_bytes: int | None, streamer=None, *,
                 pin(m)
             _stream(m, streamer)
             streamed += size
-    return resident, streamed
+    return resident, streamed, once
 
 
 def release(model: torch.nn.Module) -> None:

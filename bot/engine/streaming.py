@@ -1,32 +1,52 @@
 """Stream weights that do not fit the budget, overlapping the copies with compute.
 
-Layers are recorded in the order they first run. From then on, when layer i runs, the weights of
-layers i+1..i+depth are already being copied host->GPU on a side CUDA stream (from pinned memory),
-so the copy engine works while the SMs compute. On the CPU the same code runs without streams
-(it is what the tests exercise).
+Layers are recorded in the order they first run. From then on, when a layer runs, the layers after
+it are already being copied host->GPU on a side CUDA stream (from pinned memory), up to `window`
+bytes ahead, so the copy engine works while the SMs compute. Streamed layers are spread between
+resident ones (see `offload.place`), so there is compute to hide every copy behind.
+
+The CPU runs ahead of the GPU; weights it has handed out but the GPU has not used yet also hold
+memory. Once those pass `window` bytes, `fetch` waits for the GPU, so the streamed weights on the
+card stay under twice the window whatever the CPU does. On the CPU the same code runs without
+streams (it is what the tests exercise).
 """
 
 from __future__ import annotations
 
+from collections import deque
+
 import torch
+
+MIB = 1024**2
 
 
 class Streamer:
-    def __init__(self, device: torch.device, *, depth: int = 3, wrap: bool = True):
+    def __init__(self, device: torch.device, *, window: int = 512 * MIB, wrap: bool = True):
         self.device = device
-        self.depth = depth
+        self.window = window
         self.wrap = wrap  # also prefetch the first layers once the last one ran (next denoising step)
         self.cuda = device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         self.order: list = []
         self.position: dict[int, int] = {}
+        self.sizes: dict[int, int] = {}
         self.recording = True
         self.pending: dict[int, tuple[list[torch.Tensor], object]] = {}
+        self.pending_bytes = 0
+        self.handed_out: deque[tuple[object, int]] = deque()  # (event after its use, bytes)
+        self.handed_out_bytes = 0
+        self.last_fetched = 0
         self.copied_bytes = 0
 
+    def _size(self, layer) -> int:
+        key = id(layer)
+        if key not in self.sizes:
+            self.sizes[key] = sum(t.numel() * t.element_size() for t in layer._stream_sources)
+        return self.sizes[key]
+
     def _copy(self, layer) -> tuple[list[torch.Tensor], object]:
+        self.copied_bytes += self._size(layer)
         sources = layer._stream_sources
-        self.copied_bytes += sum(t.numel() * t.element_size() for t in sources)
         if not self.cuda:
             return [t.to(self.device) for t in sources], None
         with torch.cuda.stream(self.copy_stream):
@@ -35,37 +55,64 @@ class Streamer:
             event.record(self.copy_stream)
         return out, event
 
+    def _throttle(self, current) -> None:
+        """Everything enqueued so far used the previously fetched layer: mark that point, and wait
+        for the GPU while the CPU holds more than a window of handed-out weights."""
+        if self.last_fetched:
+            event = torch.cuda.Event()
+            event.record(current)
+            self.handed_out.append((event, self.last_fetched))
+            self.handed_out_bytes += self.last_fetched
+        while self.handed_out_bytes > self.window:
+            event, size = self.handed_out.popleft()
+            event.synchronize()
+            self.handed_out_bytes -= size
+
     def fetch(self, layer) -> list[torch.Tensor]:
         """The layer's tensors on the device, ready to use on the current stream."""
         key = id(layer)
-        if self.recording:
-            if key in self.position:
-                self.recording = False  # one full pass seen: the order is known
-            else:
-                self.position[key] = len(self.order)
-                self.order.append(layer)
-        tensors, event = self.pending.pop(key, None) or self._copy(layer)
+        if key not in self.position:  # first use (a layer may first run after the order is known)
+            self.position[key] = len(self.order)
+            self.order.append(layer)
+        elif self.recording:
+            self.recording = False  # a layer ran again: the order is known
+        hit = self.pending.pop(key, None)
+        if hit is not None:
+            self.pending_bytes -= self._size(layer)
+        tensors, event = hit or self._copy(layer)
         if self.cuda:
             current = torch.cuda.current_stream(self.device)
+            self._throttle(current)
             current.wait_event(event)
             for t in tensors:
                 t.record_stream(current)  # allocated on the copy stream, used here
+        self.last_fetched = self._size(layer)
         if not self.recording:
             self._prefetch_after(self.position[key])
         return tensors
 
     def _prefetch_after(self, index: int) -> None:
+        """Queue copies of the layers after `index` while they fit the window (at least one)."""
         n = len(self.order)
-        for step in range(1, self.depth + 1):
+        for step in range(1, n):
             j = index + step
             if j >= n:
                 if not self.wrap:
                     break
                 j %= n
             nxt = self.order[j]
-            if id(nxt) not in self.pending:
-                self.pending[id(nxt)] = self._copy(nxt)
+            if id(nxt) in self.pending:
+                continue
+            size = self._size(nxt)
+            if self.pending and self.pending_bytes + size > self.window:
+                break
+            self.pending[id(nxt)] = self._copy(nxt)
+            self.pending_bytes += size
 
     def flush(self) -> None:
         """Drop prefetched copies (end of a job: their memory goes back to the budget)."""
         self.pending.clear()
+        self.pending_bytes = 0
+        self.handed_out.clear()
+        self.handed_out_bytes = 0
+        self.last_fetched = 0
