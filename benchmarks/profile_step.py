@@ -18,6 +18,33 @@ from bot.config import ModelSettings  # noqa: E402
 from bot.engine.pipeline import Engine, GenerationRequest  # noqa: E402
 
 
+def _union(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+def busy_summary(prof) -> str:
+    """How much of the profiled window the SMs (kernels) and the copy engine (host->device
+    copies) were busy: tells a compute-bound step from a transfer-bound one, and shows idle gaps."""
+    kernels, copies = [], []
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        span = (e.time_range.start, e.time_range.end)
+        (copies if "Memcpy HtoD" in e.name else kernels).append(span)
+    if not kernels:
+        return "no CUDA activity recorded"
+    spans = kernels + copies
+    window = max(b for _, b in spans) - min(a for a, _ in spans)
+    k, c = _union(kernels), _union(copies)
+    return (f"window {window / 1e3:.1f} ms: kernels busy {k / 1e3:.1f} ms ({100 * k / window:.0f}%), "
+            f"host->device copies busy {c / 1e3:.1f} ms ({100 * c / window:.0f}%)")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--weights", type=Path, required=True)
@@ -42,6 +69,9 @@ def main() -> int:
         steps["n"] = i
     engine.generate(GenerationRequest("profile two", seed=2, steps=4, width=1024, height=1024), on_progress=on_progress)
     a.out.mkdir(parents=True, exist_ok=True)
+    summary = busy_summary(prof)
+    print(summary)
+    (a.out / f"busy_{a.budget}.txt").write_text(summary + "\n")
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
     (a.out / f"profile_{a.budget}.txt").write_text(table)
     print(table[:6000])
