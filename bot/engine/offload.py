@@ -85,14 +85,9 @@ def _quantize_rowwise(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return xq, scale
 
 
-@functools.cache
-def _quantizer():
-    """One fused kernel instead of five passes over the activations (they cost more than fp8 saves)."""
-    try:
-        return torch.compile(_quantize_rowwise, dynamic=True, fullgraph=True)
-    except Exception:  # no compiler backend: correct, just slower
-        log.warning("torch.compile unavailable: float8 activation quantization runs unfused")
-        return _quantize_rowwise
+# One fused kernel instead of five passes over the activations (they cost more than float8
+# saves). Compiled lazily, on first use; inside compiled blocks dynamo inlines it.
+_quantize = torch.compile(_quantize_rowwise, dynamic=True, fullgraph=True)
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *,
@@ -109,7 +104,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         # it reads the float8 weight once instead of casting a bf16 copy first (3x the traffic).
         x2 = torch.nn.functional.pad(x2, (0, 0, 0, MIN_ROWS - rows))
     # Row-wise activation scales; the stored weights are plain float8 (scale 1).
-    xq, scale_a = _quantizer()(x2)
+    xq, scale_a = _quantize(x2)
     scale_b = torch.ones((1, weight.shape[0]), device=x.device, dtype=torch.float32)
     out = torch._scaled_mm(xq, weight.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=x.dtype,
                            use_fast_accum=fast_accum)

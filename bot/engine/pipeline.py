@@ -151,7 +151,8 @@ class Engine:
         if plan.device.type == "cuda" and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
             # Grow allocator segments in place instead of caching fixed blocks: under a budget the
             # reserved memory stays near what is really allocated (measured: 6.13 of 6.33 GiB).
-            torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+            setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)  # torch >= 2.10
+            (setter or torch.cuda.memory._set_allocator_settings)("expandable_segments:True")
         t0 = time.perf_counter()
         pipe = build_pipeline(weights.model_files(root), plan, t5_fp8=model_settings.t5_fp8)
         engine = cls(pipe, plan, root, preset)
