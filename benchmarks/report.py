@@ -15,7 +15,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]
-FIELDS = ["system", "setup", "budget_gb", "card", "ok", "sec_per_image", "sec_per_step", "text_encode_s", "vae_s",
+FIELDS = ["system", "setup", "budget_gb", "allocator_capped", "card", "ok", "sec_per_image", "sec_per_step", "text_encode_s", "vae_s",
           "peak_vram_gib", "peak_reserved_gib", "peak_process_gib", "peak_host_gib", "date", "torch", "diffsynth",
           "images", "error"]
 COLORS = {"ours": (124, 92, 255), "seed-diffsynth": (230, 140, 60), "diffusers": (70, 160, 120)}
@@ -27,7 +27,9 @@ def load(paths: list[Path]) -> list[dict]:
         rec = json.loads(p.read_text())
         out.append({k: rec.get(k) for k in FIELDS if k in rec or k in ("error",)})
     order = {"ours": 0, "seed-diffsynth": 1, "diffusers": 2}
-    return sorted(out, key=lambda r: (r["budget_gb"] is None, r["budget_gb"] or 0, order.get(r["system"], 9)))
+    # An uncapped run of a setup (its time where it does not fit) comes after the capped one.
+    return sorted(out, key=lambda r: (r["budget_gb"] is None, r["budget_gb"] or 0, order.get(r["system"], 9),
+                                      r.get("allocator_capped") is False))
 
 
 def chart(records: list[dict], path: Path) -> None:
