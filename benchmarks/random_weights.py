@@ -11,7 +11,6 @@ only token ids matter for speed and T5 always sees 512 padded tokens.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -71,10 +70,8 @@ def write_full_size(root: Path, device: str = "cuda") -> Path:
     _save(layouts.vae_to_bfl(_random(enc, device, torch.bfloat16), _random(dec, device, torch.bfloat16)),
           flux / "ae.safetensors")
     # tokenizers: the tiny ones
-    tiny_root = root / "_tiny_tok"
     tiny._write_clip_tokenizer(flux / "tokenizer")
     tiny._write_t5_tokenizer(flux / "tokenizer_2")
-    shutil.rmtree(tiny_root, ignore_errors=True)
     print(f"wrote full-size random weights to {root} in {time.perf_counter() - t0:.1f} s", flush=True)
     return root
 
@@ -83,4 +80,5 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("out", type=Path)
     ap.add_argument("--device", default="cuda")
-    write_full_size(ap.parse_args().out, ap.parse_args().device)
+    args = ap.parse_args()
+    write_full_size(args.out, args.device)

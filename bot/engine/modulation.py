@@ -17,6 +17,8 @@ from typing import Optional
 import torch
 from diffsynth.core.vram.layers import AutoWrappedLinear
 
+from . import offload
+
 MODULATION_NORMS = ("AdaLayerNorm", "AdaLayerNormSingle", "AdaLayerNormContinuous")
 
 
@@ -26,14 +28,11 @@ def modulation_layers(dit: torch.nn.Module) -> dict[str, AutoWrappedLinear]:
             if type(module).__name__ in MODULATION_NORMS and isinstance(getattr(module, "linear", None), AutoWrappedLinear)}
 
 
-_by_address: dict[int, AutoWrappedLinear] = {}  # weight address -> its modulation layer
-
-
 @torch.library.custom_op("fluxbot::modulation", mutates_args=())
 def modulation(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """A modulation layer's forward as one opaque op: compiled blocks call it as it is, so the
     step's row can come from the table without dynamo seeing (and specialising on) the step."""
-    layer = _by_address[weight.data_ptr()]
+    layer = offload.layer_by_weight(weight)
     return layer._modulations.output(layer, x)
 
 
@@ -62,7 +61,6 @@ class Modulations:
         self.rows: dict[int, torch.Tensor] | None = None
         self.key: tuple | None = None   # the pooled prompt and guidance the table was made for
         self.step = 0
-        self._addresses: dict[int, int] = {}
         for layer in self.layers:
             layer._modulations = self
             layer._direct_forward = types.MethodType(_direct_forward, layer)
@@ -71,11 +69,7 @@ class Modulations:
     def register(self) -> None:
         """Map each layer's current weight address to it (call again after weights move)."""
         for layer in self.layers:
-            old = self._addresses.pop(id(layer), None)
-            if old is not None and _by_address.get(old) is layer:
-                del _by_address[old]
-            _by_address[layer.weight.data_ptr()] = layer
-            self._addresses[id(layer)] = layer.weight.data_ptr()
+            offload.register_by_weight(layer)
 
     @torch.no_grad()
     def prepare(self, timesteps: torch.Tensor, pooled_prompt_emb: torch.Tensor,

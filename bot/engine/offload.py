@@ -11,14 +11,11 @@ float8 from pinned memory and are cast on the GPU (half the bytes of bf16, no CP
 from __future__ import annotations
 
 import functools
-import logging
 import types
 from typing import Optional
 
 import torch
 from diffsynth.core.vram.layers import AutoTorchModule, AutoWrappedLinear, AutoWrappedModule
-
-log = logging.getLogger("fluxbot.engine")
 
 FP8 = (torch.float8_e4m3fn,)
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
@@ -140,14 +137,29 @@ def _run_streamed_linear(layer: AutoWrappedLinear, x: torch.Tensor) -> torch.Ten
     return layer.linear_forward(x, weight, bias)
 
 
-_streamed_layers: dict[int, AutoWrappedLinear] = {}  # host weight address -> its streamed layer
+# The custom ops below (and in modulation.py) receive a layer's weight, not the layer: they find
+# the layer by its weight's address.
+_layer_by_weight: dict[int, AutoWrappedLinear] = {}
+
+
+def register_by_weight(layer: AutoWrappedLinear) -> None:
+    """Make `layer_by_weight(layer.weight)` find the layer; call again after the weight moved."""
+    old = getattr(layer, "_weight_address", None)
+    if old is not None and _layer_by_weight.get(old) is layer:
+        del _layer_by_weight[old]
+    layer._weight_address = layer.weight.data_ptr()
+    _layer_by_weight[layer._weight_address] = layer
+
+
+def layer_by_weight(weight: torch.Tensor) -> AutoWrappedLinear:
+    return _layer_by_weight[weight.data_ptr()]
 
 
 @torch.library.custom_op("fluxbot::streamed_linear", mutates_args=())
 def streamed_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """A streamed layer's forward as one opaque op: torch.compile fuses everything around it
     in the block and calls it as it is, instead of tracing the streaming code (graph breaks)."""
-    return _run_streamed_linear(_streamed_layers[weight.data_ptr()], x)
+    return _run_streamed_linear(layer_by_weight(weight), x)
 
 
 @streamed_linear.register_fake
@@ -177,7 +189,7 @@ def _stream(m: AutoTorchModule, streamer) -> None:
     m._streamer = streamer
     if isinstance(m, AutoWrappedLinear):
         m._stream_sources = [m.weight] + ([m.bias] if m.bias is not None else [])
-        _streamed_layers[m.weight.data_ptr()] = m
+        register_by_weight(m)
         m.forward = types.MethodType(_streamed_linear_forward, m)
     else:
         m._stream_targets = list(_own_tensors(m))
