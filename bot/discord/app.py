@@ -13,7 +13,7 @@ from ..store import Store
 from . import messages
 from .commands import build_commands, on_tree_error
 from .delivery import DiscordDelivery
-from .views import DeleteButton, RerollButton, answer_stray_component
+from .views import JobButton, answer_stray_component
 
 log = logging.getLogger("fluxbot.discord")
 
@@ -36,7 +36,7 @@ class FluxBot(commands.Bot):
         for command in build_commands(s):
             self.tree.add_command(command)
         self.tree.on_error = on_tree_error
-        self.add_dynamic_items(RerollButton, DeleteButton)
+        self.add_dynamic_items(JobButton)
         await self.queue.start()
         await self.sync_commands()
 

@@ -8,45 +8,39 @@ import re
 import discord
 
 from . import messages
+from .commands import delete_result, reroll
 
 log = logging.getLogger("fluxbot.discord")
 PREFIX = "fluxbot:"
 
 
-class RerollButton(discord.ui.DynamicItem[discord.ui.Button], template=r"fluxbot:reroll:(?P<job_id>[0-9]+)"):
-    def __init__(self, job_id: int):
-        super().__init__(discord.ui.Button(label="Re-roll", emoji="🎲", style=discord.ButtonStyle.primary,
-                                           custom_id=f"{PREFIX}reroll:{job_id}"))
+class JobButton(discord.ui.DynamicItem[discord.ui.Button],
+                template=rf"{PREFIX}(?P<action>reroll|delete):(?P<job_id>[0-9]+)"):
+    """Re-roll or Delete on a result; the action and the job id live in the custom id."""
+
+    LOOKS = {"reroll": ("Re-roll", "🎲", discord.ButtonStyle.primary),
+             "delete": ("Delete", "🗑️", discord.ButtonStyle.secondary)}
+
+    def __init__(self, action: str, job_id: int):
+        label, emoji, style = self.LOOKS[action]
+        super().__init__(discord.ui.Button(label=label, emoji=emoji, style=style,
+                                           custom_id=f"{PREFIX}{action}:{job_id}"))
+        self.action = action
         self.job_id = job_id
 
     @classmethod
     async def from_custom_id(cls, interaction, item, match: re.Match[str]):
-        return cls(int(match["job_id"]))
+        return cls(match["action"], int(match["job_id"]))
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        from .commands import reroll
-        await reroll(interaction, self.job_id)
-
-
-class DeleteButton(discord.ui.DynamicItem[discord.ui.Button], template=r"fluxbot:delete:(?P<job_id>[0-9]+)"):
-    def __init__(self, job_id: int):
-        super().__init__(discord.ui.Button(label="Delete", emoji="🗑️", style=discord.ButtonStyle.secondary,
-                                           custom_id=f"{PREFIX}delete:{job_id}"))
-        self.job_id = job_id
-
-    @classmethod
-    async def from_custom_id(cls, interaction, item, match: re.Match[str]):
-        return cls(int(match["job_id"]))
-
-    async def callback(self, interaction: discord.Interaction) -> None:
-        from .commands import delete_result
-        await delete_result(interaction, self.job_id)
+        handler = reroll if self.action == "reroll" else delete_result
+        await handler(interaction, self.job_id)
 
 
 def result_view(job_id: int) -> discord.ui.View:
     view = discord.ui.View(timeout=None)
-    view.add_item(RerollButton(job_id))
-    view.add_item(DeleteButton(job_id))
+    view.add_item(JobButton("reroll", job_id))
+    view.add_item(JobButton("delete", job_id))
     return view
 
 
@@ -60,7 +54,7 @@ async def answer_stray_component(interaction: discord.Interaction) -> None:
     on_message = {getattr(child, "custom_id", None)
                   for row in (interaction.message.components if interaction.message else [])
                   for child in getattr(row, "children", [row])}
-    if custom_id in on_message and re.fullmatch(r"fluxbot:(reroll|delete):[0-9]+", custom_id):
+    if custom_id in on_message and JobButton.__discord_ui_compiled_template__.fullmatch(custom_id):
         return  # a dynamic item handles it (discord.py ignores ids that are not on the message)
     await interaction.response.send_message("This button is no longer active.", ephemeral=True,
                                             allowed_mentions=messages.NO_PINGS)
