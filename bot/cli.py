@@ -15,8 +15,8 @@ import threading
 import time
 from pathlib import Path
 
-from .config import ConfigError, Settings, load_settings
-from .logs import add_secret, redact, setup_logging
+from .config import ConfigError, ModelSettings, Settings, load_settings
+from .logs import redact, setup_logging
 
 log = logging.getLogger("fluxbot")
 DEFAULT_CONFIG = Path("config.toml")
@@ -49,12 +49,8 @@ def cmd_run(args) -> int:
     settings, path = _load(args.config, require_token=True)
     token = settings.discord.token.get()
     setup_logging(args.log_level, secrets=[token])
-    add_secret(token)
-    root = weights.preset_root(settings.model.preset, settings.model.dir)
-    if settings.model.preset != "tiny-random":
-        missing = weights.missing_files(root)
-        if missing:
-            return _fail(str(weights.MissingWeightsError(root, missing, str(path or ""))))
+    # Before connecting to Discord: missing weights fail the start (main() prints which files).
+    weights.require(settings.model.preset, settings.model.dir, str(path or ""))
 
     def load_engine():
         engine = Engine.load(settings.model, config_hint=str(path or ""))
@@ -129,6 +125,7 @@ def cmd_generate(args) -> int:
 
 # --------------------------------------------------------------------------- doctor
 def cmd_doctor(args) -> int:
+    import numpy as np
     import torch
 
     from .engine import weights
@@ -147,9 +144,9 @@ def cmd_doctor(args) -> int:
         props = torch.cuda.get_device_properties(0)
         row("gpu", "PASS", f"{props.name}, {props.total_memory / 1024**3:.1f} GiB, "
                            f"compute {props.major}.{props.minor}")
-        row("fp8 matmul", "PASS" if fp8_matmul_supported(torch.device("cuda", 0)) else "INFO",
-            "available (Ada/Hopper)" if fp8_matmul_supported(torch.device("cuda", 0))
-            else "not on this card: float8 storage with bf16 compute")
+        fp8 = fp8_matmul_supported(torch.device("cuda", 0))
+        row("fp8 matmul", "PASS" if fp8 else "INFO",
+            "available (Ada/Hopper)" if fp8 else "not on this card: float8 storage with bf16 compute")
     else:
         row("gpu", "WARN", "no CUDA GPU visible: the real model would run on the CPU (very slow)")
     settings = None
@@ -173,11 +170,8 @@ def cmd_doctor(args) -> int:
                 from .store import Store
 
                 async def check():
-                    store = await Store.open(db, default_daily_limit=settings.quota.daily_limit)
-                    try:
+                    async with await Store.open(db, default_daily_limit=settings.quota.daily_limit) as store:
                         return await store.integrity_ok(), await store.schema_version()
-                    finally:
-                        await store.close()
                 ok, version = asyncio.run(check())
                 row("database", "PASS" if ok else "FAIL", f"{db} (schema v{version}, integrity {'ok' if ok else 'FAILED'})")
             except Exception as exc:
@@ -185,14 +179,13 @@ def cmd_doctor(args) -> int:
         else:
             row("database", "PASS", f"{db} (will be created on first run)")
     try:
-        from .config import ModelSettings
         with tempfile.TemporaryDirectory() as tmp:
             tiny = ModelSettings(preset="tiny-random", dir=Path(tmp))
             t0 = time.perf_counter()
             engine = Engine.load(tiny)
             res = engine.generate(GenerationRequest("doctor check", seed=1, steps=2, width=256, height=256))
             row("tiny generation", "PASS", f"256x256, 2 steps on {engine.device} in {time.perf_counter() - t0:.1f} s "
-                                           f"(image std {__import__('numpy').asarray(res.image).std():.1f})")
+                                           f"(image std {np.asarray(res.image).std():.1f})")
     except Exception as exc:
         row("tiny generation", "FAIL", f"{type(exc).__name__}: {exc}")
     width = max(len(r[0]) for r in rows)
@@ -224,11 +217,8 @@ def cmd_db_backup(args) -> int:
     settings, _ = _load(args.config)
 
     async def backup():
-        store = await Store.open(settings.storage.database, default_daily_limit=settings.quota.daily_limit)
-        try:
+        async with await Store.open(settings.storage.database, default_daily_limit=settings.quota.daily_limit) as store:
             await store.backup(args.path)
-        finally:
-            await store.close()
     asyncio.run(backup())
     print(f"backed up {settings.storage.database} to {args.path}")
     return 0

@@ -138,14 +138,11 @@ class Engine:
     @classmethod
     def load(cls, model_settings, *, config_hint: str = "", plan: Plan | None = None) -> "Engine":
         preset = model_settings.preset
-        root = weights.preset_root(preset, model_settings.dir)
+        root = weights.require(preset, model_settings.dir, config_hint)
         if preset == "tiny-random":
             from . import tiny
             tiny.write_tiny_model(root)
             tiny.register_with_diffsynth(root)
-        missing = weights.missing_files(root)
-        if missing:
-            raise weights.MissingWeightsError(root, missing, config_hint)
         plan = plan or make_plan(model_settings)
         log.info("loading %s from %s (%s)", preset, root, plan.describe())
         if plan.device.type == "cuda" and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:

@@ -98,6 +98,17 @@ def preset_root(preset: str, model_dir: Path) -> Path:
     return Path(model_dir) / TINY_SUBDIR if preset == "tiny-random" else Path(model_dir)
 
 
+def require(preset: str, model_dir: Path, config_hint: str = "") -> Path:
+    """The preset's weight folder; raises MissingWeightsError naming every absent file.
+    The tiny-random preset is written on first use, so it is never missing."""
+    root = preset_root(preset, model_dir)
+    if preset != "tiny-random":
+        missing = missing_files(root)
+        if missing:
+            raise MissingWeightsError(root, missing, config_hint)
+    return root
+
+
 def download(model_dir: Path, *, snapshot_download=None) -> list[str]:
     """Fetch exactly the needed files through modelscope into `model_dir`.
 
