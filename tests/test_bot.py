@@ -253,6 +253,7 @@ async def test_failure_refunds_and_the_next_job_still_runs(fake, settings, engin
         bad = await imagine(fake, ALICE, prompt="please explode")
         msg = await bad.wait_original(lambda m: "Could not paint" in m["content"])
         assert "refunded" in msg["content"]
+        assert engine.calls.count("please explode") == 1  # a failed generation is not tried again
         oom = await imagine(fake, ALICE, prompt="a hungry model")
         msg = await oom.wait_original(lambda m: "Could not paint" in m["content"])
         assert "ran out of memory" in msg["content"]

@@ -24,6 +24,7 @@ def test_generates_an_image_of_the_requested_size(tiny_engine):
     assert img.std() > 10, "a flat image means the pipeline produced nothing"
     assert np.isfinite(img).all()
     assert res.seconds > 0
+    assert not tiny_engine.compiled  # [model] compile = "auto" is off on the CPU
 
 
 def test_same_seed_same_pixels_other_seed_differs(tiny_engine):

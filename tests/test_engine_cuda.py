@@ -44,8 +44,6 @@ def test_streamed_compiled_engine_paints_what_the_resident_one_does(model_dir, k
     assert diff.mean() < 3 and diff.max() <= 48 and a.std() > 10
     assert engine.streamers["dit"].copied_bytes >= 2 * REQ.steps * streamed  # streamed every step of both jobs
     assert engine.streamers["dit"].pending == {} and engine.modulations.rows is None
-    free, total = torch.cuda.mem_get_info()
-    assert free > 0 and total > 0
 
 
 def test_float8_matmuls_stay_close_to_bf16(model_dir):
