@@ -37,10 +37,9 @@ def _holds_result(job: JobRecord, msg: discord.Message) -> bool:
 
 
 class DiscordDelivery:
-    def __init__(self, bot: discord.Client, *, upload_limit: int = DEFAULT_UPLOAD_LIMIT):
+    def __init__(self, bot: discord.Client):
         self.bot = bot
-        self.upload_limit = upload_limit
-        self.upload_limits: dict[int, int] = {}  # job id -> the limit its interaction reported
+        self.upload_limits: dict[int, int] = {}  # job id -> the limit its interaction reported, until the job ends
 
     def remember_upload_limit(self, job_id: int, limit: int | None) -> None:
         if limit:
@@ -54,11 +53,13 @@ class DiscordDelivery:
             return None
         return discord.Webhook.partial(job.application_id, job.interaction_token, client=self.bot)
 
-    async def _edit_status(self, job: JobRecord, content: str) -> None:
+    async def _edit_status(self, job: JobRecord, content: str) -> bool:
+        """Edit the progress message; False when there is none to edit (no fresh token or message)."""
         webhook = self._webhook(job)
         if webhook is None or job.progress_message_id is None:
-            return
+            return False
         await webhook.edit_message(job.progress_message_id, content=content, allowed_mentions=messages.NO_PINGS)
+        return True
 
     async def _channel(self, job: JobRecord):
         if job.channel_id is None:
@@ -82,16 +83,17 @@ class DiscordDelivery:
         await self._edit_status(job, messages.progress(step, total))
 
     async def cancelled(self, job: JobRecord) -> None:
+        self.upload_limits.pop(job.id, None)
         await self._edit_status(job, messages.cancelled())
 
     async def failed(self, job: JobRecord, reason: str) -> None:
+        self.upload_limits.pop(job.id, None)
         text = messages.failed(reason)
-        if self._webhook(job) is not None and job.progress_message_id is not None:
-            try:
-                await self._edit_status(job, text)
+        try:
+            if await self._edit_status(job, text):
                 return
-            except discord.NotFound:
-                pass
+        except discord.NotFound:
+            pass
         channel = await self._channel(job)
         await channel.send(f"<@{job.user_id}> {text}", allowed_mentions=messages.ping_only(job.user_id))
 
@@ -109,12 +111,12 @@ class DiscordDelivery:
         # channel post (token expired; its nonce dedupes a repeat only for minutes). Look in the channel.
         return await self._find_in_channel(job)
 
-    async def _find_in_channel(self, job: JobRecord, limit: int = HISTORY_LIMIT) -> int | None:
-        """The newest of the channel's last `limit` messages since the job was queued that is this job's result."""
+    async def _find_in_channel(self, job: JobRecord) -> int | None:
+        """The newest of the channel's last HISTORY_LIMIT messages since the job was queued that is this job's result."""
         try:
             channel = await self._channel(job)
             after = datetime.fromtimestamp(job.queued_at, timezone.utc)
-            async for msg in channel.history(limit=limit, after=after, oldest_first=False):
+            async for msg in channel.history(limit=HISTORY_LIMIT, after=after, oldest_first=False):
                 ours = (self.bot.user is not None and msg.author.id == self.bot.user.id) or \
                     (job.application_id is not None and msg.webhook_id == job.application_id)
                 if ours and _holds_result(job, msg):  # a member's upload of the same name does not count
@@ -124,7 +126,7 @@ class DiscordDelivery:
         return None
 
     async def deliver(self, job: JobRecord, image_path: Path) -> int | None:
-        limit = self.upload_limits.pop(job.id, self.upload_limit)
+        limit = self.upload_limits.pop(job.id, DEFAULT_UPLOAD_LIMIT)
         # Reading and re-encoding a 1024x1024 image takes long enough to stall the event loop.
         data, ext = await asyncio.to_thread(lambda: fit_upload(image_path.read_bytes(), limit))
         if ext != "png":
