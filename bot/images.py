@@ -29,11 +29,6 @@ def save_png(image: Image.Image, path: Path, metadata: dict[str, object]) -> Pat
     return path
 
 
-def read_metadata(path: Path) -> dict[str, str]:
-    with Image.open(path) as img:
-        return {k: str(v) for k, v in img.text.items()}
-
-
 def fit_upload(png: bytes, limit: int) -> tuple[bytes, str]:
     """Return (data, extension) no larger than `limit` bytes: the PNG if it fits, else WebP/JPEG."""
     if len(png) <= limit:

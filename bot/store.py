@@ -395,6 +395,13 @@ async def _fetchall(conn: aiosqlite.Connection, sql: str, params: Any = ()) -> l
     return list(await conn.execute_fetchall(sql, params))
 
 
+async def _job_state(conn: aiosqlite.Connection, job_id: int) -> sqlite3.Row:
+    state = await _fetchone(conn, SQL_JOB_STATE, (job_id,))
+    if state is None:
+        raise StoreError(f"job {job_id} does not exist")
+    return state
+
+
 async def _fetchone(conn: aiosqlite.Connection, sql: str, params: Any = ()) -> sqlite3.Row | None:
     rows = await _fetchall(conn, sql, params)
     return rows[0] if rows else None
@@ -581,7 +588,7 @@ class Store:
             return int(await _scalar(conn, SQL_PRAGMA_USER_VERSION))
 
     async def pragmas(self) -> dict[str, Any]:
-        """This connection's journal_mode, foreign_keys and busy_timeout (for `doctor` and tests)."""
+        """This connection's journal_mode, foreign_keys and busy_timeout (for tests)."""
         async with self._reading() as conn:
             return {
                 "journal_mode": await _scalar(conn, SQL_PRAGMA_JOURNAL_MODE),
@@ -707,13 +714,9 @@ class Store:
                     db.execute(SQL_ROLLBACK)
                 raise
 
-        async with self._lock:
-            conn = self._connection()
-            try:
-                # aiosqlite runs `fn(sqlite3_connection)` in its own thread, in order with other requests.
-                return await conn._execute(lambda: admit_in_db_thread(conn._conn))
-            except sqlite3.Error as exc:
-                raise StoreError(f"database error on {self.path}: {exc}") from exc
+        async with self._reading() as conn:
+            # aiosqlite runs `fn(sqlite3_connection)` in its own thread, in order with other requests.
+            return await conn._execute(admit_in_db_thread, conn._conn)
 
     # ---------------------------------------------------------------- ledger
 
@@ -746,9 +749,7 @@ class Store:
         refund: bool = False,
     ) -> JobRecord:
         async with self._transaction() as conn:
-            state = await _fetchone(conn, SQL_JOB_STATE, (job_id,))
-            if state is None:
-                raise StoreError(f"job {job_id} does not exist")
+            state = await _job_state(conn, job_id)
             current = JobStatus(state["status"])
             if current not in _ALLOWED_FROM[target]:
                 raise StoreError(f"job {job_id} cannot go from {current.value} to {target.value}")
@@ -764,11 +765,8 @@ class Store:
         ts = _as_utc(now).timestamp()
         return await self._transition(job_id, JobStatus.RUNNING, SQL_MARK_RUNNING, {"now": ts})
 
-    async def mark_generated(
-        self, job_id: int, result_path: str, duration_s: float, now: datetime | None = None
-    ) -> JobRecord:
+    async def mark_generated(self, job_id: int, result_path: str, duration_s: float) -> JobRecord:
         """running -> generated: the image is on disk at ``result_path``, awaiting delivery."""
-        _as_utc(now)  # validated for symmetry; generation time is ``duration_s``
         params = {"result_path": str(result_path), "duration_s": float(duration_s)}
         return await self._transition(job_id, JobStatus.GENERATED, SQL_MARK_GENERATED, params)
 
@@ -812,9 +810,7 @@ class Store:
         Idempotent: False when the job is not (or no longer) charged.
         """
         async with self._transaction() as conn:
-            state = await _fetchone(conn, SQL_JOB_STATE, (job_id,))
-            if state is None:
-                raise StoreError(f"job {job_id} does not exist")
+            state = await _job_state(conn, job_id)
             return await self._refund_in(conn, job_id, state["user_id"], state["charged_day"])
 
     # ---------------------------------------------------------------- maintenance

@@ -118,7 +118,3 @@ def check_imagine(prompt: object, seed: object, steps: object, size: object, gen
         raise ValidationError(f"size must be one of: {', '.join(presets)}")
     preset = presets[name]
     return ImagineParams(text, value, n, preset.width, preset.height, was_random)
-
-
-def has_mentions(text: str) -> bool:
-    return bool(_MENTION.search(text))

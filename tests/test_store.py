@@ -227,7 +227,7 @@ async def test_caps_count_all_active_statuses_and_only_them(store: Store) -> Non
     generated = await accepted_job_id(store)
     await store.mark_running(running, now=NOW)
     await store.mark_running(generated, now=NOW)
-    await store.mark_generated(generated, "/out/x.png", 3.0, now=NOW)
+    await store.mark_generated(generated, "/out/x.png", 3.0)
     assert {job.status for job in await store.active_jobs()} == set(ACTIVE_STATUSES)
     assert (await admit(store, 2, max_queue=3)).status is AdmissionStatus.QUEUE_FULL
     assert (await admit(store, 1, max_per_user=3)).status is AdmissionStatus.USER_CAP
@@ -492,7 +492,7 @@ async def test_full_lifecycle_and_mark_done_keeps_the_charge(store: Store) -> No
     t_run = NOW + timedelta(seconds=2)
     running = await store.mark_running(job, now=t_run)
     assert (running.status, running.attempts, running.started_at) == (JobStatus.RUNNING, 1, t_run.timestamp())
-    generated = await store.mark_generated(job, "/out/1.png", 12.5, now=NOW + timedelta(seconds=15))
+    generated = await store.mark_generated(job, "/out/1.png", 12.5)
     assert (generated.status, generated.result_path, generated.duration_s) == (
         JobStatus.GENERATED,
         "/out/1.png",
@@ -522,7 +522,7 @@ async def _job_in(store: Store, status: JobStatus) -> int:
     if status is JobStatus.FAILED:
         await store.mark_failed(job, "x", now=NOW)
     if status in (JobStatus.GENERATED, JobStatus.DONE):
-        await store.mark_generated(job, "/out/x.png", 1.0, now=NOW)
+        await store.mark_generated(job, "/out/x.png", 1.0)
     if status is JobStatus.DONE:
         await store.mark_done(job, 1, now=NOW)
     return job
@@ -552,7 +552,7 @@ async def _call(store: Store, method: str, job_id: int) -> Any:
     if method == "mark_running":
         return await store.mark_running(job_id, now=NOW)
     if method == "mark_generated":
-        return await store.mark_generated(job_id, "/out/y.png", 2.0, now=NOW)
+        return await store.mark_generated(job_id, "/out/y.png", 2.0)
     if method == "mark_done":
         return await store.mark_done(job_id, 2, now=NOW)
     if method == "mark_failed":
@@ -683,7 +683,7 @@ async def test_migrates_from_every_earlier_version(db_path: Path, from_version: 
             # The migrated ledger works with the new columns.
             await store.requeue(2)
             await store.mark_running(1, now=NOW)
-            await store.mark_generated(1, "/out/1.png", 4.0, now=NOW)
+            await store.mark_generated(1, "/out/1.png", 4.0)
             assert (await store.mark_done(1, 5, now=NOW)).result_message_id == 5
             assert (await admit(store, 1)).status is AdmissionStatus.ACCEPTED
             assert (await admit(store, 1)).status is AdmissionStatus.QUOTA_EXHAUSTED

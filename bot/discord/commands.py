@@ -11,7 +11,7 @@ from discord import app_commands
 from ..logs import redact
 from ..jobs import CancelOutcome
 from ..store import AdmissionStatus, NewJob
-from ..validation import (ImagineParams, ValidationError, check_imagine, check_prompt, check_seed,
+from ..validation import (MAX_SEED, ImagineParams, ValidationError, check_imagine, check_prompt, check_seed,
                           size_presets)
 from . import messages
 
@@ -109,7 +109,7 @@ def build_commands(settings) -> list:
     )
     @app_commands.choices(size=[app_commands.Choice(name=p.label, value=p.name) for p in presets.values()])
     async def imagine(interaction: discord.Interaction, prompt: str,
-                      seed: app_commands.Range[int, -1, 2**32 - 1] | None = None,
+                      seed: app_commands.Range[int, -1, MAX_SEED] | None = None,
                       steps: app_commands.Range[int, 1, gen.max_steps] | None = None,
                       size: str | None = None) -> None:
         bot = interaction.client
