@@ -265,6 +265,9 @@ class JobQueue:
                 return
             await self._deliver(job)
             return
+        # Running from here on: a /cancel that arrives while the row turns "running" must stop the
+        # job (cancel event), not cancel it as a waiting one while the worker goes on painting.
+        self._running = entry
         try:
             job = await self.store.mark_running(job.id)
         except StoreError:
@@ -278,7 +281,6 @@ class JobQueue:
         if self._engine is None:
             await self._fail(job, self._engine_error or "no model")
             return
-        self._running = entry
         self._spawn(self._notify_positions())
         await self._safe("a start", self.delivery.started(job))
         result = await self._generate(entry)

@@ -246,6 +246,32 @@ async def test_cancel_queued_and_running(fake, settings, engine):
         assert "nothing waiting" in ephemeral_texts(fake, c3)[0]
 
 
+async def test_cancel_while_the_job_is_starting_stops_it(fake, settings, engine, caplog):
+    """A /cancel that lands after the job was marked running but before the worker saw that is
+    treated as stopping a running job: nothing is painted, the quota comes back, no worker error."""
+    async with running_bot(fake, settings, engine) as bot:
+        started, release = asyncio.Event(), asyncio.Event()
+        mark_running = bot.store.mark_running
+
+        async def mark_running_then_wait(job_id, now=None):
+            job = await mark_running(job_id, now)
+            started.set()
+            await release.wait()
+            return job
+        bot.store.mark_running = mark_running_then_wait
+        await imagine(fake, ALICE, prompt="a slow start")
+        await asyncio.wait_for(started.wait(), 10)
+        c = await fake.slash("cancel", {}, user_id=ALICE)
+        await c.response()
+        assert "Stopping your image" in ephemeral_texts(fake, c)[0]
+        release.set()
+        await bot.queue.wait_idle(10)
+        job = (await bot.store.recent_jobs(1))[0]
+        assert job.status is JobStatus.CANCELLED and job.result_path is None
+        assert (await bot.store.quota_status(ALICE)).used == 0
+        assert not [r for r in caplog.records if "unexpected error" in r.getMessage()]
+
+
 async def test_failure_refunds_and_the_next_job_still_runs(fake, settings, engine):
     engine.fail_on["explode"] = RuntimeError("CUDA error: an illegal memory access")
     engine.fail_on["hungry"] = GenerationOOM("the GPU ran out of memory at 256x256")
