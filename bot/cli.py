@@ -92,7 +92,7 @@ class _Bar:
 
 def cmd_generate(args) -> int:
     from .engine.pipeline import Engine, GenerationRequest
-    from .images import save_png
+    from .images import png_metadata, save_png
     from .validation import ValidationError, check_prompt, check_seed, check_steps
 
     settings, path = _load(args.config)
@@ -115,8 +115,7 @@ def cmd_generate(args) -> int:
     request = GenerationRequest(prompt, seed=seed, steps=steps, width=width, height=height, guidance=gen.guidance)
     result = engine.generate(request, on_progress=_Bar())
     out = Path(args.output or f"fluxbot-{seed}.png")
-    save_png(result.image, out, {"prompt": prompt, "seed": seed, "steps": steps, "size": f"{width}x{height}",
-                                 "model": model.preset, "generator": "fluxbot"})
+    save_png(result.image, out, png_metadata(prompt, seed, steps, width, height, model.preset))
     print(f"time: {result.seconds:.2f} s")
     print("peak VRAM: " + (f"{result.peak_vram_gib:.2f} GiB" if result.peak_vram_gib is not None else "n/a (CPU)"))
     print(f"saved: {out}")

@@ -10,6 +10,13 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 
+def png_metadata(prompt: str, seed: int, steps: int, width: int, height: int, model: str,
+                 **extra: object) -> dict[str, object]:
+    """The parameters an image carries in its PNG text chunks, so it can be painted again."""
+    return {"prompt": prompt, "seed": seed, "steps": steps, "size": f"{width}x{height}", "model": model,
+            **extra, "generator": "fluxbot"}
+
+
 def png_bytes(image: Image.Image, metadata: dict[str, object]) -> bytes:
     info = PngInfo()
     for key, value in metadata.items():

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 from .engine.pipeline import GenerationCancelled, GenerationOOM, GenerationRequest
-from .images import save_png
+from .images import png_metadata, save_png
 from .store import Admission, AdmissionStatus, JobRecord, JobStatus, NewJob, Store, StoreError
 
 log = logging.getLogger("fluxbot.jobs")
@@ -287,9 +287,8 @@ class JobQueue:
         if result is None:
             return
         path = Path(self.settings.storage.results_dir) / f"job-{job.id}.png"
-        meta = {"prompt": job.prompt, "seed": job.seed, "steps": job.steps,
-                "size": f"{job.width}x{job.height}", "model": getattr(self._engine, "preset", ""),
-                "job": job.id, "generator": "fluxbot"}
+        meta = png_metadata(job.prompt, job.seed, job.steps, job.width, job.height,
+                            getattr(self._engine, "preset", ""), job=job.id)
         await asyncio.to_thread(save_png, result.image, path, meta)
         job = await self.store.mark_generated(job.id, str(path), result.seconds)
         entry.job = job
