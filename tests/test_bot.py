@@ -14,6 +14,7 @@ from botkit import (ADMIN, ALICE, BOB, CAROL, MOD, embed_field,
 
 from bot.engine.pipeline import GenerationOOM
 from bot.store import JobStatus, Store
+from bot.validation import size_presets
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -84,6 +85,19 @@ async def test_random_seed_is_reported_as_a_plain_number(fake, settings, engine)
         job = (await bot.store.recent_jobs(1))[0]
         assert int(seed) == job.seed
         assert Image.open(io.BytesIO(attachment_bytes(fake, final))).text["seed"] == seed
+
+
+@pytest.mark.parametrize("size", ["portrait", "landscape"])
+async def test_seed_minus_one_and_the_other_sizes(fake, settings, engine, size):
+    """README: `seed` -1 = random; `size` portrait or landscape; the result shows its time."""
+    preset = size_presets(settings.generation.width, settings.generation.height)[size]
+    async with running_bot(fake, settings, engine) as bot:
+        final = await (await imagine(fake, ALICE, seed=-1, size=size)).wait_original(has_image)
+        job = (await bot.store.recent_jobs(1))[0]
+        assert embed_field(final, "Seed") == str(job.seed) and job.seed >= 0
+        assert embed_field(final, "Size") == f"{preset.width}x{preset.height}" != "256x256"
+        assert Image.open(io.BytesIO(attachment_bytes(fake, final))).size == (preset.width, preset.height)
+        assert embed_field(final, "Time") == f"{job.duration_s:.1f} s"
 
 
 async def test_reroll_charges_the_clicker_and_changes_the_seed(fake, settings, engine):
