@@ -27,6 +27,14 @@ def is_admin(interaction: discord.Interaction) -> bool:
     return interaction.guild_id is not None and (perms.manage_guild or perms.administrator)
 
 
+class AdminGroup(app_commands.Group):
+    """Its commands run for admins only; discord.py checks this before every one of them and
+    raises CheckFailure otherwise (answered in `on_tree_error`)."""
+
+    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+        return is_admin(interaction)
+
+
 async def tell(interaction: discord.Interaction, text: str) -> None:
     """A private answer, whether or not the interaction was acknowledged yet."""
     if interaction.response.is_done():
@@ -142,18 +150,11 @@ def build_commands(settings) -> list:
 
     admin = app_commands.Group(name="admin", description="Server admin commands",
                                default_permissions=discord.Permissions(manage_guild=True), guild_only=True)
-    quota_admin = app_commands.Group(name="quota", description="Members' daily image quotas", parent=admin)
-
-    async def admin_guard(interaction: discord.Interaction) -> bool:
-        if is_admin(interaction):
-            return True
-        await tell(interaction, messages.ADMIN_ONLY)
-        return False
+    quota_admin = AdminGroup(name="quota", description="Members' daily image quotas", parent=admin)
 
     async def admin_limit(interaction: discord.Interaction, limit: object) -> int | None:
-        """The checked limit, or None after telling the caller why not (not an admin, bad value)."""
-        if not await admin_guard(interaction):
-            return None
+        """The checked limit, or None after telling the caller why not. discord.py does not
+        enforce the option's range on what a client sends."""
         if isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit <= MAX_LIMIT:
             await tell(interaction, f"Nothing changed: limit must be a whole number between 0 and {MAX_LIMIT}.")
             return None
@@ -176,16 +177,12 @@ def build_commands(settings) -> list:
     @quota_admin.command(name="reset", description="Clear a member's usage for today")
     @app_commands.describe(user="The member")
     async def quota_reset(interaction: discord.Interaction, user: discord.User) -> None:
-        if not await admin_guard(interaction):
-            return
         await interaction.client.store.reset_usage(user.id)
         await show_member(interaction, user)
 
     @quota_admin.command(name="show", description="Show a member's quota")
     @app_commands.describe(user="The member")
     async def quota_show(interaction: discord.Interaction, user: discord.User) -> None:
-        if not await admin_guard(interaction):
-            return
         await show_member(interaction, user)
 
     @quota_admin.command(name="default", description="Daily limit for everyone without a personal one")
@@ -205,7 +202,9 @@ async def on_tree_error(interaction: discord.Interaction, error: app_commands.Ap
     if isinstance(original, (discord.Forbidden, discord.NotFound)):
         log.warning("Discord refused a reply: %s", redact(str(original)))
         return
-    if isinstance(error, app_commands.CommandNotFound):
+    if isinstance(error, app_commands.CheckFailure):  # AdminGroup refused a non-admin
+        text = messages.ADMIN_ONLY
+    elif isinstance(error, app_commands.CommandNotFound):
         text = "Unknown command: it may have been removed. Discord refreshes the command list shortly."
     elif isinstance(error, app_commands.TransformerError):
         text = f"{str(error.value)[:100]!r} is not a valid value for that option."
