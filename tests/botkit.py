@@ -100,6 +100,12 @@ def has_image(message: dict) -> bool:
     return bool(message.get("attachments"))
 
 
+def images_for(fake: FakeDiscord, job_id: int) -> list[dict]:
+    """The messages that carry this job's result (its attachment is named fluxbot-<job id>-...)."""
+    return [m for m in fake.messages.values()
+            if any(a["filename"].startswith(f"fluxbot-{job_id}-") for a in m.get("attachments", []))]
+
+
 def ephemeral_texts(fake: FakeDiscord, interaction) -> list[str]:
     """Text of every private answer to this interaction (callback type 4 with flag 64, or followups)."""
     out = []

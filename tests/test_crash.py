@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from botkit import ALICE, BOB, CAROL, make_settings, running_bot
+from botkit import ALICE, BOB, CAROL, images_for, make_settings, running_bot
 from fake_discord import FakeDiscord
 
 from bot.store import JobStatus, Store
@@ -144,12 +144,6 @@ def read_usage(db: Path) -> dict[tuple[int, str], int]:
         return {(u, d): n for u, d, n in conn.execute("SELECT user_id, day, used FROM usage")}
 
 
-def image_messages(fake: FakeDiscord, job_id: int) -> list[dict]:
-    prefix = f"fluxbot-{job_id}-"
-    return [m for m in fake.messages.values()
-            if any(a["filename"].startswith(prefix) for a in m.get("attachments", []))]
-
-
 @pytest.mark.parametrize("kill_point", list(STATE_AT_KILL))
 async def test_sigkill_loses_nothing_and_sends_nothing_twice(fake, tmp_path, model_dir, kill_point):
     # `fake` (conftest) is also installed in this process, which is harmless: the bot process is what talks to it
@@ -177,7 +171,7 @@ async def test_sigkill_loses_nothing_and_sends_nothing_twice(fake, tmp_path, mod
         interrupted = [j for j in jobs if j["status"] != "queued"]
         assert [j["status"] for j in interrupted] == [STATE_AT_KILL[kill_point]], jobs
         victim = interrupted[0]["id"]
-        sent_before_restart = len(image_messages(fake, victim))
+        sent_before_restart = len(images_for(fake, victim))
         assert sent_before_restart == (1 if kill_point == "after_delivery" else 0)
 
         # ---- second life: no kill point; every job must finish
@@ -196,13 +190,13 @@ async def test_sigkill_loses_nothing_and_sends_nothing_twice(fake, tmp_path, mod
     jobs = read_jobs(db)
     assert [j["status"] for j in jobs] == ["done"] * len(REQUESTS)
     for job in jobs:
-        images = image_messages(fake, job["id"])
+        images = images_for(fake, job["id"])
         assert len(images) == 1, f"job {job['id']} was delivered {len(images)} times ({kill_point})"
         assert job["result_message_id"] == int(images[0]["id"])
         assert job["charged_day"] is not None  # still charged: a done job is never refunded
     assert len([m for m in fake.messages.values() if m.get("attachments")]) == len(REQUESTS)
     if kill_point == "after_delivery":
-        assert len(image_messages(fake, victim)) == 1  # found after the restart, not sent again
+        assert len(images_for(fake, victim)) == 1  # found after the restart, not sent again
     by_id = {j["id"]: j for j in jobs}
     assert by_id[victim]["attempts"] == (2 if kill_point in ("before", "during") else 1)
     assert all(j["attempts"] == 1 for j in jobs if j["id"] != victim)
@@ -250,12 +244,12 @@ async def test_result_sent_as_a_new_message_is_found_after_a_crash(fake, tmp_pat
         engine.gate.set()
         await asyncio.wait_for(stuck.wait(), 30)
         bot.store.mark_done = real_mark_done
-        [sent] = image_messages(fake, job.id)
+        [sent] = images_for(fake, job.id)
     async with running_bot(fake, settings, engine) as bot:
         await bot.queue.wait_idle(30)
         job = await bot.store.get_job(job.id)
         assert job.status is JobStatus.DONE
-        assert image_messages(fake, job.id) == [sent]  # found, not sent again
+        assert images_for(fake, job.id) == [sent]  # found, not sent again
         assert job.result_message_id == int(sent["id"])
         assert engine.calls.count("a message of its own") == 1
         assert (await bot.store.quota_status(ALICE)).used == 1

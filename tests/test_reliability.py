@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from botkit import (ADMIN, ALICE, BOB, embed_field, ephemeral_texts, eventually,
-                    has_image, make_settings, running_bot)
+                    has_image, images_for, make_settings, running_bot)
 
 from bot.store import JobStatus
 
@@ -19,11 +19,6 @@ pytestmark = pytest.mark.timeout(90)
 @pytest.fixture
 def settings(tmp_path, model_dir, fake):
     return make_settings(tmp_path, model_dir, fake, queue={"max_per_user": 5})
-
-
-def images_for(fake, job_id: int) -> list[dict]:
-    return [m for m in fake.messages.values()
-            if any(a["filename"].startswith(f"fluxbot-{job_id}-") for a in m.get("attachments", []))]
 
 
 async def test_restart_resumes_waiting_and_interrupted_jobs_exactly_once(fake, settings, engine):
