@@ -238,12 +238,13 @@ async def test_cancel_queued_and_running(fake, settings, engine):
     async with running_bot(fake, settings, engine) as bot:
         running = await imagine(fake, ALICE, steps=20)
         await eventually(engine.busy.is_set, what="GPU busy")
-        waiting = await imagine(fake, ALICE)
-        await waiting.response()
-        assert (await bot.store.quota_status(ALICE)).used == 2
-        c1 = await fake.slash("cancel", {}, user_id=ALICE)
-        await c1.response()
-        assert "Cancelled your waiting image" in ephemeral_texts(fake, c1)[0]
+        for _ in range(2):
+            await (await imagine(fake, ALICE)).response()
+        assert (await bot.store.quota_status(ALICE)).used == 3
+        for newest in (3, 2):  # the newest waiting image goes first
+            c1 = await fake.slash("cancel", {}, user_id=ALICE)
+            await c1.response()
+            assert f"Cancelled your waiting image (job {newest})" in ephemeral_texts(fake, c1)[0]
         assert (await bot.store.quota_status(ALICE)).used == 1
         c2 = await fake.slash("cancel", {}, user_id=ALICE)
         await c2.response()
