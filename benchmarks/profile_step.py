@@ -53,7 +53,8 @@ def main() -> int:
     a = ap.parse_args()
     budget = None if a.budget == "none" else float(a.budget)
     settings = ModelSettings(preset="majicflus", dir=a.weights, vram_limit_gb=budget, device="cuda",
-                             fp8_matmul=os.environ.get("FP8_MATMUL", "auto"))
+                             fp8_matmul=os.environ.get("FP8_MATMUL", "auto"),
+                             cuda_graphs=os.environ.get("CUDA_GRAPHS", "auto"))
     engine = Engine.load(settings)
     req = GenerationRequest("profile", seed=1, steps=4, width=1024, height=1024)
     engine.generate(req)  # warm-up (compiles the quantizer)

@@ -273,6 +273,7 @@ class ModelSettings(_Section):
     fast_accum: str = _opt("auto", _choice("auto", "on", "off"))
     keep_resident: str = _opt("auto", _choice("auto", "on", "off"))
     compile: str = _opt("auto", _choice("auto", "on", "off"))
+    cuda_graphs: str = _opt("auto", _choice("auto", "on", "off"))
     t5_fp8: bool = _opt(False, _bool)
 
 

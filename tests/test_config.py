@@ -58,7 +58,8 @@ def test_defaults_without_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert s.model == ModelSettings(dir=tmp_path / "models")
     assert s.model.preset == "majicflus"
     assert s.model.vram_limit_gb == 8.0
-    assert (s.model.device, s.model.fp8_matmul, s.model.fast_accum, s.model.keep_resident, s.model.compile) == ("auto",) * 5
+    assert (s.model.device, s.model.fp8_matmul, s.model.fast_accum, s.model.keep_resident, s.model.compile,
+            s.model.cuda_graphs) == ("auto",) * 6
     assert s.model.t5_fp8 is False
     assert s.generation == GenerationSettings(
         default_steps=20, max_steps=50, width=1024, height=1024, max_prompt_chars=1000, guidance=3.5
@@ -98,6 +99,7 @@ FULL = """\
     fast_accum = "off"
     keep_resident = "off"
     compile = "off"
+    cuda_graphs = "on"
     t5_fp8 = true
 
     [generation]
@@ -143,6 +145,7 @@ def test_full_valid_file(tmp_path: Path) -> None:
             fast_accum="off",
             keep_resident="off",
             compile="off",
+            cuda_graphs="on",
             t5_fp8=True,
         ),
         generation=GenerationSettings(

@@ -325,6 +325,11 @@ def test_plan_follows_the_card(monkeypatch):
     assert turing.budget_gib == 8
     unlimited = plan_for((8, 9), 48, vram_limit_gb=None)
     assert unlimited.budget_gib is None and unlimited.dit_resident_gib is None and unlimited.text_encoders_resident
+    # CUDA graphs keep one more step of activations: on from 20 GiB, off below, forced either way.
+    assert unlimited.cuda_graphs and plan_for((8, 9), 24, vram_limit_gb=None).cuda_graphs
+    assert not hopper.cuda_graphs and not plan_for((8, 9), 16, vram_limit_gb=None).cuda_graphs
+    assert plan_for((9, 0), 80, cuda_graphs="on").cuda_graphs
+    assert not plan_for((9, 0), 80, vram_limit_gb=None, cuda_graphs="off").cuda_graphs
 
 
 def test_modulations_are_computed_once_per_job(model_dir, tiny_engine):
@@ -340,12 +345,25 @@ def test_modulations_are_computed_once_per_job(model_dir, tiny_engine):
         layer._direct_forward = lambda x, direct=direct: (rows_seen.append(x.shape[0]), direct(x))[1]
     live = []
     req = GenerationRequest("a modulated cat", seed=12, steps=4, width=128, height=128)
-    a = pixels(engine.generate(req, on_progress=lambda i, n: live.append(mods.rows is not None)))
+    a = pixels(engine.generate(req, on_progress=lambda i, n: live.append(mods.table is not None)))
     assert rows_seen == [4] * len(mods.layers)  # one call per layer, all four steps at once
-    assert live == [True] * 4 and mods.rows is None  # used during the job, dropped after it
+    assert live == [True] * 4 and mods.table is None  # used during the job, dropped after it
     rows_seen.clear()
     mods.enabled = False  # the step-by-step way, for comparison
     b = pixels(engine.generate(req))
     assert rows_seen == [1] * (4 * len(mods.layers))
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
     assert np.abs(a.astype(int) - pixels(tiny_engine.generate(req)).astype(int)).max() <= 2
+
+
+def test_inductor_compiles_tanh_gelu_through_sigmoid():
+    """The compiled DiT's GELU (bot/engine/inductor.py) is the same function as torch's, and
+    Inductor's decomposition table really holds it after configure()."""
+    from torch._inductor.decomposition import select_decomp_table
+    from bot.engine import inductor
+    x = torch.linspace(-12, 12, 100_001, dtype=torch.float64)
+    for approximate in ("tanh", "none"):
+        want = torch.nn.functional.gelu(x, approximate=approximate)
+        assert torch.allclose(inductor.gelu_as_sigmoid(x, approximate), want, rtol=0, atol=1e-12)
+    inductor.configure()
+    assert select_decomp_table()[torch.ops.aten.gelu.default] is inductor.gelu_as_sigmoid

@@ -21,6 +21,9 @@ HEADROOM_GIB = 3.25
 TILED_VAE_BELOW_GIB = 16.0
 # Below this budget the text encoders are streamed layer by layer instead of resident.
 TEXT_ENCODERS_RESIDENT_FROM_GIB = 30.0
+# From this budget a denoising step replays as a CUDA graph (its memory pool keeps one step's
+# activations reserved beside the allocator's own cache).
+CUDA_GRAPHS_FROM_GIB = 20.0
 
 
 @dataclass(frozen=True)
@@ -36,13 +39,15 @@ class Plan:
     tiled_vae: bool = False           # decode in overlapping tiles to bound activation memory
     compile: str = "off"              # compile the DiT blocks ("auto": on a GPU)
     fast_accum: bool = False          # float8 matmuls accumulate the fast way (Hopper/Ada)
+    cuda_graphs: bool = False         # replay denoising steps as a CUDA graph (DiT all resident)
 
     def describe(self) -> str:
         budget = "unlimited" if self.budget_gib is None else f"{self.budget_gib:g} GiB"
         return (f"device={self.device} dtype={str(self.compute_dtype).replace('torch.', '')} budget={budget} "
                 f"dit_resident={'all' if self.dit_resident_gib is None else f'{self.dit_resident_gib:.1f} GiB'} "
                 f"text_encoders_resident={self.text_encoders_resident} keep_resident={self.keep_resident} "
-                f"fp8_matmul={self.fp8_matmul} fast_accum={self.fast_accum} pinned={self.pinned} tiled_vae={self.tiled_vae} compile={self.compile}")
+                f"fp8_matmul={self.fp8_matmul} fast_accum={self.fast_accum} pinned={self.pinned} tiled_vae={self.tiled_vae} compile={self.compile} "
+                f"cuda_graphs={self.cuda_graphs}")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -101,4 +106,5 @@ def make_plan(model_settings, device: torch.device | None = None) -> Plan:
         compile=model_settings.compile,
         # Measured: 8% faster per step, error vs bf16 unchanged (docs/benchmarks.md, quality).
         fast_accum=fp8 and _switch(model_settings.fast_accum, True),
+        cuda_graphs=_switch(model_settings.cuda_graphs, unlimited or budget >= CUDA_GRAPHS_FROM_GIB),
     )

@@ -52,15 +52,23 @@ def _table_forward(self, x, *args, **kwargs):
 
 
 class Modulations:
-    """The modulation table of the job being painted, and the hooks that fill and read it."""
+    """The modulation table of the job being painted, and the hooks that fill and read it.
+
+    The table holds every layer's output for every step side by side (`table[step, offset:offset +
+    width]`). Before each step its row is copied into `current`, a buffer that stays at one
+    address for the engine's life: the layers read their slice of it, so a CUDA graph captured
+    once (graphs.py) reads the right step at every replay.
+    """
 
     def __init__(self, dit: torch.nn.Module):
         self.dit = dit
         self.layers = list(modulation_layers(dit).values())
         self.enabled = True
-        self.rows: dict[int, torch.Tensor] | None = None
+        self.table: torch.Tensor | None = None    # (steps, sum of the layers' widths)
+        self.current: torch.Tensor | None = None  # (1, same): the row of the step being run
+        self.slices: dict[int, tuple[int, int]] = {}  # id(layer) -> (offset, width) in a row
         self.key: tuple | None = None   # the pooled prompt and guidance the table was made for
-        self.step = 0
+        self.step = -1
         for layer in self.layers:
             layer._modulations = self
             layer._direct_forward = types.MethodType(_direct_forward, layer)
@@ -84,23 +92,39 @@ class Modulations:
         if dit.guidance_embedder is not None and guidance is not None:
             conditioning = conditioning + dit.guidance_embedder(guidance * 1000, dtype)
         x = torch.nn.functional.silu(conditioning)
-        self.rows = {id(layer): layer._direct_forward(x) for layer in self.layers}
+        outputs = [layer._direct_forward(x) for layer in self.layers]
+        self.table = torch.cat(outputs, dim=-1)
+        del outputs
+        offset = 0
+        for layer in self.layers:
+            width = layer.weight.shape[0]
+            self.slices[id(layer)] = (offset, width)
+            offset += width
+        row = (1, self.table.shape[1])
+        if self.current is None or (self.current.shape, self.current.dtype, self.current.device) != \
+                (row, self.table.dtype, self.table.device):
+            self.current = self.table.new_empty(row)
         self.key = (id(pooled_prompt_emb), id(guidance))
 
     def use(self, step: int, pooled_prompt_emb: torch.Tensor, guidance: torch.Tensor | None) -> None:
         """Set the step the next forward pass is for; a pass with other inputs (a negative
         prompt, say) computes its modulations directly."""
-        self.step = step if self.key == (id(pooled_prompt_emb), id(guidance)) else -1
+        self.step = step if self.table is not None and self.key == (id(pooled_prompt_emb), id(guidance)) else -1
+        if self.step >= 0:
+            self.current.copy_(self.table[step:step + 1])
 
     def output(self, layer: AutoWrappedLinear, x: torch.Tensor) -> torch.Tensor:
-        if self.rows is None or self.step < 0 or x.shape[0] != 1:
+        if self.step < 0 or x.shape[0] != 1:
             return layer._direct_forward(x)
+        offset, width = self.slices[id(layer)]
         # A copy: the compiled graph may reuse its outputs' memory.
-        return self.rows[id(layer)][self.step:self.step + 1].clone()
+        return self.current[:, offset:offset + width].clone()
 
     def clear(self) -> None:
-        self.rows = None
+        """Drop the job's table (`current` stays: a captured graph reads it)."""
+        self.table = None
         self.key = None
+        self.step = -1
 
 
 def install(pipe, modulations: Modulations) -> None:

@@ -11,6 +11,7 @@ import gc
 import io
 import logging
 import os
+import statistics
 import threading
 import time
 from collections import OrderedDict
@@ -21,7 +22,7 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from . import modulation, offload, weights
+from . import graphs, inductor, modulation, offload, weights
 from .budget import GIB, Plan, make_plan
 from .streaming import MIB, Streamer
 
@@ -116,7 +117,6 @@ class Engine:
         _install_prompt_cache(pipe, self.prompt_cache)
         _cache_image_ids(pipe.dit)
         self.modulations = modulation.Modulations(pipe.dit)
-        modulation.install(pipe, self.modulations)
         # The pipeline would move whole models in and out around every phase; placement is ours.
         pipe.load_models_to_device = lambda names: None
         if plan.tiled_vae:
@@ -133,6 +133,8 @@ class Engine:
         }
         self._place()
         self.compiled = self._maybe_compile()
+        self.step_graph = self._maybe_graph()
+        modulation.install(pipe, self.modulations)  # outside the graph: it fills the table per job
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -192,11 +194,26 @@ class Engine:
             return False
         import torch._dynamo
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
+        inductor.configure()
         for block in compilable:
             block.compile()
         log.info("%d of %d DiT blocks will be compiled on first use (the first image is slower)",
                  len(compilable), len(blocks))
         return True
+
+    def _maybe_graph(self) -> graphs.StepGraph | None:
+        """Replay denoising steps as a CUDA graph when the plan asks for it and the graph can stay
+        valid: the whole DiT resident for good (nothing streamed or copied in per job)."""
+        if not self.plan.cuda_graphs or self.device.type != "cuda":
+            return None
+        _, streamed, per_job = self.placement["dit"]
+        if streamed or per_job or not self.plan.keep_resident:
+            log.info("CUDA graphs off: part of the DiT moves during a job (budget too small or keep_resident off)")
+            return None
+        mods = self.modulations
+        step_graph = graphs.StepGraph(self.pipe.model_fn, can_replay=lambda: mods.step >= 0 or not mods.enabled)
+        self.pipe.model_fn = step_graph
+        return step_graph
 
     def warm_up(self, width: int, height: int) -> float:
         """Run a short generation so compilation happens now, not in a member's first job."""
@@ -229,6 +246,7 @@ class Engine:
         cuda = self.device.type == "cuda"
         timings: dict[str, float] = {}
         marks = {"start": time.perf_counter()}
+        events: list[torch.cuda.Event] = []  # GPU: denoising starts, then each step ends
 
         # Progress is honest: a step is reported once the GPU finished it. With the DiT all on the
         # GPU, the CPU queues step i+1 before waiting for step i, so the GPU never idles between
@@ -239,9 +257,16 @@ class Engine:
             if on_progress is not None:
                 on_progress(i, n)
 
+        def timed_event() -> torch.cuda.Event:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+
         def steps(timesteps):
             n = len(timesteps)
             marks["denoise"] = time.perf_counter()
+            if cuda:  # GPU-side times: the CPU runs ahead of the GPU, so its clock would blur phases
+                events.append(timed_event())
             queued = None  # (event, step) not yet reported
             # One copy for all steps: DiffSynth moves each step's timestep to the GPU with a
             # blocking copy, which would make the CPU wait for the GPU at every step.
@@ -252,8 +277,8 @@ class Engine:
                 if not cuda:
                     report(i + 1, n)
                     continue
-                done = torch.cuda.Event()
-                done.record()
+                done = timed_event()
+                events.append(done)
                 if queued is not None:
                     queued[0].synchronize()
                     report(queued[1], n)
@@ -278,6 +303,8 @@ class Engine:
                 progress_bar_cmd=steps,
             )
         except torch.cuda.OutOfMemoryError as exc:
+            if self.step_graph is not None:
+                self.step_graph.reset()  # its memory pool goes back; the next job captures again
             self.free_memory()
             budget = "unlimited" if self.plan.budget_gib is None else f"{self.plan.budget_gib:g} GiB"
             raise GenerationOOM(f"the GPU ran out of memory at {req.width}x{req.height} (budget {budget}): "
@@ -292,9 +319,17 @@ class Engine:
             torch.cuda.synchronize(self.device)
         end = time.perf_counter()
         if "denoise" in marks:
-            timings["text_encode_s"] = marks["denoise"] - marks["start"]
-            timings["denoise_s"] = marks.get("decode", end) - marks["denoise"]
-            timings["decode_s"] = end - marks.get("decode", end)
+            denoised = marks.get("decode", end)
+            timings["denoise_s"] = denoised - marks["denoise"]
+            if len(events) > 1:
+                # From the GPU's clock: the text encoders' queued work is not counted as denoising,
+                # and a step's time is that of its kernels, not of the CPU's wait for them.
+                timings["denoise_s"] = events[0].elapsed_time(events[-1]) / 1000
+                steps_s = [a.elapsed_time(b) / 1000 for a, b in zip(events[1:], events[2:])]
+                if steps_s:  # after the first step, which also fills the job's modulation table
+                    timings["step_s"] = statistics.median(steps_s)
+            timings["text_encode_s"] = denoised - marks["start"] - timings["denoise_s"]
+            timings["decode_s"] = end - denoised
         peak = torch.cuda.max_memory_allocated(self.device) / GIB if cuda else None
         return GenerationResult(image=image, request=req, seconds=end - marks["start"],
                                 peak_vram_gib=peak, timings=timings)
