@@ -92,14 +92,16 @@ class Modulations:
         if dit.guidance_embedder is not None and guidance is not None:
             conditioning = conditioning + dit.guidance_embedder(guidance * 1000, dtype)
         x = torch.nn.functional.silu(conditioning)
-        outputs = [layer._direct_forward(x) for layer in self.layers]
-        self.table = torch.cat(outputs, dim=-1)
-        del outputs
+        self.table = None  # the last job's, if it ended without clear()
         offset = 0
         for layer in self.layers:
-            width = layer.weight.shape[0]
-            self.slices[id(layer)] = (offset, width)
-            offset += width
+            out = layer._direct_forward(x)
+            if self.table is None:  # written layer by layer: no second copy at the peak (8 GB cards)
+                width = sum(m.weight.shape[0] for m in self.layers)
+                self.table = out.new_empty((out.shape[0], width))
+            self.table[:, offset:offset + out.shape[1]] = out
+            self.slices[id(layer)] = (offset, out.shape[1])
+            offset += out.shape[1]
         row = (1, self.table.shape[1])
         if self.current is None or (self.current.shape, self.current.dtype, self.current.device) != \
                 (row, self.table.dtype, self.table.device):
