@@ -345,15 +345,22 @@ def test_modulations_are_computed_once_per_job(model_dir, tiny_engine):
         layer._direct_forward = lambda x, direct=direct: (rows_seen.append(x.shape[0]), direct(x))[1]
     live = []
     req = GenerationRequest("a modulated cat", seed=12, steps=4, width=128, height=128)
-    a = pixels(engine.generate(req, on_progress=lambda i, n: live.append(mods.table is not None)))
+    a = pixels(engine.generate(req, on_progress=lambda i, n: live.append(mods.ready)))
     assert rows_seen == [4] * len(mods.layers)  # one call per layer, all four steps at once
-    assert live == [True] * 4 and mods.table is None  # used during the job, dropped after it
+    assert live == [True] * 4 and not mods.ready and mods.rows is None  # used during the job, dropped after it
     rows_seen.clear()
     mods.enabled = False  # the step-by-step way, for comparison
     b = pixels(engine.generate(req))
     assert rows_seen == [1] * (4 * len(mods.layers))
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
     assert np.abs(a.astype(int) - pixels(tiny_engine.generate(req)).astype(int)).max() <= 2
+    # The CUDA-graph layout (one table, each step's row copied into a fixed buffer) reads the same
+    # numbers: the same pixels, and the buffer holds the last step's row.
+    mods.enabled, mods.for_graph = True, True
+    seen: list = []
+    c = pixels(engine.generate(req, on_progress=lambda i, n: seen.append((mods.table is not None, mods.rows is None))))
+    assert np.array_equal(a, c) and seen == [(True, True)] * 4
+    assert mods.current is not None and mods.current.shape == (1, sum(m.weight.shape[0] for m in mods.layers))
 
 
 def test_inductor_compiles_tanh_gelu_through_sigmoid():

@@ -54,18 +54,21 @@ def _table_forward(self, x, *args, **kwargs):
 class Modulations:
     """The modulation table of the job being painted, and the hooks that fill and read it.
 
-    The table holds every layer's output for every step side by side (`table[step, offset:offset +
-    width]`). Before each step its row is copied into `current`, a buffer that stays at one
-    address for the engine's life: the layers read their slice of it, so a CUDA graph captured
-    once (graphs.py) reads the right step at every replay.
+    `rows` holds each layer's outputs for every step; a step's forward pass reads its row. With a
+    CUDA graph (graphs.py, `for_graph`), the graph can only read memory at the address it was
+    captured with: the rows are then joined into one `table`, and before each step its row is
+    copied into `current`, a buffer that stays put for the engine's life. (Only then: under a
+    VRAM budget the one large table cost an extra allocator segment on 8 GB cards.)
     """
 
     def __init__(self, dit: torch.nn.Module):
         self.dit = dit
         self.layers = list(modulation_layers(dit).values())
         self.enabled = True
-        self.table: torch.Tensor | None = None    # (steps, sum of the layers' widths)
-        self.current: torch.Tensor | None = None  # (1, same): the row of the step being run
+        self.for_graph = False  # read through `current` (set when steps replay as a CUDA graph)
+        self.rows: dict[int, torch.Tensor] | None = None  # id(layer) -> (steps, width)
+        self.table: torch.Tensor | None = None    # for_graph: (steps, sum of the layers' widths)
+        self.current: torch.Tensor | None = None  # for_graph: (1, same), the row of this step
         self.slices: dict[int, tuple[int, int]] = {}  # id(layer) -> (offset, width) in a row
         self.key: tuple | None = None   # the pooled prompt and guidance the table was made for
         self.step = -1
@@ -78,6 +81,11 @@ class Modulations:
         """Map each layer's current weight address to it (call again after weights move)."""
         for layer in self.layers:
             offload.register_by_weight(layer)
+
+    @property
+    def ready(self) -> bool:
+        """The job's table is filled."""
+        return self.key is not None
 
     @torch.no_grad()
     def prepare(self, timesteps: torch.Tensor, pooled_prompt_emb: torch.Tensor,
@@ -92,38 +100,44 @@ class Modulations:
         if dit.guidance_embedder is not None and guidance is not None:
             conditioning = conditioning + dit.guidance_embedder(guidance * 1000, dtype)
         x = torch.nn.functional.silu(conditioning)
-        self.table = None  # the last job's, if it ended without clear()
+        self.clear()
+        self.rows = {id(layer): layer._direct_forward(x) for layer in self.layers}
+        if self.for_graph:
+            self._join_rows()
+        self.key = (id(pooled_prompt_emb), id(guidance))
+
+    def _join_rows(self) -> None:
         offset = 0
         for layer in self.layers:
-            out = layer._direct_forward(x)
-            if self.table is None:  # written layer by layer: no second copy at the peak (8 GB cards)
-                width = sum(m.weight.shape[0] for m in self.layers)
-                self.table = out.new_empty((out.shape[0], width))
-            self.table[:, offset:offset + out.shape[1]] = out
-            self.slices[id(layer)] = (offset, out.shape[1])
-            offset += out.shape[1]
+            width = self.rows[id(layer)].shape[1]
+            self.slices[id(layer)] = (offset, width)
+            offset += width
+        self.table = torch.cat([self.rows[id(layer)] for layer in self.layers], dim=-1)
+        self.rows = None
         row = (1, self.table.shape[1])
         if self.current is None or (self.current.shape, self.current.dtype, self.current.device) != \
                 (row, self.table.dtype, self.table.device):
             self.current = self.table.new_empty(row)
-        self.key = (id(pooled_prompt_emb), id(guidance))
 
     def use(self, step: int, pooled_prompt_emb: torch.Tensor, guidance: torch.Tensor | None) -> None:
         """Set the step the next forward pass is for; a pass with other inputs (a negative
         prompt, say) computes its modulations directly."""
-        self.step = step if self.table is not None and self.key == (id(pooled_prompt_emb), id(guidance)) else -1
-        if self.step >= 0:
+        self.step = step if self.ready and self.key == (id(pooled_prompt_emb), id(guidance)) else -1
+        if self.step >= 0 and self.table is not None:
             self.current.copy_(self.table[step:step + 1])
 
     def output(self, layer: AutoWrappedLinear, x: torch.Tensor) -> torch.Tensor:
         if self.step < 0 or x.shape[0] != 1:
             return layer._direct_forward(x)
+        # Copies: the compiled graph may reuse its outputs' memory.
+        if self.table is None:
+            return self.rows[id(layer)][self.step:self.step + 1].clone()
         offset, width = self.slices[id(layer)]
-        # A copy: the compiled graph may reuse its outputs' memory.
         return self.current[:, offset:offset + width].clone()
 
     def clear(self) -> None:
         """Drop the job's table (`current` stays: a captured graph reads it)."""
+        self.rows = None
         self.table = None
         self.key = None
         self.step = -1

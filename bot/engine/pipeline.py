@@ -211,6 +211,7 @@ class Engine:
             log.info("CUDA graphs off: part of the DiT moves during a job (budget too small or keep_resident off)")
             return None
         mods = self.modulations
+        mods.for_graph = True
         step_graph = graphs.StepGraph(self.pipe.model_fn, can_replay=lambda: mods.step >= 0 or not mods.enabled)
         self.pipe.model_fn = step_graph
         return step_graph
