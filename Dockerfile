@@ -3,7 +3,8 @@
 FROM nvidia/cuda:13.0.1-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
-    PATH=/opt/venv/bin:$PATH MODELSCOPE_CACHE=/models/.cache
+    PATH=/opt/venv/bin:$PATH MODELSCOPE_CACHE=/models/.cache \
+    TORCHINDUCTOR_CACHE_DIR=/data/torch-compile-cache
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
  && rm -rf /var/lib/apt/lists/* \
@@ -14,7 +15,8 @@ COPY pyproject.toml README.md ./
 COPY bot ./bot
 RUN pip install .
 
-# Non-root; weights and the database live on volumes, the config is mounted read-only.
+# Non-root; weights, the database and the compiled kernels (so a restart skips the 1-2 minute
+# compile) live on volumes, the config is mounted read-only.
 RUN useradd --create-home --uid 1000 fluxbot \
  && mkdir -p /models /data /config && chown fluxbot:fluxbot /models /data
 USER fluxbot

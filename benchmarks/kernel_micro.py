@@ -1,0 +1,89 @@
+"""Kernel micro-benchmarks behind the engine's Inductor settings (docs/benchmarks.md, lever K/L):
+GELU + float8 quantization with the tanh and sigmoid forms, with and without coordinate-descent
+tuning; float8 matmul shapes of the FLUX DiT with row-wise and tensor-wise scales; SDPA backends.
+
+    python benchmarks/kernel_micro.py        # needs a CUDA GPU with float8 (Ada/Hopper)
+"""
+
+import torch
+import torch.nn.functional as F
+
+torch.manual_seed(0)
+dev = "cuda"
+FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
+def bench(fn, *args, n=20):
+    """GPU time per call, from a CUDA graph of n calls (no launch overhead in the number)."""
+    s = torch.cuda.Stream(); s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3): fn(*args)
+    torch.cuda.current_stream().wait_stream(s); torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(n): fn(*args)
+    g.replay(); torch.cuda.synchronize()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for _ in range(5): g.replay()
+    e1.record(); torch.cuda.synchronize()
+    return e0.elapsed_time(e1) / (5 * n) * 1000  # us
+def quant(x2):
+    amax = x2.abs().amax(-1, keepdim=True).float()
+    scale = (amax / FP8_MAX).clamp(min=1e-12)
+    return (x2.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+def gelu_tanh(x): return F.gelu(x, approximate="tanh")
+def gelu_sig(x):
+    xf = x.float()
+    return (xf * torch.sigmoid(1.5957691216057308 * (xf + 0.044715 * xf * xf * xf))).to(x.dtype)
+def make_single(gelu):
+    def f(attn, h):
+        mlp = gelu(h[:, :, 9216:])
+        return quant(torch.cat([attn, mlp], dim=2).reshape(-1, 15360))
+    return f
+def make_double(gelu):
+    def f(h):
+        return quant(gelu(h).reshape(-1, 12288))
+    return f
+attn = torch.randn(1, 4608, 3072, device=dev, dtype=torch.bfloat16)
+h = torch.randn(1, 4608, 21504, device=dev, dtype=torch.bfloat16)
+hd = torch.randn(1, 4096, 12288, device=dev, dtype=torch.bfloat16)
+import torch._inductor.config as ic
+for cd in (False, True):
+    ic.coordinate_descent_tuning = cd
+    for name, g in (("tanh", gelu_tanh), ("sigmoid", gelu_sig)):
+        torch._dynamo.reset()
+        fs = torch.compile(make_single(g), fullgraph=True)
+        fd = torch.compile(make_double(g), fullgraph=True)
+        print(f"cd={cd} gelu={name}: single quant {bench(fs, attn, h):.1f} us, double quant {bench(fd, hd):.1f} us", flush=True)
+    torch._dynamo.reset()
+# exactness of the sigmoid form
+x = torch.randn(1 << 20, device=dev) * 4
+print("gelu forms max diff (fp32):", (F.gelu(x, approximate="tanh") - gelu_sig(x).float()).abs().max().item())
+# matmuls: rowwise vs tensorwise, fast accum
+shapes = {"single.l1": (4608, 3072, 21504), "single.l2": (4608, 15360, 3072), "dbl.qkv": (4096, 3072, 9216),
+          "dbl.ff1": (4096, 3072, 12288), "dbl.ff2": (4096, 12288, 3072), "dbl.out": (4096, 3072, 3072), "txt.ff1": (512, 3072, 12288)}
+for nm, (m, k, n) in shapes.items():
+    a = torch.randn(m, k, device=dev).to(torch.float8_e4m3fn)
+    b = torch.randn(n, k, device=dev).to(torch.float8_e4m3fn)
+    sa, sb = torch.rand(m, 1, device=dev) + 0.5, torch.ones(1, n, device=dev)
+    one = torch.ones((), device=dev)
+    rw = bench(lambda: torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16, use_fast_accum=True))
+    tw = bench(lambda: torch._scaled_mm(a, b.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16, use_fast_accum=True))
+    bf = bench(lambda: a.to(torch.bfloat16) @ b.t().to(torch.bfloat16)) if nm == "single.l1" else float("nan")
+    fl = 2 * m * k * n
+    print(f"{nm} {m}x{k}x{n}: rowwise {rw:.1f} us ({fl / rw / 1e6:.0f} TF/s), tensorwise {tw:.1f} us ({fl / tw / 1e6:.0f} TF/s)", flush=True)
+# attention backends
+from torch.nn.attention import sdpa_kernel, SDPBackend
+q, k, v = (torch.randn(1, 24, 4608, 128, device=dev, dtype=torch.bfloat16) for _ in range(3))
+for be in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+    try:
+        with sdpa_kernel([be]):
+            t = bench(lambda: F.scaled_dot_product_attention(q, k, v))
+        print(f"sdpa {be.name}: {t:.1f} us ({4 * 4608 * 4608 * 3072 / t / 1e6:.0f} TF/s)", flush=True)
+    except Exception as e:
+        print("sdpa", be.name, "failed", str(e)[:100])
+import torch.nn.attention as A
+print("attention impls:", [x for x in dir(A) if "impl" in x.lower() or "flash" in x.lower()])
+for fn in ("list_flash_attention_impls", "current_flash_attention_impl"):
+    if hasattr(A, fn):
+        try: print(fn, getattr(A, fn)())
+        except Exception as e: print(fn, "failed", e)
