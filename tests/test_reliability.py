@@ -72,6 +72,31 @@ async def test_crash_between_sending_and_recording_sends_nothing_twice(fake, set
     assert embed_field(await inter.original(), "Seed") == "5"
 
 
+async def test_crash_before_recording_then_discord_refusing_the_lookup_sends_nothing_twice(fake, settings, engine):
+    """After a crash between sending and recording, the restarted bot looks for the result. If
+    Discord refuses to show the progress message (403), it looks in the channel instead of
+    assuming nothing was sent."""
+    async with running_bot(fake, settings, engine) as bot:
+        stuck = asyncio.Event()
+
+        async def crash_before_recording(job_id, message_id, now=None):
+            stuck.set()
+            await asyncio.Event().wait()
+        bot.store.mark_done = crash_before_recording
+        await fake.slash("imagine", {"prompt": "looked up once", "seed": 6}, user_id=ALICE)
+        await asyncio.wait_for(stuck.wait(), 30)
+        job = (await bot.store.recent_jobs(1))[0]
+        assert len(images_for(fake, job.id)) == 1
+    uploads = sum(1 for ev in fake.events if ev.files)
+    fake.fail_next("GET", r"/webhooks/\d+/[^/]+/messages/", status=403, times=5)
+    async with running_bot(fake, settings, engine) as bot:
+        await bot.queue.wait_idle(30)
+        assert (await bot.store.get_job(job.id)).status is JobStatus.DONE
+        assert len(images_for(fake, job.id)) == 1
+    assert any(ev.status == 403 for ev in fake.events)  # the refusal really happened
+    assert sum(1 for ev in fake.events if ev.files) == uploads  # found in the channel, not uploaded again
+
+
 async def test_generated_but_unsent_result_is_sent_after_restart(fake, settings, engine):
     async with running_bot(fake, settings, engine) as bot:
         stuck = asyncio.Event()

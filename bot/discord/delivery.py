@@ -103,7 +103,9 @@ class DiscordDelivery:
         if webhook is not None and job.progress_message_id is not None:
             try:
                 msg = await webhook.fetch_message(job.progress_message_id)
-            except discord.NotFound:
+            except discord.HTTPException as exc:  # gone, or Discord would not say: look in the channel
+                if not isinstance(exc, discord.NotFound):
+                    log.warning("job %d: could not read the progress message: %s", job.id, exc)
                 msg = None
             if msg is not None and _holds_result(job, msg):
                 return msg.id
