@@ -13,7 +13,7 @@ MAX_SEED = 2**32 - 1
 
 # Zero-width and bidi-control characters: invisible, and a way to smuggle blocked terms past a filter.
 _INVISIBLE = re.compile("[\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff\u00ad]")
-_MENTION = re.compile(r"<@[!&]?\d+>|@everyone|@here")
+_MENTION = re.compile(r"<@[!&]?\d+>|(?<![\w@])@(?:everyone|here)\b")  # not inside words (shop@heresy.com)
 
 
 class ValidationError(ValueError):
