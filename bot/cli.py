@@ -155,14 +155,12 @@ def cmd_doctor(args) -> int:
     except ConfigError as exc:
         row("config", "FAIL", str(exc))
     if settings is not None:
-        root = weights.preset_root(settings.model.preset, settings.model.dir)
-        if settings.model.preset == "tiny-random":
-            row("weights", "PASS", "tiny-random preset: built on first use, nothing to download")
-        else:
-            missing = weights.missing_files(root)
-            row("weights", "FAIL" if missing else "PASS",
-                f"missing under {root}: {', '.join(missing)}; run `fluxbot download`" if missing
-                else f"all present under {root}")
+        try:
+            root = weights.require(settings.model.preset, settings.model.dir)
+            row("weights", "PASS", "tiny-random preset: built on first use, nothing to download"
+                if settings.model.preset == "tiny-random" else f"all present under {root}")
+        except weights.MissingWeightsError as exc:
+            row("weights", "FAIL", f"missing under {exc.root}: {', '.join(exc.missing)}; run `fluxbot download`")
         db = Path(settings.storage.database)
         if db.exists():
             try:
@@ -179,7 +177,7 @@ def cmd_doctor(args) -> int:
             row("database", "PASS", f"{db} (will be created on first run)")
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            tiny = ModelSettings(preset="tiny-random", dir=Path(tmp))
+            tiny = ModelSettings(preset="tiny-random", dir=Path(tmp), compile="off")  # a quick check: no compile
             t0 = time.perf_counter()
             engine = Engine.load(tiny)
             res = engine.generate(GenerationRequest("doctor check", seed=1, steps=2, width=256, height=256))
