@@ -54,13 +54,14 @@ def cmd_run(args) -> int:
 
     def load_engine():
         engine = Engine.load(settings.model, config_hint=str(path or ""))
-        if engine.compiled:  # compile now, not during a member's first image
+        if engine.compiled:  # compile now for the default size, not during a member's first image
             gen = settings.generation
             log.info("warming up the compiled model (%.0f s)", engine.warm_up(gen.width, gen.height))
         return engine
 
     bot = FluxBot(settings, load_engine)
     # `docker stop` sends SIGTERM: shut down like Ctrl-C so the running job is left for the next start.
+    # (signal handlers can only be set from the main thread; tests run `main` in another one)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:

@@ -27,12 +27,17 @@ def is_admin(interaction: discord.Interaction) -> bool:
     return interaction.guild_id is not None and (perms.manage_guild or perms.administrator)
 
 
+class NotAdmin(app_commands.CheckFailure):
+    """A member who is not an admin called an admin command (answered in `on_tree_error`)."""
+
+
 class AdminGroup(app_commands.Group):
-    """Its commands run for admins only; discord.py checks this before every one of them and
-    raises CheckFailure otherwise (answered in `on_tree_error`)."""
+    """Its commands run for admins only: discord.py runs this check before every one of them."""
 
     async def interaction_check(self, interaction: discord.Interaction) -> bool:
-        return is_admin(interaction)
+        if not is_admin(interaction):
+            raise NotAdmin("admins only")
+        return True
 
 
 async def tell(interaction: discord.Interaction, text: str) -> None:
@@ -202,7 +207,7 @@ async def on_tree_error(interaction: discord.Interaction, error: app_commands.Ap
     if isinstance(original, (discord.Forbidden, discord.NotFound)):
         log.warning("Discord refused a reply: %s", redact(str(original)))
         return
-    if isinstance(error, app_commands.CheckFailure):  # AdminGroup refused a non-admin
+    if isinstance(error, NotAdmin):
         text = messages.ADMIN_ONLY
     elif isinstance(error, app_commands.CommandNotFound):
         text = "Unknown command: it may have been removed. Discord refreshes the command list shortly."

@@ -32,8 +32,13 @@ INVALID_WEBHOOK_TOKEN = 50027
 HISTORY_LIMIT = 100  # messages looked through for a result sent before a crash
 
 
+def _result_stem(job: JobRecord) -> str:
+    """How every upload of the job's result is named at the start (crash recovery looks for it)."""
+    return f"fluxbot-{job.id}-"
+
+
 def _holds_result(job: JobRecord, msg: discord.Message) -> bool:
-    return any(a.filename.startswith(f"fluxbot-{job.id}-") for a in msg.attachments)
+    return any(a.filename.startswith(_result_stem(job)) for a in msg.attachments)
 
 
 class DiscordDelivery:
@@ -133,7 +138,7 @@ class DiscordDelivery:
         data, ext = await asyncio.to_thread(lambda: fit_upload(image_path.read_bytes(), limit))
         if ext != "png":
             log.info("job %d: PNG over the %d-byte upload limit; sent as %s", job.id, limit, ext)
-        name = f"fluxbot-{job.id}-{job.seed}.{ext}"
+        name = f"{_result_stem(job)}{job.seed}.{ext}"
 
         def file() -> discord.File:  # a File is consumed by one request; each attempt needs its own
             return discord.File(io.BytesIO(data), filename=name)

@@ -14,6 +14,8 @@ NO_PINGS = discord.AllowedMentions.none()
 def ping_only(user_id: int) -> discord.AllowedMentions:
     """Mentions allowed in a channel post addressed to one member: that member, nobody else."""
     return discord.AllowedMentions(everyone=False, roles=False, users=[discord.Object(user_id)])
+
+
 COLOR = discord.Colour(0x7C5CFF)
 
 

@@ -14,8 +14,10 @@ log = logging.getLogger("fluxbot.discord")
 PREFIX = "fluxbot:"
 
 
-class JobButton(discord.ui.DynamicItem[discord.ui.Button],
-                template=rf"{PREFIX}(?P<action>reroll|delete):(?P<job_id>[0-9]+)"):
+JOB_BUTTON_ID = re.compile(rf"{PREFIX}(?P<action>reroll|delete):(?P<job_id>[0-9]+)")
+
+
+class JobButton(discord.ui.DynamicItem[discord.ui.Button], template=JOB_BUTTON_ID):
     """Re-roll or Delete on a result; the action and the job id live in the custom id."""
 
     LOOKS = {"reroll": ("Re-roll", "🎲", discord.ButtonStyle.primary),
@@ -54,7 +56,7 @@ async def answer_stray_component(interaction: discord.Interaction) -> None:
     on_message = {getattr(child, "custom_id", None)
                   for row in (interaction.message.components if interaction.message else [])
                   for child in getattr(row, "children", [row])}
-    if custom_id in on_message and JobButton.__discord_ui_compiled_template__.fullmatch(custom_id):
+    if custom_id in on_message and JOB_BUTTON_ID.fullmatch(custom_id):
         return  # a dynamic item handles it (discord.py ignores ids that are not on the message)
     await interaction.response.send_message("This button is no longer active.", ephemeral=True,
                                             allowed_mentions=messages.NO_PINGS)
