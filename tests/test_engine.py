@@ -325,9 +325,9 @@ def test_plan_follows_the_card(monkeypatch):
     assert turing.budget_gib == 8
     unlimited = plan_for((8, 9), 48, vram_limit_gb=None)
     assert unlimited.budget_gib is None and unlimited.dit_resident_gib is None and unlimited.text_encoders_resident
-    # CUDA graphs keep one more step of activations: on from 20 GiB, off below, forced either way.
-    assert unlimited.cuda_graphs and plan_for((8, 9), 24, vram_limit_gb=None).cuda_graphs
-    assert not hopper.cuda_graphs and not plan_for((8, 9), 16, vram_limit_gb=None).cuda_graphs
+    # CUDA graphs need the whole DiT resident for good: on without a budget only, forced either way.
+    assert unlimited.cuda_graphs and not plan_for((8, 9), 24, vram_limit_gb=None).cuda_graphs
+    assert not hopper.cuda_graphs and not plan_for((8, 9), 80, vram_limit_gb=24).cuda_graphs
     assert plan_for((9, 0), 80, cuda_graphs="on").cuda_graphs
     assert not plan_for((9, 0), 80, vram_limit_gb=None, cuda_graphs="off").cuda_graphs
 
