@@ -25,6 +25,7 @@ import json
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -55,20 +56,36 @@ def context_gib(device) -> float:
     return (total - free - torch.cuda.memory_reserved(device)) / GIB
 
 
+def nvidia_driver() -> str | None:
+    """The NVIDIA driver version as nvidia-smi reports it (torch does not expose it)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.splitlines()[0].strip() if out.strip() else None
+
+
+def ours_settings(budget: float | None, root: Path, device: str, preset: str):
+    """Our engine's settings for a run, with the levers under trial switched from the environment
+    (FP8_MATMUL, COMPILE, FAST_ACCUM, CUDA_GRAPHS: auto/on/off; HEADROOM_GIB), so one script
+    measures each of them. Also used by profile_step.py."""
+    from bot.config import ModelSettings
+    from bot.engine import budget as budget_mod
+    if "HEADROOM_GIB" in os.environ:
+        budget_mod.HEADROOM_GIB = float(os.environ["HEADROOM_GIB"])
+    return ModelSettings(preset=preset, dir=root, vram_limit_gb=None if budget is None else float(budget),
+                         device=device, fp8_matmul=os.environ.get("FP8_MATMUL", "auto"),
+                         compile=os.environ.get("COMPILE", "auto"),
+                         fast_accum=os.environ.get("FAST_ACCUM", "auto"),
+                         cuda_graphs=os.environ.get("CUDA_GRAPHS", "auto"))
+
+
 def load(system: str, budget: int | None, root: Path, device: str, preset: str):
     if system == "ours":
-        from bot.config import ModelSettings
         from bot.engine import budget as budget_mod
         from bot.engine.pipeline import Engine
-        # Levers under trial, switched from the environment so one script measures each of them.
-        if "HEADROOM_GIB" in os.environ:
-            budget_mod.HEADROOM_GIB = float(os.environ["HEADROOM_GIB"])
-        settings = ModelSettings(preset=preset, dir=root, vram_limit_gb=None if budget is None else float(budget),
-                                 device=device, fp8_matmul=os.environ.get("FP8_MATMUL", "auto"),
-                                 compile=os.environ.get("COMPILE", "auto"),
-                                 fast_accum=os.environ.get("FAST_ACCUM", "auto"),
-                                 cuda_graphs=os.environ.get("CUDA_GRAPHS", "auto"))
-        engine = Engine.load(settings)
+        engine = Engine.load(ours_settings(budget, root, device, preset))
         if "STREAM_WINDOW_MIB" in os.environ:
             engine.streamers["dit"].window = int(float(os.environ["STREAM_WINDOW_MIB"]) * 2**20)
 
@@ -247,7 +264,7 @@ def main() -> int:
     if cuda:
         ctx = context_gib(a.device)
         rec["context_gib"] = round(ctx, 3)
-        rec["driver"] = torch.cuda.driver_version() if hasattr(torch.cuda, "driver_version") else None
+        rec["driver"] = nvidia_driver()
         if budget is not None and not a.no_cap:
             total = torch.cuda.get_device_properties(a.device).total_memory
             cap = (WHOLE_PROCESS_TARGET[budget] - ctx) * GIB

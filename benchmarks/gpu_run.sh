@@ -23,6 +23,9 @@ for cfg in ${1:-$ALL}; do
      --json "$OUT/${sys}_${b}.json" 2>&1 | grep -v -E "Warning|warn\(" | tail -n 8
 done
 if [ -z "${1:-}" ]; then
+  echo "=== diffusers budget=8, allocator not capped (its time where it does not fit)"
+  python3 benchmarks/engine_bench.py --system diffusers --budget 8 --no-cap --weights $W --images ${2:-3} \
+     --json "$OUT/diffusers_8_uncapped.json" 2>&1 | grep -v -E "Warning|warn\(" | tail -n 3
   python3 benchmarks/quality.py --json "$OUT/quality.json" | tail -n 1
   python3 benchmarks/report.py --out-dir "$OUT" "$OUT"/ours_*.json "$OUT"/seed-diffsynth_*.json "$OUT"/diffusers_*.json
 fi

@@ -68,7 +68,6 @@ for nm, (m, k, n) in shapes.items():
     one = torch.ones((), device=dev)
     rw = bench(lambda: torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16, use_fast_accum=True))
     tw = bench(lambda: torch._scaled_mm(a, b.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16, use_fast_accum=True))
-    bf = bench(lambda: a.to(torch.bfloat16) @ b.t().to(torch.bfloat16)) if nm == "single.l1" else float("nan")
     fl = 2 * m * k * n
     print(f"{nm} {m}x{k}x{n}: rowwise {rw:.1f} us ({fl / rw / 1e6:.0f} TF/s), tensorwise {tw:.1f} us ({fl / tw / 1e6:.0f} TF/s)", flush=True)
 # attention backends

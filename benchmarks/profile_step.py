@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -14,8 +13,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bot.config import ModelSettings  # noqa: E402
 from bot.engine.pipeline import Engine, GenerationRequest  # noqa: E402
+from engine_bench import ours_settings  # noqa: E402  (same directory)
 
 
 def _union(intervals: list[tuple[float, float]]) -> float:
@@ -52,13 +51,9 @@ def main() -> int:
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
     budget = None if a.budget == "none" else float(a.budget)
-    settings = ModelSettings(preset="majicflus", dir=a.weights, vram_limit_gb=budget, device="cuda",
-                             fp8_matmul=os.environ.get("FP8_MATMUL", "auto"),
-                             cuda_graphs=os.environ.get("CUDA_GRAPHS", "auto"))
-    engine = Engine.load(settings)
+    engine = Engine.load(ours_settings(budget, a.weights, "cuda", "majicflus"))
     req = GenerationRequest("profile", seed=1, steps=4, width=1024, height=1024)
     engine.generate(req)  # warm-up (compiles the quantizer)
-    steps = {"n": 0}
     prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                               torch.profiler.ProfilerActivity.CUDA])
 
@@ -67,7 +62,6 @@ def main() -> int:
             prof.start()
         if i == 3:
             prof.stop()
-        steps["n"] = i
     engine.generate(GenerationRequest("profile two", seed=2, steps=4, width=1024, height=1024), on_progress=on_progress)
     a.out.mkdir(parents=True, exist_ok=True)
     summary = busy_summary(prof)

@@ -116,7 +116,8 @@ def main() -> int:
                                      / rec["fp8_storage"]["final_latents_rel_err"])
     rec["ratio_one_step"] = rec["fp8_compute"]["one_step_rel_err"] / rec["fp8_storage"]["one_step_rel_err"]
     rec["ratio_final"] = rec["fp8_compute"]["final_latents_rel_err"] / rec["fp8_storage"]["final_latents_rel_err"]
-    rec["ok"] = rec["ratio_one_step"] <= 2 and rec["ratio_final"] <= 2
+    # The target is for what the engine runs: fast accumulation is its default wherever float8 matmuls are.
+    rec["ok"] = rec["ratio_one_step_fast_accum"] <= 2 and rec["ratio_final_fast_accum"] <= 2
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps(rec, indent=1))
     print(json.dumps(rec))
