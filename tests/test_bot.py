@@ -91,6 +91,7 @@ async def test_random_seed_is_reported_as_a_plain_number(fake, settings, engine)
 async def test_seed_minus_one_and_the_other_sizes(fake, settings, engine, size):
     """README: `seed` -1 = random; `size` portrait or landscape; the result shows its time."""
     preset = size_presets(settings.generation.width, settings.generation.height)[size]
+    assert (preset.width, preset.height) == {"portrait": (208, 304), "landscape": (304, 208)}[size]  # at 256x256
     async with running_bot(fake, settings, engine) as bot:
         final = await (await imagine(fake, ALICE, seed=-1, size=size)).wait_original(has_image)
         job = (await bot.store.recent_jobs(1))[0]
@@ -408,6 +409,7 @@ async def test_every_message_disables_mentions(fake, settings, engine):
         mentions = body.get("allowed_mentions")
         assert mentions is not None, (ev.method, ev.path, body)
         assert mentions.get("parse", []) == [] and not mentions.get("roles"), (ev.path, mentions)
+        assert not mentions.get("users") or "/channels/" in ev.path, (ev.path, mentions)  # only channel posts ping
     assert "<@" not in job.prompt and "@everyone" not in job.prompt
 
 

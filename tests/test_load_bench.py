@@ -45,7 +45,7 @@ def test_load_bench_smoke(tmp_path, model_dir, capsys):
         assert phase["interactions"] == n
         check_stats(phase["ack_ms"], n)
         check_stats(phase["loop_lag_ms"])
-        assert 0 <= phase["gpu_busy_fraction"] <= 1
+        assert 0.5 < phase["gpu_busy_fraction"] <= 1  # the model really painted during the phase
         assert phase["duration_s"] > 0 and phase["acks_per_s"] > 0
         assert set(phase["meets_targets"]) == {"ack_p99", "loop_lag_p99"}
     assert steady["commands"] == {"quota": 5, "queue": 5}

@@ -300,3 +300,4 @@ async def test_a_failed_acknowledgement_edit_does_not_lose_the_job(fake, setting
         await bot.queue.wait_idle(30)
         job = (await bot.store.recent_jobs(1))[0]
         assert job.status is JobStatus.DONE and len(images_for(fake, job.id)) == 1
+    assert any(ev.status == 400 and ev.path.endswith("/messages/@original") for ev in fake.events)  # it was injected
