@@ -47,7 +47,11 @@ async def test_restart_resumes_waiting_and_interrupted_jobs_exactly_once(fake, s
         assert has_image(await inter.original())
 
 
-async def test_crash_between_sending_and_recording_sends_nothing_twice(fake, settings, engine):
+@pytest.mark.parametrize("refuse_lookup", [False, True])
+async def test_crash_between_sending_and_recording_sends_nothing_twice(fake, settings, engine, refuse_lookup):
+    """After a crash between sending and recording, the restarted bot finds the result instead of
+    sending it again, also when Discord refuses to show the progress message (403): then it looks in
+    the channel."""
     async with running_bot(fake, settings, engine) as bot:
         stuck = asyncio.Event()
         real_mark_done = bot.store.mark_done
@@ -62,39 +66,19 @@ async def test_crash_between_sending_and_recording_sends_nothing_twice(fake, set
         job = (await bot.store.recent_jobs(1))[0]
         assert job.status is JobStatus.GENERATED
         assert len(images_for(fake, job.id)) == 1
+    uploads = sum(1 for ev in fake.events if ev.files)
+    if refuse_lookup:
+        fake.fail_next("GET", r"/webhooks/\d+/[^/]+/messages/", status=403, times=5)
     async with running_bot(fake, settings, engine) as bot:
         await bot.queue.wait_idle(30)
         job = await bot.store.get_job(job.id)
         assert job.status is JobStatus.DONE
-        assert len(images_for(fake, job.id)) == 1  # found, not sent again
+        assert len(images_for(fake, job.id)) == 1
         assert engine.calls.count("once only") == 1
         assert (await bot.store.quota_status(ALICE)).used == 1
+    assert sum(1 for ev in fake.events if ev.files) == uploads  # found, not uploaded again
+    assert any(ev.status == 403 for ev in fake.events) == refuse_lookup
     assert embed_field(await inter.original(), "Seed") == "5"
-
-
-async def test_crash_before_recording_then_discord_refusing_the_lookup_sends_nothing_twice(fake, settings, engine):
-    """After a crash between sending and recording, the restarted bot looks for the result. If
-    Discord refuses to show the progress message (403), it looks in the channel instead of
-    assuming nothing was sent."""
-    async with running_bot(fake, settings, engine) as bot:
-        stuck = asyncio.Event()
-
-        async def crash_before_recording(job_id, message_id, now=None):
-            stuck.set()
-            await asyncio.Event().wait()
-        bot.store.mark_done = crash_before_recording
-        await fake.slash("imagine", {"prompt": "looked up once", "seed": 6}, user_id=ALICE)
-        await asyncio.wait_for(stuck.wait(), 30)
-        job = (await bot.store.recent_jobs(1))[0]
-        assert len(images_for(fake, job.id)) == 1
-    uploads = sum(1 for ev in fake.events if ev.files)
-    fake.fail_next("GET", r"/webhooks/\d+/[^/]+/messages/", status=403, times=5)
-    async with running_bot(fake, settings, engine) as bot:
-        await bot.queue.wait_idle(30)
-        assert (await bot.store.get_job(job.id)).status is JobStatus.DONE
-        assert len(images_for(fake, job.id)) == 1
-    assert any(ev.status == 403 for ev in fake.events)  # the refusal really happened
-    assert sum(1 for ev in fake.events if ev.files) == uploads  # found in the channel, not uploaded again
 
 
 async def test_generated_but_unsent_result_is_sent_after_restart(fake, settings, engine):
