@@ -25,16 +25,17 @@ import logging
 import os
 import sqlite3
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, time, timedelta, timezone
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 BUSY_TIMEOUT_MS = 10_000
 """How long a connection waits for another writer's lock before giving up."""
@@ -576,6 +577,30 @@ class Store:
                     raise StoreError(f"database error on {self.path}: {exc}") from exc
                 raise
 
+    async def _transaction_in_db_thread(self, fn: Callable[[sqlite3.Connection], tuple[bool, T]]) -> T:
+        """`fn(connection) -> (commit, result)` as one ``BEGIN IMMEDIATE`` transaction, run whole in
+        aiosqlite's thread: one hop instead of a loop<->thread hand-off per statement (a burst of
+        /imagine on a busy CPU waited on a dozen of them per admission). Committed when `fn` says
+        so, rolled back when it does not or raises."""
+        def run(db: sqlite3.Connection) -> T:
+            db.execute(SQL_BEGIN)
+            try:
+                commit, result = fn(db)
+                db.execute(SQL_COMMIT if commit else SQL_ROLLBACK)
+                return result
+            except BaseException:
+                if db.in_transaction:
+                    db.execute(SQL_ROLLBACK)
+                raise
+
+        async with self._lock:
+            conn = self._connection()
+            try:
+                # aiosqlite's private API: `run(sqlite3 connection)` in its thread, in order with other requests.
+                return await conn._execute(run, conn._conn)
+            except sqlite3.Error as exc:
+                raise StoreError(f"database error on {self.path}: {exc}") from exc
+
     async def _rollback(self, conn: aiosqlite.Connection) -> None:
         try:
             await _execute(conn, SQL_ROLLBACK)
@@ -685,38 +710,24 @@ class Store:
         params = dataclasses.asdict(job)
         params.update(status=JobStatus.QUEUED.value, charged_day=day, queued_at=now.timestamp())
 
-        def admit_in_db_thread(db: sqlite3.Connection):
-            # The whole transaction in one hop to aiosqlite's thread: a burst of /imagine under a
-            # busy CPU would otherwise wait on a dozen loop<->thread hand-offs per admission.
-            db.execute(SQL_BEGIN)
-            try:
-                counts = db.execute(SQL_ACTIVE_COUNTS, {"user_id": job.user_id}).fetchone()
-                quota_row = db.execute(SQL_QUOTA, {"user_id": job.user_id, "day": day}).fetchone()
-                quota = self._quota_from_row(quota_row, job.user_id, now)
-                if counts["active_total"] >= max_queue:
-                    status = AdmissionStatus.QUEUE_FULL
-                elif counts["active_user"] >= max_per_user:
-                    status = AdmissionStatus.USER_CAP
-                elif quota.used >= quota.limit:
-                    status = AdmissionStatus.QUOTA_EXHAUSTED
-                else:
-                    job_id = db.execute(SQL_INSERT_JOB, params).lastrowid
-                    db.execute(SQL_CHARGE, (job.user_id, day))
-                    row = db.execute(SQL_GET_JOB, (job_id,)).fetchone()
-                    db.execute(SQL_COMMIT)
-                    used = quota.used + 1
-                    charged = dataclasses.replace(quota, used=used, remaining=max(0, quota.limit - used))
-                    return Admission(AdmissionStatus.ACCEPTED, _job_from_row(row), charged)
-                db.execute(SQL_ROLLBACK)
-                return Admission(status, None, quota)
-            except BaseException:
-                if db.in_transaction:
-                    db.execute(SQL_ROLLBACK)
-                raise
+        def admit_in_db_thread(db: sqlite3.Connection) -> tuple[bool, Admission]:
+            counts = db.execute(SQL_ACTIVE_COUNTS, {"user_id": job.user_id}).fetchone()
+            quota_row = db.execute(SQL_QUOTA, {"user_id": job.user_id, "day": day}).fetchone()
+            quota = self._quota_from_row(quota_row, job.user_id, now)
+            if counts["active_total"] >= max_queue:
+                return False, Admission(AdmissionStatus.QUEUE_FULL, None, quota)
+            if counts["active_user"] >= max_per_user:
+                return False, Admission(AdmissionStatus.USER_CAP, None, quota)
+            if quota.used >= quota.limit:
+                return False, Admission(AdmissionStatus.QUOTA_EXHAUSTED, None, quota)
+            job_id = db.execute(SQL_INSERT_JOB, params).lastrowid
+            db.execute(SQL_CHARGE, (job.user_id, day))
+            row = db.execute(SQL_GET_JOB, (job_id,)).fetchone()
+            used = quota.used + 1
+            charged = dataclasses.replace(quota, used=used, remaining=max(0, quota.limit - used))
+            return True, Admission(AdmissionStatus.ACCEPTED, _job_from_row(row), charged)
 
-        async with self._reading() as conn:
-            # aiosqlite runs `fn(sqlite3_connection)` in its own thread, in order with other requests.
-            return await conn._execute(admit_in_db_thread, conn._conn)
+        return await self._transaction_in_db_thread(admit_in_db_thread)
 
     # ---------------------------------------------------------------- ledger
 
