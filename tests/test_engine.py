@@ -318,6 +318,8 @@ def test_plan_follows_the_card(monkeypatch):
     assert (hopper.fp8_matmul, hopper.fast_accum) == (True, True)
     assert hopper.dit_resident_gib == 8 - budget.HEADROOM_GIB and hopper.budget_gib == 8
     assert not hopper.text_encoders_resident and hopper.tiled_vae
+    # PyTorch may reserve what the whole process may take (7 GiB of an 8 GB card) less the context.
+    assert hopper.allocator_cap_gib == 8 - budget.CARD_KEEPS_GIB - budget.CONTEXT_GIB == 6.25
     assert plan_for((9, 0), 80, fast_accum="off").fast_accum is False
     assert plan_for((9, 0), 80, fp8_matmul="off").fast_accum is False  # nothing to accumulate
     turing = plan_for((7, 5), 11)
@@ -325,6 +327,8 @@ def test_plan_follows_the_card(monkeypatch):
     assert turing.budget_gib == 8
     unlimited = plan_for((8, 9), 48, vram_limit_gb=None)
     assert unlimited.budget_gib is None and unlimited.dit_resident_gib is None and unlimited.text_encoders_resident
+    assert unlimited.allocator_cap_gib is None
+    assert plan_for((8, 9), 24, vram_limit_gb=24).allocator_cap_gib is None  # the whole card: its own limit
     # CUDA graphs need the whole DiT resident for good: on without a budget only, forced either way.
     assert unlimited.cuda_graphs and not plan_for((8, 9), 24, vram_limit_gb=None).cuda_graphs
     assert not hopper.cuda_graphs and not plan_for((8, 9), 80, vram_limit_gb=24).cuda_graphs

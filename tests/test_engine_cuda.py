@@ -5,6 +5,9 @@ with `python -m pytest tests/test_engine_cuda.py`."""
 
 from __future__ import annotations
 
+import dataclasses
+import gc
+
 import numpy as np
 import pytest
 import torch
@@ -88,3 +91,22 @@ def test_cuda_graphs_stay_off_while_weights_move(model_dir):
     streamed = Engine.load(settings, plan=plan(resident_gib=0.0004, fp8=fp8, cuda_graphs=True))
     moved = Engine.load(settings, plan=plan(resident_gib=None, fp8=fp8, keep_resident=False, cuda_graphs=True))
     assert streamed.step_graph is None and moved.step_graph is None
+
+
+def test_a_budget_caps_the_allocator(model_dir):
+    """Under a budget PyTorch's allocator may not reserve past `allocator_cap_gib`: the engine
+    paints within it, and an allocation past it fails instead of taking more of the card."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    settings = tiny_model_settings(model_dir, device="cuda")
+    capped = dataclasses.replace(plan(resident_gib=None, fp8=False, compile="off"), allocator_cap_gib=1.0)
+    try:
+        engine = Engine.load(settings, plan=capped)
+        assert pixels(engine).std() > 10
+        reserved = torch.cuda.memory_reserved()
+        assert reserved <= 2**30
+        with pytest.raises(torch.cuda.OutOfMemoryError):
+            torch.empty(2**30 - reserved + 64 * 2**20, dtype=torch.uint8, device="cuda")
+        torch.empty(64 * 2**20, dtype=torch.uint8, device="cuda")  # well under the cap: fine
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)

@@ -17,6 +17,12 @@ GIB = 1024**3
 # streamed layers in flight (two windows), the VAE weights, the tiled VAE decode and T5 streaming;
 # the rest is allocator slack.
 HEADROOM_GIB = 3.25
+# Of a budget of N GiB, what PyTorch's allocator may reserve: less the ~1 GiB the card keeps and the
+# CUDA context (measured 0.68 GiB on an H100, torch 2.11 + CUDA 13). Its cached blocks otherwise
+# grow until the card is full, and at an emulated card's cap they overshot it by 11 MB
+# (docs/benchmarks.md, 8 GB). With the cap, allocations past it first free cached blocks.
+CARD_KEEPS_GIB = 1.0
+CONTEXT_GIB = 0.75
 # Below this budget the VAE decodes in tiles (about a quarter of the activation memory).
 TILED_VAE_BELOW_GIB = 16.0
 # Below this budget the text encoders are streamed layer by layer instead of resident.
@@ -37,6 +43,7 @@ class Plan:
     compile: str = "off"              # compile the DiT blocks ("auto": on a GPU)
     fast_accum: bool = False          # float8 matmuls accumulate the fast way (Hopper/Ada)
     cuda_graphs: bool = False         # replay denoising steps as a CUDA graph (DiT all resident)
+    allocator_cap_gib: float | None = None  # the most PyTorch's allocator may reserve (None: the card)
 
     def describe(self) -> str:
         budget = "unlimited" if self.budget_gib is None else f"{self.budget_gib:g} GiB"
@@ -44,7 +51,8 @@ class Plan:
                 f"dit_resident={'all' if self.dit_resident_gib is None else f'{self.dit_resident_gib:.1f} GiB'} "
                 f"text_encoders_resident={self.text_encoders_resident} keep_resident={self.keep_resident} "
                 f"fp8_matmul={self.fp8_matmul} fast_accum={self.fast_accum} pinned={self.pinned} tiled_vae={self.tiled_vae} compile={self.compile} "
-                f"cuda_graphs={self.cuda_graphs}")
+                f"cuda_graphs={self.cuda_graphs} "
+                f"allocator_cap={'none' if self.allocator_cap_gib is None else f'{self.allocator_cap_gib:.2f} GiB'}")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -106,4 +114,5 @@ def make_plan(model_settings, device: torch.device | None = None) -> Plan:
         # A graph needs the whole DiT on the GPU for good; under any budget the modulation weights are
         # copied in per job, so "auto" means unlimited.
         cuda_graphs=_switch(model_settings.cuda_graphs, unlimited),
+        allocator_cap_gib=None if unlimited or budget >= total_gib else max(0.5, budget - CARD_KEEPS_GIB - CONTEXT_GIB),
     )

@@ -152,6 +152,9 @@ class Engine:
             # reserved memory stays near what is really allocated (measured: 6.13 of 6.33 GiB).
             setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)  # torch >= 2.10
             (setter or torch.cuda.memory._set_allocator_settings)("expandable_segments:True")
+        if plan.allocator_cap_gib is not None:
+            total = torch.cuda.get_device_properties(plan.device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, plan.allocator_cap_gib * GIB / total), plan.device)
         t0 = time.perf_counter()
         pipe = build_pipeline(weights.model_files(root), plan, t5_fp8=model_settings.t5_fp8)
         engine = cls(pipe, plan, root, preset)
