@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from bot.engine import layouts, weights
+from bot.engine import layouts, offload, weights
 from bot.engine.pipeline import Engine, GenerationCancelled, GenerationRequest
 from conftest import tiny_model_settings
 
@@ -303,7 +304,6 @@ def test_keep_resident_off_releases_and_replaces_between_jobs(model_dir, tiny_en
 def test_plan_follows_the_card(monkeypatch):
     """What the engine decides from the card: float8 matmuls (and their fast accumulation) on Ada
     and Hopper only, the DiT share that fits the budget, T5 streamed below 30 GB."""
-    from types import SimpleNamespace
 
     from bot.engine import budget
 
@@ -358,13 +358,42 @@ def test_modulations_are_computed_once_per_job(model_dir, tiny_engine):
     assert rows_seen == [1] * (4 * len(mods.layers))
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
     assert np.abs(a.astype(int) - pixels(tiny_engine.generate(req)).astype(int)).max() <= 2
-    # The CUDA-graph layout (one table, each step's row copied into a fixed buffer) reads the same
-    # numbers: the same pixels, and the buffer holds the last step's row.
-    mods.enabled, mods.for_graph = True, True
+    # The CUDA-graph layout (the weights joined into one matrix, the outputs into one table, each
+    # step's row copied into a fixed buffer) reads the same numbers: the same pixels, and the
+    # buffer holds the last step's row.
+    mods.enabled = True
+    before = {id(m): (m.weight.detach().clone(), m.bias.detach().clone()) for m in mods.layers}
+    assert mods.join_weights()
+    for m in mods.layers:
+        assert m.weight.untyped_storage().data_ptr() == mods.weight.untyped_storage().data_ptr()
+        assert m.bias.untyped_storage().data_ptr() == mods.bias.untyped_storage().data_ptr()
+        assert torch.equal(m.weight, before[id(m)][0]) and torch.equal(m.bias, before[id(m)][1])
     seen: list = []
     c = pixels(engine.generate(req, on_progress=lambda i, n: seen.append((mods.table is not None, mods.rows is None))))
     assert np.array_equal(a, c) and seen == [(True, True)] * 4
-    assert mods.current is not None and mods.current.shape == (1, sum(m.weight.shape[0] for m in mods.layers))
+    width = sum(m.weight.shape[0] for m in mods.layers)
+    assert mods.weight.shape[0] == width and mods.current.shape == (1, width)
+    last = mods.layers[-1]
+    offset, w = mods.slices[id(last)]
+    assert offset + w == width
+
+
+def test_joined_modulation_weights_fill_the_table_in_one_float8_matmul(model_dir, monkeypatch):
+    """For a CUDA graph the modulation layers' weights become views of one matrix, and a job's
+    whole table is one float8 matmul: the same numbers as each layer's own float8 matmul."""
+    engine = Engine.load(tiny_model_settings(model_dir))
+    mods = engine.modulations
+    offload.configure_linears(engine.pipe.dit, fp8_matmul=True)  # as on an Ada or Hopper card
+    assert all(m.keep_fp8 for m in mods.layers)
+    x = torch.nn.functional.silu(torch.randn(5, mods.layers[0].in_features, generator=torch.Generator().manual_seed(3)))
+    want = torch.cat([m._direct_forward(x) for m in mods.layers], dim=-1)
+    assert mods.join_weights()
+    calls = []
+    scaled_mm = torch._scaled_mm
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: (calls.append(a[1].shape), scaled_mm(*a, **k))[1])
+    got = mods._joined_forward(x)
+    assert calls == [(mods.layers[0].in_features, sum(m.out_features for m in mods.layers))]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_inductor_compiles_tanh_gelu_through_sigmoid():

@@ -68,6 +68,8 @@ def test_cuda_graph_replays_paint_what_eager_steps_paint(model_dir):
     eager = Engine.load(settings, plan=plan(resident_gib=None, fp8=fp8))
     graphed = Engine.load(settings, plan=plan(resident_gib=None, fp8=fp8, cuda_graphs=True))
     assert eager.step_graph is None and graphed.step_graph is not None
+    assert graphed.modulations.joined and not eager.modulations.joined  # one matmul fills the table
+    assert graphed.modulations.weight.device.type == "cuda" and all(m.state == 2 for m in graphed.modulations.layers)
     dog = GenerationRequest("a dog in the rain", seed=5, steps=4, width=256, height=256)
     first, cat, dog_img = pixels(graphed), pixels(graphed), pixels(graphed, dog)
     assert graphed.step_graph.replays == 2 + 3 + 4 and not graphed.step_graph.disabled

@@ -55,20 +55,26 @@ class Modulations:
     """The modulation table of the job being painted, and the hooks that fill and read it.
 
     `rows` holds each layer's outputs for every step; a step's forward pass reads its row. With a
-    CUDA graph (graphs.py, `for_graph`), the graph can only read memory at the address it was
-    captured with: the rows are then joined into one `table`, and before each step its row is
-    copied into `current`, a buffer that stays put for the engine's life. (Only then: under a
-    VRAM budget the one large table cost an extra allocator segment on 8 GB cards.)
+    CUDA graph (graphs.py, `join_weights`), the graph can only read memory at the address it was
+    captured with: the layers' outputs then form one `table`, and before each step its row is
+    copied into `current`, a buffer that stays put for the engine's life. The weights are joined
+    too (each layer's weight becomes a view of one matrix), so the table is one float8 matmul:
+    115 small ones had kept the GPU waiting on the CPU for ~30 ms at every job's first step.
+    (Only with a graph: under a VRAM budget the weights are copied in per job, layer by layer,
+    and the one large table cost an extra allocator segment on 8 GB cards.)
     """
 
     def __init__(self, dit: torch.nn.Module):
         self.dit = dit
         self.layers = list(modulation_layers(dit).values())
         self.enabled = True
-        self.for_graph = False  # read through `current` (set when steps replay as a CUDA graph)
         self.rows: dict[int, torch.Tensor] | None = None  # id(layer) -> (steps, width)
-        self.table: torch.Tensor | None = None    # for_graph: (steps, sum of the layers' widths)
-        self.current: torch.Tensor | None = None  # for_graph: (1, same), the row of this step
+        # After join_weights (for a CUDA graph): every layer's weight and bias as one matrix,
+        # the job's outputs as one table, and the fixed buffer a step reads its row from.
+        self.weight: torch.Tensor | None = None   # (sum of the layers' widths, dim)
+        self.bias: torch.Tensor | None = None
+        self.table: torch.Tensor | None = None    # (steps, sum of the layers' widths)
+        self.current: torch.Tensor | None = None  # (1, same), the row of this step
         self.slices: dict[int, tuple[int, int]] = {}  # id(layer) -> (offset, width) in a row
         self.key: tuple | None = None   # the pooled prompt and guidance the table was made for
         self.step = -1
@@ -81,6 +87,52 @@ class Modulations:
         """Map each layer's current weight address to it (call again after weights move)."""
         for layer in self.layers:
             offload.register_by_weight(layer)
+
+    @property
+    def joined(self) -> bool:
+        return self.weight is not None
+
+    @torch.no_grad()
+    def join_weights(self, device: torch.device | None = None) -> bool:
+        """Make every layer's weight and bias a view of one matrix on `device` (default: where the
+        weights are). Call it before the layers are placed, so the old copies (on the CPU) never
+        share the GPU with the new one; the layers must stay put from then on (a resident DiT kept
+        for good). False, changing nothing, where the layers differ in device, dtype or input
+        width, or one has no bias."""
+        first = self.layers[0].weight if self.layers else None
+        if first is None or any(layer.bias is None or (layer.weight.device, layer.weight.dtype, layer.weight.shape[1])
+                                != (first.device, first.dtype, first.shape[1]) for layer in self.layers):
+            return False
+        device = first.device if device is None else torch.device(device)
+        total = sum(layer.weight.shape[0] for layer in self.layers)
+        weight = torch.empty((total, first.shape[1]), dtype=first.dtype, device=device)
+        bias = torch.empty(total, dtype=self.layers[0].bias.dtype, device=device)
+        offset = 0
+        for layer in self.layers:  # one layer at a time: each old copy is freed as it moves
+            width = layer.weight.shape[0]
+            weight[offset:offset + width].copy_(layer.weight.data)
+            bias[offset:offset + width].copy_(layer.bias.data)
+            layer.weight.data = weight[offset:offset + width]
+            layer.bias.data = bias[offset:offset + width]
+            if device.type == "cuda" and str(device) == str(torch.device(layer.preparing_device)):
+                layer.state = 2  # DiffSynth's "prepared" (on the GPU): placement leaves it there
+            self.slices[id(layer)] = (offset, width)
+            offset += width
+        self.weight, self.bias = weight, bias
+        self.register()
+        return True
+
+    def _joined_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """All layers' outputs side by side: one float8 matmul where the layers compute in float8,
+        else layer by layer into the table (a whole bf16 copy of the weights would be 6 GB)."""
+        template = self.layers[0]
+        if all(getattr(layer, "keep_fp8", False) for layer in self.layers):
+            return template.linear_forward(x, self.weight, self.bias)
+        table = x.new_empty((x.shape[0], self.weight.shape[0]))
+        for layer in self.layers:
+            offset, width = self.slices[id(layer)]
+            table[:, offset:offset + width] = layer._direct_forward(x)
+        return table
 
     @property
     def ready(self) -> bool:
@@ -101,23 +153,15 @@ class Modulations:
             conditioning = conditioning + dit.guidance_embedder(guidance * 1000, dtype)
         x = torch.nn.functional.silu(conditioning)
         self.clear()
-        self.rows = {id(layer): layer._direct_forward(x) for layer in self.layers}
-        if self.for_graph:
-            self._join_rows()
+        if self.joined:
+            self.table = self._joined_forward(x)
+            row = (1, self.table.shape[1])
+            if self.current is None or (self.current.shape, self.current.dtype, self.current.device) != \
+                    (row, self.table.dtype, self.table.device):
+                self.current = self.table.new_empty(row)
+        else:
+            self.rows = {id(layer): layer._direct_forward(x) for layer in self.layers}
         self.key = (id(pooled_prompt_emb), id(guidance))
-
-    def _join_rows(self) -> None:
-        offset = 0
-        for layer in self.layers:
-            width = self.rows[id(layer)].shape[1]
-            self.slices[id(layer)] = (offset, width)
-            offset += width
-        self.table = torch.cat([self.rows[id(layer)] for layer in self.layers], dim=-1)
-        self.rows = None
-        row = (1, self.table.shape[1])
-        if self.current is None or (self.current.shape, self.current.dtype, self.current.device) != \
-                (row, self.table.dtype, self.table.device):
-            self.current = self.table.new_empty(row)
 
     def use(self, step: int, pooled_prompt_emb: torch.Tensor, guidance: torch.Tensor | None) -> None:
         """Set the step the next forward pass is for; a pass with other inputs (a negative

@@ -131,6 +131,10 @@ class Engine:
             "text_encoder_2": Streamer(plan.device, window=512 * MIB, wrap=False),
             "text_encoder_1": Streamer(plan.device, window=512 * MIB, wrap=False),
         }
+        if plan.cuda_graphs and self.device.type == "cuda" and plan.dit_resident_gib is None and plan.keep_resident:
+            # The graph reads one modulation table filled by one matmul: join those weights now,
+            # as they move to the GPU (after placement, old and new copies would meet there).
+            self.modulations.join_weights(self.device)
         self._place()
         self.compiled = self._maybe_compile()
         self.step_graph = self._maybe_graph()
@@ -214,7 +218,9 @@ class Engine:
             log.info("CUDA graphs off: part of the DiT moves during a job (budget too small or keep_resident off)")
             return None
         mods = self.modulations
-        mods.for_graph = True
+        if not mods.joined:
+            log.info("CUDA graphs off: the modulation layers differ in device, dtype or width")
+            return None
         step_graph = graphs.StepGraph(self.pipe.model_fn, can_replay=lambda: mods.step >= 0 or not mods.enabled)
         self.pipe.model_fn = step_graph
         return step_graph
