@@ -67,7 +67,7 @@ def main() -> int:
     summary = busy_summary(prof)
     print(summary)
     (a.out / f"busy_{a.budget}.txt").write_text(summary + "\n")
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=80, max_name_column_width=110)
     (a.out / f"profile_{a.budget}.txt").write_text(table)
     print(table[:6000])
     cpu = prof.key_averages().table(sort_by="cpu_time_total", row_limit=15)

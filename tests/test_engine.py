@@ -407,3 +407,42 @@ def test_inductor_compiles_tanh_gelu_through_sigmoid():
         assert torch.allclose(inductor.gelu_as_sigmoid(x, approximate), want, rtol=0, atol=1e-12)
     inductor.configure()
     assert select_decomp_table()[torch.ops.aten.gelu.default] is inductor.gelu_as_sigmoid
+
+
+def test_inductor_keeps_rows_up_to_16384_in_one_pass():
+    """After configure(), Inductor's heuristic keeps a row-wise (inner) reduction of up to 16384
+    elements persistent (the 15360-wide rows of FLUX's single blocks) and nothing wider; other
+    reductions keep Inductor's own rule; reductions are not split; a second configure() does not
+    wrap the rule twice."""
+    import sympy
+    import torch._inductor.config as config
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.runtime.hints import ReductionHint
+    from torch._inductor.virtualized import V
+    from bot.engine import inductor
+    inductor.configure()
+    inductor.configure()
+    rule = InductorChoices.should_use_persistent_reduction
+    assert rule._fluxbot_limit == inductor.PERSISTENT_ROW_LIMIT == 16384
+    assert not hasattr(rule._fluxbot_default, "_fluxbot_limit")  # Inductor's own, not ours again
+    assert config.split_reductions is False and config.coordinate_descent_tuning is True
+
+    class Kernel:  # what the rule reads of a kernel's reduction
+        def __init__(self, numel, hint):
+            self.reduction_numel, self.hint = sympy.Integer(numel), hint
+
+        def get_reduction_hint(self, *args):
+            return self.hint
+
+        def strict_sum_rblock(self):
+            return None
+
+        def has_strict_sum_multirow_reduction(self):
+            return False
+
+    sizevars = SimpleNamespace(statically_known_leq=lambda a, b: a <= b, statically_known_geq=lambda a, b: a >= b)
+    with V.set_graph_handler(SimpleNamespace(sizevars=sizevars)):
+        persistent = {n: rule(Kernel(n, ReductionHint.INNER), False) for n in (128, 3072, 12288, 15360, 16384, 16385)}
+        outer = rule(Kernel(15360, ReductionHint.OUTER), False)
+    assert persistent == {128: True, 3072: True, 12288: True, 15360: True, 16384: True, 16385: False}
+    assert outer is False
