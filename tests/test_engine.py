@@ -396,6 +396,23 @@ def test_joined_modulation_weights_fill_the_table_in_one_float8_matmul(model_dir
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_guidance_is_made_on_the_device_with_diffsynths_values(tiny_engine):
+    """The engine's guidance unit (no blocking copy) gives the tensor DiffSynth's own unit gives:
+    the same values, dtype and device, for guidance values that do and do not round."""
+    from diffsynth.pipelines.flux_image import FluxImageUnit_EmbeddedGuidanceEmbedder
+    ours = [u for u in tiny_engine.pipe.units if isinstance(u, FluxImageUnit_EmbeddedGuidanceEmbedder)]
+    assert len(ours) == 1 and type(ours[0]) is not FluxImageUnit_EmbeddedGuidanceEmbedder
+    for dtype in (torch.float32, torch.bfloat16):
+        latents = torch.zeros(2, 16, 8, 8, dtype=dtype)
+        for value in (3.5, 3.3, 1.0, 10.123456789):
+            want = FluxImageUnit_EmbeddedGuidanceEmbedder().process(tiny_engine.pipe, value, latents)["guidance"]
+            got = ours[0].process(tiny_engine.pipe, value, latents)["guidance"]
+            assert got.dtype == want.dtype == dtype and got.device == want.device
+            assert torch.equal(got, want)
+    t = torch.linspace(1, 0, 5)
+    assert torch.equal(offload.to_device_nonblocking(t, torch.device("cpu")), t)
+
+
 def test_inductor_compiles_tanh_gelu_through_sigmoid():
     """The compiled DiT's GELU (bot/engine/inductor.py) is the same function as torch's, and
     Inductor's decomposition table really holds it after configure()."""

@@ -147,7 +147,7 @@ class Modulations:
         if not self.enabled:
             return
         dit = self.dit
-        ts = timesteps.to(dtype=dtype, device=pooled_prompt_emb.device)
+        ts = offload.to_device_nonblocking(timesteps, pooled_prompt_emb.device).to(dtype)
         conditioning = dit.time_embedder(ts, dtype) + dit.pooled_text_embedder(pooled_prompt_emb)
         if dit.guidance_embedder is not None and guidance is not None:
             conditioning = conditioning + dit.guidance_embedder(guidance * 1000, dtype)

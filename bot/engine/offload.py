@@ -75,6 +75,16 @@ def _fast_cast_to(self, weight: torch.Tensor, dtype: torch.dtype, device) -> tor
     return weight.to(dtype)
 
 
+def to_device_nonblocking(t: torch.Tensor, device) -> torch.Tensor:
+    """A small CPU tensor copied to a CUDA device without making the CPU wait for the GPU: from
+    page-locked memory, queued behind the GPU's work. (A plain `.to(device)` waits for every kernel
+    queued so far.)"""
+    device = torch.device(device)
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _quantize_rowwise(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     amax = x2.abs().amax(dim=-1, keepdim=True).float()
     scale = (amax / FP8_MAX).clamp(min=1e-12)

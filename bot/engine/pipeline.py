@@ -103,6 +103,21 @@ def _install_prompt_cache(pipe, cache: _PromptCache) -> None:
     pipe.units = [CachedPromptEmbedder() if isinstance(u, FluxImageUnit_PromptEmbedder) else u for u in pipe.units]
 
 
+def _install_device_guidance(pipe) -> None:
+    """DiffSynth builds the guidance tensor on the CPU and copies it over with a blocking copy: the
+    CPU waited there for T5 to finish on the GPU, and then the GPU waited while the CPU queued the
+    job's first step (its modulation table and embedders, one small operation at a time). Made on
+    the device, with the same values (float32, then cast), the CPU queues that work while T5 runs."""
+    from diffsynth.pipelines.flux_image import FluxImageUnit_EmbeddedGuidanceEmbedder
+
+    class DeviceGuidance(FluxImageUnit_EmbeddedGuidanceEmbedder):
+        def process(self, pipe, embedded_guidance, latents):
+            guidance = torch.full((latents.shape[0],), float(embedded_guidance), dtype=torch.float32, device=latents.device)
+            return {"guidance": guidance.to(latents.dtype)}
+
+    pipe.units = [DeviceGuidance() if isinstance(u, FluxImageUnit_EmbeddedGuidanceEmbedder) else u for u in pipe.units]
+
+
 class Engine:
     """One loaded model set. Build with `Engine.load(model_settings)`."""
 
@@ -115,6 +130,7 @@ class Engine:
         self._lock = threading.Lock()
         self.placement: dict[str, tuple[int, int, int]] = {}  # model -> resident, streamed per step, per job
         _install_prompt_cache(pipe, self.prompt_cache)
+        _install_device_guidance(pipe)
         _cache_image_ids(pipe.dit)
         self.modulations = modulation.Modulations(pipe.dit)
         # The pipeline would move whole models in and out around every phase; placement is ours.
@@ -280,7 +296,7 @@ class Engine:
             queued = None  # (event, step) not yet reported
             # One copy for all steps: DiffSynth moves each step's timestep to the GPU with a
             # blocking copy, which would make the CPU wait for the GPU at every step.
-            for i, t in enumerate(timesteps.to(self.device)):
+            for i, t in enumerate(offload.to_device_nonblocking(timesteps, self.device)):
                 if should_cancel is not None and should_cancel():
                     raise GenerationCancelled(f"cancelled before step {i + 1}/{n}")
                 yield t
