@@ -320,6 +320,8 @@ def test_plan_follows_the_card(monkeypatch):
     assert not hopper.text_encoders_resident and hopper.tiled_vae
     # PyTorch may reserve what the whole process may take (7 GiB of an 8 GB card) less the context.
     assert hopper.allocator_cap_gib == 8 - budget.CARD_KEEPS_GIB - budget.CONTEXT_GIB == 6.25
+    # A budget too small to keep: the cap still leaves what a step needs with the DiT all streamed.
+    assert plan_for((9, 0), 80, vram_limit_gb=2.5).allocator_cap_gib == budget.MIN_ALLOCATOR_CAP_GIB
     assert plan_for((9, 0), 80, fast_accum="off").fast_accum is False
     assert plan_for((9, 0), 80, fp8_matmul="off").fast_accum is False  # nothing to accumulate
     turing = plan_for((7, 5), 11)
@@ -334,6 +336,41 @@ def test_plan_follows_the_card(monkeypatch):
     assert not hopper.cuda_graphs and not plan_for((8, 9), 80, vram_limit_gb=24).cuda_graphs
     assert plan_for((9, 0), 80, cuda_graphs="on").cuda_graphs
     assert not plan_for((9, 0), 80, vram_limit_gb=None, cuda_graphs="off").cuda_graphs
+
+
+def test_the_allocator_cap_never_rises_above_anothers(monkeypatch):
+    """The engine lowers PyTorch's allocator fraction to its cap, never raises a lower one someone
+    else set (a benchmark emulating a card), and an Engine without a cap, or a failed load, puts
+    back what was there before."""
+    from bot.engine import pipeline
+    from bot.engine.budget import GIB, Plan
+    card = {"fraction": 1.0}
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: card["fraction"])
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction",
+                        lambda fraction, device=None: card.__setitem__("fraction", fraction))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(total_memory=80 * GIB))
+    monkeypatch.setattr(pipeline, "_allocator_fractions", {})
+
+    def cap(gib):
+        return pipeline._cap_allocator(Plan(torch.device("cuda", 0), torch.bfloat16, 8.0, 4.75, False, True,
+                                            True, True, allocator_cap_gib=gib))
+    cap(6.25)
+    assert card["fraction"] == 6.25 / 80
+    cap(None)
+    assert card["fraction"] == 1.0  # ours undone
+    card["fraction"] = 6.323 / 80   # a harness caps the card
+    cap(22.25)
+    assert card["fraction"] == 6.323 / 80  # not raised
+    cap(6.25)
+    assert card["fraction"] == 6.25 / 80  # lowered
+    cap(None)
+    assert card["fraction"] == 6.323 / 80  # theirs back, not 1.0
+    restore = cap(2.0)
+    assert card["fraction"] == 2.0 / 80
+    restore()  # the load failed
+    assert card["fraction"] == 6.323 / 80
+    cap(None)
+    assert card["fraction"] == 6.323 / 80
 
 
 def test_modulations_are_computed_once_per_job(model_dir, tiny_engine):

@@ -23,6 +23,10 @@ HEADROOM_GIB = 3.25
 # (docs/benchmarks.md, 8 GB). With the cap, allocations past it first free cached blocks.
 CARD_KEEPS_GIB = 1.0
 CONTEXT_GIB = 0.75
+# What a step needs with nothing of the DiT resident (activations, streamed layers in flight, the
+# tiled VAE, T5's stream window): the cap never goes below it, so a budget under ~3.25 GiB is not
+# kept but still runs.
+MIN_ALLOCATOR_CAP_GIB = 1.5
 # Below this budget the VAE decodes in tiles (about a quarter of the activation memory).
 TILED_VAE_BELOW_GIB = 16.0
 # Below this budget the text encoders are streamed layer by layer instead of resident.
@@ -114,5 +118,5 @@ def make_plan(model_settings, device: torch.device | None = None) -> Plan:
         # A graph needs the whole DiT on the GPU for good; under any budget the modulation weights are
         # copied in per job, so "auto" means unlimited.
         cuda_graphs=_switch(model_settings.cuda_graphs, unlimited),
-        allocator_cap_gib=None if unlimited or budget >= total_gib else max(0.5, budget - CARD_KEEPS_GIB - CONTEXT_GIB),
+        allocator_cap_gib=None if unlimited or budget >= total_gib else max(MIN_ALLOCATOR_CAP_GIB, budget - CARD_KEEPS_GIB - CONTEXT_GIB),
     )

@@ -172,12 +172,14 @@ class Engine:
             # reserved memory stays near what is really allocated (measured: 6.13 of 6.33 GiB).
             setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)  # torch >= 2.10
             (setter or torch.cuda.memory._set_allocator_settings)("expandable_segments:True")
-        if plan.allocator_cap_gib is not None:
-            total = torch.cuda.get_device_properties(plan.device).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, plan.allocator_cap_gib * GIB / total), plan.device)
+        restore = _cap_allocator(plan)
         t0 = time.perf_counter()
-        pipe = build_pipeline(weights.model_files(root), plan, t5_fp8=model_settings.t5_fp8)
-        engine = cls(pipe, plan, root, preset)
+        try:
+            pipe = build_pipeline(weights.model_files(root), plan, t5_fp8=model_settings.t5_fp8)
+            engine = cls(pipe, plan, root, preset)
+        except BaseException:
+            restore()
+            raise
         log.info("model loaded in %.1f s", time.perf_counter() - t0)
         return engine
 
@@ -359,6 +361,42 @@ class Engine:
         peak = torch.cuda.max_memory_allocated(self.device) / GIB if cuda else None
         return GenerationResult(image=image, request=req, seconds=end - marks["start"],
                                 peak_vram_gib=peak, timings=timings)
+
+
+# Per CUDA device: (the allocator fraction someone else set, the one the last Engine.load set).
+_allocator_fractions: dict[int, tuple[float, float]] = {}
+
+
+def _cap_allocator(plan: Plan) -> Callable[[], None]:
+    """Cap PyTorch's allocator at the plan's `allocator_cap_gib`, never above a cap someone else set
+    (a benchmark emulating a smaller card); a plan without a cap undoes an earlier Engine's. Returns
+    what puts the previous fraction back (for a load that fails)."""
+    if plan.device.type != "cuda":
+        return lambda: None
+    device = plan.device
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    get = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # torch >= 2.7
+    current = get(device) if get is not None else 1.0
+    outside, ours = _allocator_fractions.get(index, (1.0, None))
+    if current != ours:
+        outside = current  # not ours: set by someone else, or nothing set yet
+    want = outside
+    if plan.allocator_cap_gib is not None:
+        total = torch.cuda.get_device_properties(device).total_memory
+        want = min(outside, plan.allocator_cap_gib * GIB / total)
+    if want != current:
+        torch.cuda.set_per_process_memory_fraction(want, device)
+    previous = _allocator_fractions.get(index)
+    _allocator_fractions[index] = (outside, want)
+
+    def restore() -> None:
+        if want != current:
+            torch.cuda.set_per_process_memory_fraction(current, device)
+        if previous is None:
+            _allocator_fractions.pop(index, None)
+        else:
+            _allocator_fractions[index] = previous
+    return restore
 
 
 def _cache_image_ids(dit) -> None:
