@@ -450,7 +450,23 @@ def test_guidance_is_made_on_the_device_with_diffsynths_values(tiny_engine):
     assert torch.equal(offload.to_device_nonblocking(t, torch.device("cpu")), t)
 
 
-def test_inductor_compiles_tanh_gelu_through_sigmoid():
+@pytest.fixture
+def inductor_state(monkeypatch):
+    """configure() changes process-wide Inductor state: put it back after the test."""
+    import torch._inductor.config as config
+    from torch._inductor import decomposition
+    from torch._inductor.choices import InductorChoices
+    monkeypatch.setattr(InductorChoices, "should_use_persistent_reduction",
+                        InductorChoices.__dict__["should_use_persistent_reduction"])
+    monkeypatch.setitem(decomposition.decompositions, torch.ops.aten.gelu.default,
+                        decomposition.decompositions[torch.ops.aten.gelu.default])
+    with config.patch(split_reductions=config.split_reductions,
+                      coordinate_descent_tuning=config.coordinate_descent_tuning):
+        yield
+    decomposition.fast_random_decomps.cache_clear()
+
+
+def test_inductor_compiles_tanh_gelu_through_sigmoid(inductor_state):
     """The compiled DiT's GELU (bot/engine/inductor.py) is the same function as torch's, and
     Inductor's decomposition table really holds it after configure()."""
     from torch._inductor.decomposition import select_decomp_table
@@ -463,7 +479,7 @@ def test_inductor_compiles_tanh_gelu_through_sigmoid():
     assert select_decomp_table()[torch.ops.aten.gelu.default] is inductor.gelu_as_sigmoid
 
 
-def test_inductor_keeps_rows_up_to_16384_in_one_pass():
+def test_inductor_keeps_rows_up_to_16384_in_one_pass(inductor_state):
     """After configure(), Inductor's heuristic keeps a row-wise (inner) reduction of up to 16384
     elements persistent (the 15360-wide rows of FLUX's single blocks) and nothing wider; other
     reductions keep Inductor's own rule; reductions are not split; a second configure() does not

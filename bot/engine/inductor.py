@@ -56,6 +56,9 @@ def _persistent_rows_up_to(limit: int) -> bool:
     def should_use_persistent_reduction(features, cooperative_reduction):
         if inductor_default(features, cooperative_reduction):
             return True
+        strict_rblock = getattr(features, "strict_sum_rblock", None)
+        if strict_rblock is not None and strict_rblock() is not None:
+            return False  # a strict-numerics sum with a fixed block: Inductor's "no" is about correctness
         import torch._inductor.config as config
         return (config.triton.persistent_reductions and not cooperative_reduction
                 and features.get_reduction_hint() == ReductionHint.INNER
@@ -69,7 +72,8 @@ def _persistent_rows_up_to(limit: int) -> bool:
 
 def configure(*, tuning: bool = True) -> None:
     """Apply the settings for this process (they only touch code torch.compile generates).
-    `tuning`: coordinate-descent tuning (faster kernels, a longer first compile)."""
+    `tuning`: coordinate-descent tuning (faster kernels, a longer first compile). Process-wide, like
+    the rest: the last Engine loaded decides it for blocks that have not compiled yet (the bot loads one)."""
     import torch._inductor.config as config
     config.coordinate_descent_tuning = tuning
     config.split_reductions = False

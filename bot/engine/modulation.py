@@ -104,6 +104,8 @@ class Modulations:
                                 != (first.device, first.dtype, first.shape[1]) for layer in self.layers):
             return False
         device = first.device if device is None else torch.device(device)
+        if device.type == "cuda" and any(torch.device(layer.preparing_device) != device for layer in self.layers):
+            return False  # placement would move the views apart again: each layer to its own copy
         total = sum(layer.weight.shape[0] for layer in self.layers)
         weight = torch.empty((total, first.shape[1]), dtype=first.dtype, device=device)
         bias = torch.empty(total, dtype=self.layers[0].bias.dtype, device=device)
@@ -114,7 +116,7 @@ class Modulations:
             bias[offset:offset + width].copy_(layer.bias.data)
             layer.weight.data = weight[offset:offset + width]
             layer.bias.data = bias[offset:offset + width]
-            if device.type == "cuda" and str(device) == str(torch.device(layer.preparing_device)):
+            if device.type == "cuda":
                 layer.state = 2  # DiffSynth's "prepared" (on the GPU): placement leaves it there
             self.slices[id(layer)] = (offset, width)
             offset += width

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import types
+import weakref
 from typing import Optional
 
 import torch
@@ -149,7 +150,8 @@ def _run_streamed_linear(layer: AutoWrappedLinear, x: torch.Tensor) -> torch.Ten
 
 # The custom ops below (and in modulation.py) receive a layer's weight, not the layer: they find
 # the layer by its weight's address.
-_layer_by_weight: dict[int, AutoWrappedLinear] = {}
+# Weak: a dropped Engine's layers (and the weights they hold on the GPU) must not live on here.
+_layer_by_weight: weakref.WeakValueDictionary[int, AutoWrappedLinear] = weakref.WeakValueDictionary()
 
 
 def register_by_weight(layer: AutoWrappedLinear) -> None:
