@@ -142,6 +142,7 @@ def build_commands(settings) -> list:
     async def cancel(interaction: discord.Interaction) -> None:
         outcome, job = await interaction.client.queue.cancel(interaction.user.id)
         if outcome is CancelOutcome.CANCELLED:
+            interaction.client.queue.delivery.forget_upload_limit(job.id)
             await tell(interaction, f"Cancelled your waiting image (job {job.id}). Your quota was refunded.")
         elif outcome is CancelOutcome.STOPPING:
             await tell(interaction, f"Stopping your image (job {job.id}) at the next step. Your quota will be refunded.")

@@ -50,6 +50,10 @@ class DiscordDelivery:
         if limit:
             self.upload_limits[job_id] = int(limit)
 
+    def forget_upload_limit(self, job_id: int) -> None:
+        """The job ended without reaching delivery (cancelled while waiting)."""
+        self.upload_limits.pop(job_id, None)
+
     # ------------------------------------------------------------------ plumbing
     def _webhook(self, job: JobRecord) -> discord.Webhook | None:
         if not job.interaction_token or not job.application_id or job.interaction_created_at is None:
