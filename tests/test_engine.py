@@ -162,15 +162,18 @@ def test_download_asks_modelscope_for_exactly_the_needed_files(tmp_path):
     assert "MAILAND/majicflus_v1/majicflus_v134.safetensors" in missing  # nothing was really fetched
 
 
+def streaming_cpu_plan(resident_gib: float, compile: str = "off"):
+    """A CPU plan with a budget far too small for the tiny model: most layers stream."""
+    from bot.engine.budget import Plan
+    return Plan(device=torch.device("cpu"), compute_dtype=torch.float32, budget_gib=0.01,
+                dit_resident_gib=resident_gib, text_encoders_resident=False, keep_resident=True,
+                fp8_matmul=False, pinned=False, compile=compile)
+
+
 def test_streamed_placement_paints_the_same_pixels(model_dir, tiny_engine):
     """A budget too small for the model streams most layers (prefetching the next ones); the
     image must not change."""
-    from bot.engine.budget import Plan
-
-    plan = Plan(device=torch.device("cpu"), compute_dtype=torch.float32, budget_gib=0.01,
-                dit_resident_gib=0.0001, text_encoders_resident=False, keep_resident=True,
-                fp8_matmul=False, pinned=False, compile="off")
-    streamed = Engine.load(tiny_model_settings(model_dir), plan=plan)
+    streamed = Engine.load(tiny_model_settings(model_dir), plan=streaming_cpu_plan(0.0001))
     resident, moved, per_job = streamed.placement["dit"]
     assert moved > resident > 0
     assert per_job > 0  # the modulation layers: copied in once per job, not every step
@@ -206,19 +209,12 @@ def test_blocks_with_streamed_layers_compile_too(model_dir, tiny_engine):
     compile without graph breaks, are not re-traced on the next job, and paint the same image."""
     from torch._dynamo.utils import counters
 
-    from bot.engine.budget import Plan
-
-    def plan(resident_gib):
-        return Plan(device=torch.device("cpu"), compute_dtype=torch.float32, budget_gib=0.01,
-                    dit_resident_gib=resident_gib, text_encoders_resident=False, keep_resident=True,
-                    fp8_matmul=False, pinned=False, compile="on")
-
     req = GenerationRequest("streamed and compiled", seed=6, steps=2, width=128, height=128)
     reference = pixels(tiny_engine.generate(req)).astype(int)
     for resident_gib in (0.0001, 0.0005):  # every block streams; one block fits, the other streams
         torch._dynamo.reset()  # graphs compiled by earlier engines would be reused
         counters.clear()
-        engine = Engine.load(tiny_model_settings(model_dir), plan=plan(resident_gib))
+        engine = Engine.load(tiny_model_settings(model_dir), plan=streaming_cpu_plan(resident_gib, compile="on"))
         assert engine.compiled and engine.placement["dit"][1] > 0
         a = pixels(engine.generate(req)).astype(int)
         graphs = counters["stats"]["unique_graphs"]
