@@ -79,6 +79,7 @@ class NewJob:
     interaction_created_at: float | None = None  # unix seconds
     application_id: int | None = None
     origin: str = "imagine"  # "imagine" | "reroll"
+    upload_limit: int | None = None  # bytes the interaction may upload (boosted servers allow more)
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,7 @@ class JobRecord:
     result_path: str | None  # where the finished image waits for delivery
     result_message_id: int | None  # the delivered message
     duration_s: float | None  # generation seconds
+    upload_limit: int | None  # bytes the interaction may upload; None: Discord's default
 
 
 @dataclass(frozen=True)
@@ -236,9 +238,14 @@ CREATE INDEX jobs_charged ON jobs (user_id, charged_day)
     WHERE charged_day IS NOT NULL;
 """
 
+MIGRATION_3_UPLOAD_LIMIT = """
+ALTER TABLE jobs ADD COLUMN upload_limit INTEGER;
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial: settings, user_limits, usage, jobs", MIGRATION_1_INITIAL),
     Migration(2, "delivery and recovery columns, active-job indexes", MIGRATION_2_DELIVERY_RECOVERY),
+    Migration(3, "the interaction's upload limit, kept across restarts", MIGRATION_3_UPLOAD_LIMIT),
 )
 
 
@@ -335,11 +342,11 @@ SQL_INSERT_JOB = """
 INSERT INTO jobs (
     user_id, guild_id, channel_id, prompt, seed, steps, width, height,
     status, attempts, charged_day, queued_at,
-    interaction_id, interaction_token, interaction_created_at, application_id, origin
+    interaction_id, interaction_token, interaction_created_at, application_id, origin, upload_limit
 ) VALUES (
     :user_id, :guild_id, :channel_id, :prompt, :seed, :steps, :width, :height,
     :status, 0, :charged_day, :queued_at,
-    :interaction_id, :interaction_token, :interaction_created_at, :application_id, :origin
+    :interaction_id, :interaction_token, :interaction_created_at, :application_id, :origin, :upload_limit
 )
 """
 SQL_SELECT_JOBS = f"SELECT {_JOB_COLUMNS} FROM jobs"

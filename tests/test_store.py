@@ -601,6 +601,17 @@ async def test_requeue_keeps_attempts_and_queue_order(store: Store) -> None:
     assert (await store.quota_status(1, NOW)).used == 2
 
 
+async def test_a_jobs_upload_limit_is_kept_in_the_ledger(db_path: Path) -> None:
+    """The interaction's upload limit is stored with the job and read back after the store (the
+    bot) restarts; a job admitted without one keeps None."""
+    async with await Store.open(db_path, default_daily_limit=5) as store:
+        boosted = await store.admit(new_job(1, upload_limit=50 * 2**20), max_queue=BIG, max_per_user=BIG, now=NOW)
+        plain = await store.admit(new_job(2), max_queue=BIG, max_per_user=BIG, now=NOW)
+    async with await Store.open(db_path, default_daily_limit=5) as store:
+        assert (await store.get_job(boosted.job.id)).upload_limit == 50 * 2**20  # type: ignore[union-attr]
+        assert (await store.get_job(plain.job.id)).upload_limit is None  # type: ignore[union-attr]
+
+
 async def test_recent_jobs_newest_first(store: Store) -> None:
     ids = [await accepted_job_id(store, user) for user in (1, 2, 3)]
     assert [j.id for j in await store.recent_jobs()] == ids[::-1]
@@ -673,6 +684,7 @@ async def test_migrates_from_every_earlier_version(db_path: Path, from_version: 
                 None,
                 None,
             )
+            assert old.upload_limit is None  # delivery falls back to Discord's default
             running = await store.get_job(2)
             assert running is not None and (running.status, running.attempts, running.origin) == (
                 JobStatus.RUNNING,

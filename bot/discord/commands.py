@@ -56,14 +56,13 @@ async def enqueue(interaction: discord.Interaction, params: ImagineParams, origi
         prompt=params.prompt, seed=params.seed, steps=params.steps, width=params.width, height=params.height,
         interaction_id=interaction.id, interaction_token=interaction.token,
         interaction_created_at=interaction.created_at.timestamp(), application_id=interaction.application_id,
-        origin=origin,
+        origin=origin, upload_limit=interaction.filesize_limit or None,
     )
     admission = await bot.queue.submit(new)
     if admission.status is not AdmissionStatus.ACCEPTED:
         await tell(interaction, messages.refusal(admission.status, admission.quota, bot.settings))
         return
     job = admission.job
-    bot.queue.delivery.remember_upload_limit(job.id, interaction.filesize_limit)
     try:
         await interaction.response.defer(thinking=True)
         position = bot.queue.position(job.id)
@@ -142,7 +141,6 @@ def build_commands(settings) -> list:
     async def cancel(interaction: discord.Interaction) -> None:
         outcome, job = await interaction.client.queue.cancel(interaction.user.id)
         if outcome is CancelOutcome.CANCELLED:
-            interaction.client.queue.delivery.forget_upload_limit(job.id)
             await tell(interaction, f"Cancelled your waiting image (job {job.id}). Your quota was refunded.")
         elif outcome is CancelOutcome.STOPPING:
             await tell(interaction, f"Stopping your image (job {job.id}) at the next step. Your quota will be refunded.")

@@ -44,15 +44,6 @@ def _holds_result(job: JobRecord, msg: discord.Message) -> bool:
 class DiscordDelivery:
     def __init__(self, bot: discord.Client):
         self.bot = bot
-        self.upload_limits: dict[int, int] = {}  # job id -> the limit its interaction reported, until the job ends
-
-    def remember_upload_limit(self, job_id: int, limit: int | None) -> None:
-        if limit:
-            self.upload_limits[job_id] = int(limit)
-
-    def forget_upload_limit(self, job_id: int) -> None:
-        """The job ended without reaching delivery (cancelled while waiting)."""
-        self.upload_limits.pop(job_id, None)
 
     # ------------------------------------------------------------------ plumbing
     def _webhook(self, job: JobRecord) -> discord.Webhook | None:
@@ -92,11 +83,9 @@ class DiscordDelivery:
         await self._edit_status(job, messages.progress(step, total))
 
     async def cancelled(self, job: JobRecord) -> None:
-        self.upload_limits.pop(job.id, None)
         await self._edit_status(job, messages.cancelled())
 
     async def failed(self, job: JobRecord, reason: str) -> None:
-        self.upload_limits.pop(job.id, None)
         text = messages.failed(reason)
         try:
             if await self._edit_status(job, text):
@@ -137,7 +126,7 @@ class DiscordDelivery:
         return None
 
     async def deliver(self, job: JobRecord, image_path: Path) -> int | None:
-        limit = self.upload_limits.pop(job.id, DEFAULT_UPLOAD_LIMIT)
+        limit = job.upload_limit or DEFAULT_UPLOAD_LIMIT  # the interaction's, kept in the ledger
         # Reading and re-encoding a 1024x1024 image takes long enough to stall the event loop.
         data, ext = await asyncio.to_thread(lambda: fit_upload(image_path.read_bytes(), limit))
         if ext != "png":
