@@ -80,7 +80,7 @@ def main() -> int:
     budget = None if a.budget == "none" else float(a.budget)
     engine = Engine.load(ours_settings(budget, a.weights, "cuda", "majicflus"))
     req = GenerationRequest("profile", seed=1, steps=4, width=1024, height=1024)
-    engine.generate(req)  # warm-up (compiles the quantizer)
+    engine.generate(req)  # warm-up: compiles the blocks (and captures the step graph)
     prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                               torch.profiler.ProfilerActivity.CUDA])
 

@@ -35,7 +35,7 @@ def gelu_as_sigmoid(a: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     return a * 0.5 * (1 + torch.erf(a * 0.7071067811865476))
 
 
-def _persistent_rows_up_to(limit: int) -> bool:
+def _persistent_rows_up_to(limit: int) -> None:
     """Let Inductor keep rows of up to `limit` elements in registers for row-wise (inner)
     reductions. Its heuristic lives in InductorChoices; there is no config value for it."""
     try:
@@ -44,13 +44,13 @@ def _persistent_rows_up_to(limit: int) -> bool:
         from torch._inductor.virtualized import V
     except ImportError as exc:
         log.info("Inductor's reduction heuristic not found (%s): its own limit stays", exc)
-        return False
+        return
     raw = InductorChoices.__dict__.get("should_use_persistent_reduction")
     if getattr(raw, "_fluxbot_limit", None) == limit:
-        return True  # already installed
+        return  # already installed
     if not isinstance(raw, staticmethod):
         log.info("Inductor's reduction heuristic has another shape in torch %s: its own limit stays", torch.__version__)
-        return False
+        return
     inductor_default = getattr(raw.__func__, "_fluxbot_default", raw.__func__)
 
     def should_use_persistent_reduction(features, cooperative_reduction):
@@ -67,7 +67,6 @@ def _persistent_rows_up_to(limit: int) -> bool:
     should_use_persistent_reduction._fluxbot_limit = limit
     should_use_persistent_reduction._fluxbot_default = inductor_default
     InductorChoices.should_use_persistent_reduction = staticmethod(should_use_persistent_reduction)
-    return True
 
 
 def configure(*, tuning: bool = True) -> None:

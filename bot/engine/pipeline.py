@@ -147,7 +147,7 @@ class Engine:
             "text_encoder_2": Streamer(plan.device, window=512 * MIB, wrap=False),
             "text_encoder_1": Streamer(plan.device, window=512 * MIB, wrap=False),
         }
-        if plan.cuda_graphs and self.device.type == "cuda" and plan.dit_resident_gib is None and plan.keep_resident:
+        if self._graph_planned():
             # The graph reads one modulation table filled by one matmul: join those weights now,
             # as they move to the GPU (after placement, old and new copies would meet there).
             self.modulations.join_weights(self.device)
@@ -226,14 +226,17 @@ class Engine:
                  len(compilable), len(blocks))
         return True
 
+    def _graph_planned(self) -> bool:
+        """The plan asks for a CUDA graph and it can stay valid: the whole DiT on the GPU for good
+        (no budget, so nothing streamed or copied in per job; keep_resident on)."""
+        plan = self.plan
+        return plan.cuda_graphs and self.device.type == "cuda" and plan.dit_resident_gib is None and plan.keep_resident
+
     def _maybe_graph(self) -> graphs.StepGraph | None:
-        """Replay denoising steps as a CUDA graph when the plan asks for it and the graph can stay
-        valid: the whole DiT resident for good (nothing streamed or copied in per job)."""
-        if not self.plan.cuda_graphs or self.device.type != "cuda":
-            return None
-        _, streamed, per_job = self.placement["dit"]
-        if streamed or per_job or not self.plan.keep_resident:
-            log.info("CUDA graphs off: part of the DiT moves during a job (budget too small or keep_resident off)")
+        """Replay denoising steps as a CUDA graph when the plan asks for it and it can stay valid."""
+        if not self._graph_planned():
+            if self.plan.cuda_graphs and self.device.type == "cuda":
+                log.info("CUDA graphs off: part of the DiT moves during a job (budget too small or keep_resident off)")
             return None
         mods = self.modulations
         if not mods.joined:
