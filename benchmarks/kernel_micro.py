@@ -5,12 +5,18 @@ tuning; float8 matmul shapes of the FLUX DiT with row-wise and tensor-wise scale
     python benchmarks/kernel_micro.py        # needs a CUDA GPU with float8 (Ada/Hopper)
 """
 
+import sys
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bot.engine.inductor import gelu_as_sigmoid  # noqa: E402
+from bot.engine.offload import _quantize_rowwise as quant  # noqa: E402  (the engine's quantizer, uncompiled)
+
 torch.manual_seed(0)
 dev = "cuda"
-FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
 def bench(fn, *args, n=20):
     """GPU time per call, from a CUDA graph of n calls (no launch overhead in the number)."""
     s = torch.cuda.Stream(); s.wait_stream(torch.cuda.current_stream())
@@ -26,14 +32,9 @@ def bench(fn, *args, n=20):
     for _ in range(5): g.replay()
     e1.record(); torch.cuda.synchronize()
     return e0.elapsed_time(e1) / (5 * n) * 1000  # us
-def quant(x2):
-    amax = x2.abs().amax(-1, keepdim=True).float()
-    scale = (amax / FP8_MAX).clamp(min=1e-12)
-    return (x2.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
 def gelu_tanh(x): return F.gelu(x, approximate="tanh")
-def gelu_sig(x):
-    xf = x.float()
-    return (xf * torch.sigmoid(1.5957691216057308 * (xf + 0.044715 * xf * xf * xf))).to(x.dtype)
+def gelu_sig(x):  # the engine's GELU (bot/engine/inductor.py), in float32 as Inductor computes it
+    return gelu_as_sigmoid(x.float(), "tanh").to(x.dtype)
 def make_single(gelu):
     def f(attn, h):
         mlp = gelu(h[:, :, 9216:])
