@@ -58,8 +58,9 @@ class Modulations:
     CUDA graph (graphs.py, `join_weights`), the graph can only read memory at the address it was
     captured with: the layers' outputs then form one `table`, and before each step its row is
     copied into `current`, a buffer that stays put for the engine's life. The weights are joined
-    too (each layer's weight becomes a view of one matrix), so the table is one float8 matmul:
-    115 small ones had kept the GPU waiting on the CPU for ~30 ms at every job's first step.
+    too (each layer's weight becomes a view of one matrix), so the table is one float8 matmul
+    instead of 115 small ones launched from Python while the GPU waited (a job's first step took
+    38 ms more than the others, now 16-24 ms: docs/benchmarks.md, lever M).
     (Only with a graph: under a VRAM budget the weights are copied in per job, layer by layer,
     and the one large table cost an extra allocator segment on 8 GB cards.)
     """
