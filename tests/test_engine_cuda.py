@@ -148,3 +148,39 @@ def test_small_tensors_reach_the_gpu_without_a_blocking_copy():
     assert not torch.cuda.current_stream().query()  # the CPU did not wait for the matmuls
     assert got_first.device.type == "cuda" and torch.equal(got_first.cpu(), first)
     assert torch.equal(got_second.cpu(), second) and torch.isfinite(a).all()
+
+
+def test_page_locked_weights_are_released_with_their_memory():
+    """Weights are page-locked in place (cudaHostRegister); the registration must end when their
+    memory is freed, or malloc hands the same addresses out again while CUDA still counts them
+    as locked (a dropped Engine's weights then broke later copies: "invalid argument")."""
+    from diffsynth.core.vram.layers import AutoWrappedLinear
+
+    from bot.engine import offload
+
+    def pinned_layer():
+        layer = AutoWrappedLinear(torch.nn.Linear(4096, 4096), offload_dtype=torch.bfloat16, offload_device="cpu",
+                                  onload_dtype=torch.bfloat16, onload_device="cpu", preparing_dtype=torch.bfloat16,
+                                  preparing_device="cuda", computation_dtype=torch.bfloat16, computation_device="cuda")
+        layer.to(torch.bfloat16)
+        offload.pin(layer)
+        return layer
+
+    reused = 0
+    for _ in range(3):  # same sizes each time: malloc may well reuse the addresses
+        layer = pinned_layer()
+        ptr = layer.weight.untyped_storage().data_ptr()
+        assert layer.weight.is_pinned() and ptr in offload._registered
+        want = layer.weight.float().sum().item()
+        got = layer.weight.to("cuda", non_blocking=True)
+        torch.cuda.synchronize()
+        assert got.float().sum().item() == want
+        del layer, got
+        gc.collect()
+        assert ptr not in offload._registered
+        probe = torch.empty(4096, 4096, dtype=torch.bfloat16)
+        if probe.data_ptr() == ptr:  # the same memory handed out again: CUDA must not count it locked
+            reused += 1
+            assert not probe.is_pinned()
+        del probe
+    print(f"addresses reused {reused} of 3 times")

@@ -44,9 +44,17 @@ def nbytes(module: AutoTorchModule, dtype: torch.dtype | None = None) -> int:
 _registered: set[int] = set()
 
 
+def _unregister(ptr: int) -> None:
+    _registered.discard(ptr)
+    torch.cuda.cudart().cudaHostUnregister(ptr)
+
+
 def _page_lock(t: torch.Tensor) -> bool:
     """Page-lock the tensor's own memory in place (cudaHostRegister). PyTorch's pinned pool would
-    copy it into a block rounded up to a power of two: T5's 84 MB matrices would take 128 MB each."""
+    copy it into a block rounded up to a power of two: T5's 84 MB matrices would take 128 MB each.
+    The registration ends with the storage: memory freed while registered and handed out again by
+    malloc made later copies fail ("CUDA error: invalid argument") once a dropped Engine's weights
+    were really freed."""
     storage = t.untyped_storage()
     ptr, size = storage.data_ptr(), storage.nbytes()
     if size == 0 or ptr in _registered:
@@ -56,6 +64,8 @@ def _page_lock(t: torch.Tensor) -> bool:
     if int(err) != 0:  # e.g. part of the range is registered already: the caller pins a copy instead
         return False
     _registered.add(ptr)
+    # The storage's Python object lives exactly as long as the storage (PyTorch keeps it).
+    weakref.finalize(storage, _unregister, ptr).atexit = False
     return True
 
 
