@@ -68,7 +68,7 @@ def nvidia_driver() -> str | None:
 
 def ours_settings(budget: float | None, root: Path, device: str, preset: str):
     """Our engine's settings for a run, with the levers under trial switched from the environment
-    (FP8_MATMUL, COMPILE, FAST_ACCUM, CUDA_GRAPHS: auto/on/off; HEADROOM_GIB), so one script
+    (FP8_MATMUL, COMPILE, FAST_ACCUM, CUDA_GRAPHS, FUSED_ATTENTION: auto/on/off; HEADROOM_GIB), so one script
     measures each of them. Also used by profile_step.py."""
     from bot.config import ModelSettings
     from bot.engine import budget as budget_mod
@@ -78,7 +78,8 @@ def ours_settings(budget: float | None, root: Path, device: str, preset: str):
                          device=device, fp8_matmul=os.environ.get("FP8_MATMUL", "auto"),
                          compile=os.environ.get("COMPILE", "auto"),
                          fast_accum=os.environ.get("FAST_ACCUM", "auto"),
-                         cuda_graphs=os.environ.get("CUDA_GRAPHS", "auto"))
+                         cuda_graphs=os.environ.get("CUDA_GRAPHS", "auto"),
+                         fused_attention=os.environ.get("FUSED_ATTENTION", "auto"))
 
 
 def load(system: str, budget: int | None, root: Path, device: str, preset: str):

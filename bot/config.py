@@ -274,6 +274,7 @@ class ModelSettings(_Section):
     keep_resident: str = _opt("auto", _choice("auto", "on", "off"))
     compile: str = _opt("auto", _choice("auto", "on", "off"))
     cuda_graphs: str = _opt("auto", _choice("auto", "on", "off"))
+    fused_attention: str = _opt("auto", _choice("auto", "on", "off"))
     t5_fp8: bool = _opt(False, _bool)
 
 

@@ -59,7 +59,7 @@ def test_defaults_without_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert s.model.preset == "majicflus"
     assert s.model.vram_limit_gb == 8.0
     assert (s.model.device, s.model.fp8_matmul, s.model.fast_accum, s.model.keep_resident, s.model.compile,
-            s.model.cuda_graphs) == ("auto",) * 6
+            s.model.cuda_graphs, s.model.fused_attention) == ("auto",) * 7
     assert s.model.t5_fp8 is False
     assert s.generation == GenerationSettings(
         default_steps=20, max_steps=50, width=1024, height=1024, max_prompt_chars=1000, guidance=3.5
@@ -100,6 +100,7 @@ FULL = """\
     keep_resident = "off"
     compile = "off"
     cuda_graphs = "on"
+    fused_attention = "off"
     t5_fp8 = true
 
     [generation]
@@ -146,6 +147,7 @@ def test_full_valid_file(tmp_path: Path) -> None:
             keep_resident="off",
             compile="off",
             cuda_graphs="on",
+            fused_attention="off",
             t5_fp8=True,
         ),
         generation=GenerationSettings(

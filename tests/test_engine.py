@@ -189,12 +189,14 @@ def test_streamed_placement_paints_the_same_pixels(model_dir, tiny_engine):
     assert dit_streamer.pending == {}  # flushed after each job
 
 
-def test_compiled_blocks_paint_the_same_image(model_dir, tiny_engine):
-    """[model] compile = "on": the DiT blocks go through torch.compile without graph breaks."""
+@pytest.mark.parametrize("fused_attention", ["off", "on"])
+def test_compiled_blocks_paint_the_same_image(model_dir, tiny_engine, fused_attention):
+    """[model] compile = "on": the DiT blocks go through torch.compile without graph breaks, also
+    with the attention-inputs op (its PyTorch path here, traced into the graph)."""
     from torch._dynamo.utils import counters
 
     counters.clear()
-    compiled = Engine.load(tiny_model_settings(model_dir, compile="on"))
+    compiled = Engine.load(tiny_model_settings(model_dir, compile="on", fused_attention=fused_attention))
     assert compiled.compiled
     req = GenerationRequest("compiled cat", seed=4, steps=2, width=128, height=128)
     a = pixels(compiled.generate(req)).astype(int)
@@ -332,6 +334,12 @@ def test_plan_follows_the_card(monkeypatch):
     assert not hopper.cuda_graphs and not plan_for((8, 9), 80, vram_limit_gb=24).cuda_graphs
     assert plan_for((9, 0), 80, cuda_graphs="on").cuda_graphs
     assert not plan_for((9, 0), 80, vram_limit_gb=None, cuda_graphs="off").cuda_graphs
+    # The one-kernel attention inputs: wherever Triton is (every budget), unless switched off.
+    from bot.engine import attention
+    assert hopper.fused_attention == turing.fused_attention == attention.kernel_available()
+    assert not plan_for((9, 0), 80, fused_attention="off").fused_attention
+    monkeypatch.setattr(attention, "triton", None)
+    assert not plan_for((9, 0), 80, fused_attention="on").fused_attention  # no Triton: a warning, not a crash
 
 
 def test_the_allocator_cap_never_rises_above_anothers(monkeypatch):

@@ -21,11 +21,11 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 REQ = GenerationRequest("a cat on a GPU", seed=21, steps=3, width=256, height=256)
 
 
-def plan(*, resident_gib, fp8, compile="on", keep_resident=True, cuda_graphs=False) -> Plan:
+def plan(*, resident_gib, fp8, compile="on", keep_resident=True, cuda_graphs=False, fused_attention=False) -> Plan:
     return Plan(device=torch.device("cuda", 0), compute_dtype=torch.bfloat16, budget_gib=None if resident_gib is None else 1.0,
                 dit_resident_gib=resident_gib, text_encoders_resident=resident_gib is None, keep_resident=keep_resident,
                 fp8_matmul=fp8, pinned=True, tiled_vae=False, compile=compile, fast_accum=fp8,
-                cuda_graphs=cuda_graphs)
+                cuda_graphs=cuda_graphs, fused_attention=fused_attention)
 
 
 def pixels(engine: Engine, req: GenerationRequest = REQ) -> np.ndarray:
@@ -148,6 +148,55 @@ def test_small_tensors_reach_the_gpu_without_a_blocking_copy():
     assert not torch.cuda.current_stream().query()  # the CPU did not wait for the matmuls
     assert got_first.device.type == "cuda" and torch.equal(got_first.cpu(), first)
     assert torch.equal(got_second.cpu(), second) and torch.isfinite(a).all()
+
+
+def test_the_attention_kernel_in_bf16_eager_and_compiled():
+    """The Triton kernel against DiffSynth's arithmetic in bf16 (rounding to nearest, as on every
+    GPU), called directly and from a compiled function (Inductor places the kernel in its graph)."""
+    from bot.engine import attention
+    from diffsynth.models import flux_dit
+    torch.manual_seed(3)
+    heads, dim, dt = 24, 128, torch.bfloat16
+    ids = torch.randint(0, 64, (1, 600, 3), device="cuda").float()
+    freqs = flux_dit.RoPEEmbedding(dim, 10000, [16, 56, 56])(ids)
+    qkvs = [torch.randn(1, 88, 3 * heads * dim, device="cuda", dtype=dt),
+            torch.randn(1, 512, 7 * heads * dim, device="cuda", dtype=dt)[:, :, :3 * heads * dim]]
+    wq = [torch.rand(dim, device="cuda", dtype=dt) + 0.5 for _ in qkvs]
+    wk = [torch.rand(dim, device="cuda", dtype=dt) + 0.5 for _ in qkvs]
+    args = (qkvs, wq, wk, [1e-6, 1e-6], freqs, heads)
+    assert attention._kernel_fits(qkvs, wq, wk, freqs, heads)
+    want = attention._reference(*args).float()
+    row_scale = want.abs().amax(-1, keepdim=True)
+
+    def attend(*a):
+        q, k, v = attention.attention_inputs(*a).unbind(0)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v), q, k, v
+
+    eager = attention.attention_inputs(*args).float()
+    diff = (eager - want).abs()
+    assert (diff <= row_scale * 2**-7).all() and (diff > 0).float().mean() < 1e-2
+    out, q, k, v = torch.compile(attend, fullgraph=True)(*args)
+    assert torch.equal(torch.stack([q, k, v]).float(), eager)  # the same kernel inside Inductor's graph
+    ref = torch.nn.functional.scaled_dot_product_attention(*want.to(dt).unbind(0))
+    assert (out.float() - ref.float()).abs().max() < 0.05
+
+
+def test_fused_attention_engine_paints_what_diffsynths_attention_does(model_dir):
+    """The whole tiny model with the kernel, compiled and replayed as a CUDA graph, against the
+    same engine with DiffSynth's attention code."""
+    from bot.engine import attention
+    fp8 = fp8_matmul_supported(torch.device("cuda", 0))
+    settings = tiny_model_settings(model_dir, device="cuda")
+    plain = Engine.load(settings, plan=plan(resident_gib=None, fp8=fp8, cuda_graphs=True))
+    fused = Engine.load(settings, plan=plan(resident_gib=None, fp8=fp8, cuda_graphs=True, fused_attention=True))
+    assert fused.pipe.dit.blocks[0].attn.forward.__func__ is attention._joint_attention_forward
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        first = pixels(fused)  # its first step runs outside the graph: the profiler sees its kernels
+    assert any("attention_inputs_kernel" in e.name for e in prof.events()), "the Triton kernel never ran"
+    a, b = pixels(fused), pixels(plain)
+    assert np.array_equal(first, a) and fused.step_graph.replays > 0
+    diff = np.abs(a - b)
+    assert diff.mean() < 1 and diff.max() <= 16 and a.std() > 10
 
 
 def test_page_locked_weights_are_released_with_their_memory():

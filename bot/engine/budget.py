@@ -48,6 +48,7 @@ class Plan:
     fast_accum: bool = False          # float8 matmuls accumulate the fast way (Hopper/Ada)
     cuda_graphs: bool = False         # replay denoising steps as a CUDA graph (DiT all resident)
     allocator_cap_gib: float | None = None  # the most PyTorch's allocator may reserve (None: the card)
+    fused_attention: bool = False     # q/k norm, RoPE and SDPA's layout in one Triton kernel
 
     def describe(self) -> str:
         budget = "unlimited" if self.budget_gib is None else f"{self.budget_gib:g} GiB"
@@ -55,7 +56,7 @@ class Plan:
                 f"dit_resident={'all' if self.dit_resident_gib is None else f'{self.dit_resident_gib:.1f} GiB'} "
                 f"text_encoders_resident={self.text_encoders_resident} keep_resident={self.keep_resident} "
                 f"fp8_matmul={self.fp8_matmul} fast_accum={self.fast_accum} pinned={self.pinned} tiled_vae={self.tiled_vae} compile={self.compile} "
-                f"cuda_graphs={self.cuda_graphs} "
+                f"cuda_graphs={self.cuda_graphs} fused_attention={self.fused_attention} "
                 f"allocator_cap={'none' if self.allocator_cap_gib is None else f'{self.allocator_cap_gib:.2f} GiB'}")
 
 
@@ -91,7 +92,8 @@ def make_plan(model_settings, device: torch.device | None = None) -> Plan:
         # CPU: bf16 convolutions are ~150x slower than fp32 here; weights stay float8 in storage.
         return Plan(device, torch.float32, None, None, True,
                     keep_resident=_switch(model_settings.keep_resident, True),
-                    fp8_matmul=False, pinned=False, tiled_vae=False, compile=model_settings.compile)
+                    fp8_matmul=False, pinned=False, tiled_vae=False, compile=model_settings.compile,
+                    fused_attention=_switch(model_settings.fused_attention, False))
 
     total_gib = torch.cuda.get_device_properties(device).total_memory / GIB
     budget = model_settings.vram_limit_gb
@@ -119,4 +121,13 @@ def make_plan(model_settings, device: torch.device | None = None) -> Plan:
         # copied in per job, so "auto" means unlimited.
         cuda_graphs=_switch(model_settings.cuda_graphs, unlimited),
         allocator_cap_gib=None if unlimited or budget >= total_gib else max(MIN_ALLOCATOR_CAP_GIB, budget - CARD_KEEPS_GIB - CONTEXT_GIB),
+        fused_attention=_fused_attention(model_settings.fused_attention),
     )
+
+
+def _fused_attention(value: str) -> bool:
+    from . import attention
+    if value == "on" and not attention.kernel_available():
+        log.warning("[model] fused_attention = \"on\" but Triton is not installed: DiffSynth's attention code runs")
+        return False
+    return _switch(value, attention.kernel_available())

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from . import graphs, inductor, modulation, offload, weights
+from . import attention, graphs, inductor, modulation, offload, weights
 from .budget import GIB, Plan, make_plan
 from .streaming import MIB, Streamer
 
@@ -132,6 +132,8 @@ class Engine:
         _install_prompt_cache(pipe, self.prompt_cache)
         _install_device_guidance(pipe)
         _cache_image_ids(pipe.dit)
+        if plan.fused_attention:
+            attention.install(pipe.dit)
         self.modulations = modulation.Modulations(pipe.dit)
         # The pipeline would move whole models in and out around every phase; placement is ours.
         pipe.load_models_to_device = lambda names: None

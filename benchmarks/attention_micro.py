@@ -1,0 +1,113 @@
+"""A FLUX block's attention inputs (q/k RMSNorm, RoPE, SDPA's layout): DiffSynth's code compiled
+by Inductor with the engine's settings against the engine's one Triton kernel (bot/engine/attention.py),
+at full size (1024x1024: 4096 image + 512 text tokens, 24 heads of 128), bf16. Each variant is timed
+with SDPA and without it, from a CUDA graph (no launch gaps); also the kernel's tile sizes.
+
+    python benchmarks/attention_micro.py [--json out.json]      # needs a CUDA GPU
+"""
+
+import argparse
+import json
+import sys
+import types
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bot.engine import attention, inductor  # noqa: E402
+from diffsynth.models import flux_dit  # noqa: E402
+
+HEADS, DIM, TEXT, IMAGE = 24, 128, 512, 4096
+
+
+def bench(fn, *args, n=20) -> float:
+    """GPU microseconds per call, from a CUDA graph of n calls."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn(*args)
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(n):
+            fn(*args)
+    g.replay()
+    torch.cuda.synchronize()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for _ in range(5):
+        g.replay()
+    e1.record()
+    torch.cuda.synchronize()
+    return e0.elapsed_time(e1) / (5 * n) * 1000
+
+
+def modules(dt):
+    """A double block's attention and a single block, with their linear layers as identities so
+    the timed code runs from the q/k/v projections to the attention output."""
+    dim = HEADS * DIM
+    joint = flux_dit.FluxJointAttention(dim, dim, HEADS, DIM).cuda().to(dt)
+    for name in ("a_to_qkv", "b_to_qkv", "a_to_out", "b_to_out"):
+        setattr(joint, name, torch.nn.Identity())
+    single = flux_dit.FluxSingleTransformerBlock(dim, HEADS).cuda().to(dt)
+    for m in (joint, single):
+        for name, child in m.named_modules():
+            if name.startswith("norm_q") or name.startswith("norm_k"):
+                child.weight.data = torch.rand(DIM, device="cuda", dtype=dt) + 0.5
+    return joint, single
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    dt = torch.bfloat16
+    inductor.configure(tuning=True)
+    ids = torch.randint(0, 64, (1, TEXT + IMAGE, 3), device="cuda").float()
+    freqs = flux_dit.RoPEEmbedding(DIM, 10000, [16, 56, 56])(ids)
+    dim = HEADS * DIM
+    image_qkv = torch.randn(1, IMAGE, 3 * dim, device="cuda", dtype=dt)
+    text_qkv = torch.randn(1, TEXT, 3 * dim, device="cuda", dtype=dt)
+    single_qkv = torch.randn(1, TEXT + IMAGE, 7 * dim, device="cuda", dtype=dt)[:, :, :3 * dim]
+    joint, single = modules(dt)
+    q, k, v = (torch.randn(1, HEADS, TEXT + IMAGE, DIM, device="cuda", dtype=dt) for _ in range(3))
+    results = {"sdpa_us": bench(lambda: F.scaled_dot_product_attention(q, k, v))}
+    # Bytes that must move: q, k, v read once and written once (plus the RoPE table, L2-resident).
+    moved = 2 * 3 * (TEXT + IMAGE) * dim * 2
+    for fused in (False, True):
+        torch._dynamo.reset()
+        if fused:
+            joint.forward = types.MethodType(attention._joint_attention_forward, joint)
+            single.process_attention = types.MethodType(attention._single_process_attention, single)
+        name = "kernel" if fused else "diffsynth_compiled"
+        fj = torch.compile(lambda a, b: joint(a, b, freqs), fullgraph=True)
+        fs = torch.compile(lambda x: single.process_attention(x, freqs), fullgraph=True)
+        results[f"{name}_double_us"] = bench(fj, image_qkv, text_qkv)
+        results[f"{name}_single_us"] = bench(fs, single_qkv)
+        print(f"{name}: double {results[f'{name}_double_us']:.1f} us, single {results[f'{name}_single_us']:.1f} us "
+              f"(with SDPA {results['sdpa_us']:.1f} us)", flush=True)
+    inputs = lambda: attention.attention_inputs([single_qkv], [single.norm_q_a.weight], [single.norm_k_a.weight],
+                                                [1e-6], freqs, HEADS)
+    for block, warps in ((16, 4), (8, 4), (32, 4), (32, 8), (64, 8)):
+        attention.BLOCK_TOKENS, attention.NUM_WARPS = block, warps
+        t = bench(inputs)
+        results[f"kernel_alone_block{block}_warps{warps}_us"] = t
+        print(f"kernel alone, {block} tokens x {warps} warps: {t:.1f} us, {moved / t / 1e3:.0f} GB/s", flush=True)
+    per_step = {name: 19 * (results[f"{name}_double_us"] - results["sdpa_us"])
+                + 38 * (results[f"{name}_single_us"] - results["sdpa_us"]) for name in ("diffsynth_compiled", "kernel")}
+    results["inputs_ms_per_step"] = {k: v / 1000 for k, v in per_step.items()}
+    results["card"] = torch.cuda.get_device_name()
+    results["torch"] = torch.__version__
+    print("attention inputs per 20-step image's step (19 double + 38 single blocks):",
+          {k: f"{v / 1000:.2f} ms" for k, v in per_step.items()}, flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""The attention inputs in one kernel (bot/engine/attention.py): DiffSynth's values, by its own modules."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffsynth.models import flux_dit
+
+from bot.engine import attention
+from bot.engine.pipeline import Engine, GenerationRequest
+from conftest import tiny_model_settings
+
+HEADS, HEAD_DIM = 2, 128
+
+
+def rope_table(tokens: int, seed: int = 0) -> torch.Tensor:
+    ids = torch.randint(0, 40, (1, tokens, 3), generator=torch.Generator().manual_seed(seed)).float()
+    return flux_dit.RoPEEmbedding(HEAD_DIM, 10000, [16, 56, 56])(ids)
+
+
+def random_norms(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    for name, child in module.named_modules():
+        if name.startswith("norm_"):
+            child.weight.data = (torch.rand(HEAD_DIM) + 0.5).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_attention_forwards_return_what_diffsynths_do(dtype):
+    """The installed forwards, with the op's PyTorch path (no GPU here): DiffSynth's results exactly,
+    for a double block's joint attention (both outputs) and a single block's."""
+    torch.manual_seed(0)
+    dim = HEADS * HEAD_DIM
+    joint = flux_dit.FluxJointAttention(dim, dim, HEADS, HEAD_DIM).to(dtype)
+    random_norms(joint, dtype)
+    image, text = torch.randn(1, 40, dim, dtype=dtype), torch.randn(1, 7, dim, dtype=dtype)
+    freqs = rope_table(47)
+    want = joint(image, text, freqs)
+    joint.forward = types.MethodType(attention._joint_attention_forward, joint)
+    got = joint(image, text, freqs)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+    single = flux_dit.FluxSingleTransformerBlock(dim, HEADS).to(dtype)
+    random_norms(single, dtype)
+    qkv_mlp = torch.randn(1, 47, dim * 7, dtype=dtype)
+    qkv = qkv_mlp[:, :, :dim * 3]  # a slice of the fused projection, as the block passes it
+    want = single.process_attention(qkv, freqs)
+    single.process_attention = types.MethodType(attention._single_process_attention, single)
+    assert torch.equal(single.process_attention(qkv, freqs), want)
+
+
+def test_masked_attention_still_runs_diffsynths_code():
+    """Entity masks are not handled by the op: the installed forward hands them to DiffSynth's."""
+    torch.manual_seed(1)
+    dim = HEADS * HEAD_DIM
+    joint = flux_dit.FluxJointAttention(dim, dim, HEADS, HEAD_DIM)
+    image, text, freqs = torch.randn(1, 9, dim), torch.randn(1, 3, dim), rope_table(12)
+    mask = torch.zeros(1, 1, 12, 12)
+    mask[..., :3, 3:] = float("-inf")  # text tokens may not see the image
+    want = joint(image, text, freqs, mask)
+    joint.forward = types.MethodType(attention._joint_attention_forward, joint)
+    calls = []
+    real = attention.attention_inputs
+    attention.attention_inputs = lambda *a: calls.append(a) or real(*a)
+    try:
+        got = joint(image, text, freqs, mask)
+    finally:
+        attention.attention_inputs = real
+    assert all(torch.equal(g, w) for g, w in zip(got, want)) and calls == []
+    assert not torch.equal(joint(image, text, freqs)[1], want[1])  # the mask mattered
+
+
+INTERPRETED = textwrap.dedent("""
+    import torch
+    from bot.engine import attention
+    from tests.test_attention import rope_table, HEADS, HEAD_DIM
+    torch.manual_seed(2)
+    dtype = torch.float16
+    dim = HEADS * HEAD_DIM
+    def weights(n):
+        return [(torch.rand(HEAD_DIM) + 0.5).to(dtype) for _ in range(n)]
+    cases = []
+    # A double block: text (5 tokens) then image (37), each with its own norms; batch 2, one RoPE table.
+    cases.append(([torch.randn(2, 5, 3 * dim, dtype=dtype), torch.randn(2, 37, 3 * dim, dtype=dtype)],
+                  weights(2), weights(2), [1e-6, 1e-6], rope_table(42)))
+    # A single block: q/k/v a strided slice of the wider projection; 33 tokens (not a whole tile).
+    wide = torch.randn(1, 33, 7 * dim, dtype=dtype)
+    cases.append(([wide[:, :, :3 * dim]], weights(1), weights(1), [1e-5], rope_table(33, seed=3)))
+    for qkvs, wq, wk, eps, freqs in cases:
+        assert attention._kernel_fits(qkvs, wq, wk, freqs, HEADS), "the kernel did not run"
+        got = attention.attention_inputs(qkvs, wq, wk, eps, freqs, HEADS)
+        want = attention._reference(qkvs, wq, wk, eps, freqs, HEADS)
+        assert got.shape == want.shape == (3, qkvs[0].shape[0], HEADS, sum(t.shape[1] for t in qkvs), HEAD_DIM)
+        assert got.is_contiguous()
+        # fp32 sums in another order: now and then a rounding step apart in the norm, which RoPE
+        # carries into its output; never more than one step at the scale of the head's row.
+        diff = (got.float() - want.float()).abs()
+        row_scale = want.float().abs().amax(-1, keepdim=True)
+        assert (diff <= row_scale * 2**-10).all(), diff.max()
+        assert (diff > 0).float().mean() < 1e-3, (diff > 0).float().mean()
+    print("kernel matches", len(cases))
+""")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_the_kernel_computes_diffsynths_values():
+    """The Triton kernel itself, in Triton's CPU interpreter (no GPU here), against DiffSynth's
+    arithmetic, to one rounding step: two parts with their own norms at offsets, a batch of two, a strided input, a tile
+    cut short. float16: the interpreter rounds to bfloat16 by truncating, a GPU rounds to nearest
+    (bf16 is checked on a GPU in test_engine_cuda.py)."""
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{root}{os.pathsep}{root / 'tests'}"}
+    done = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, cwd=root, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "kernel matches 2" in done.stdout
+
+
+def test_fused_attention_paints_the_same_pixels(model_dir, tiny_engine):
+    """[model] fused_attention = "on" through the whole pipeline (DiffSynth's wrapped norms, the real
+    blocks): the same image as DiffSynth's attention code."""
+    engine = Engine.load(tiny_model_settings(model_dir, fused_attention="on"))
+    assert engine.plan.fused_attention and not tiny_engine.plan.fused_attention
+    assert engine.pipe.dit.single_blocks[0].process_attention.__func__ is attention._single_process_attention
+    req = GenerationRequest("a fused cat", seed=9, steps=2, width=128, height=128)
+    assert np.array_equal(np.asarray(engine.generate(req).image), np.asarray(tiny_engine.generate(req).image))
