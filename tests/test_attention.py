@@ -34,9 +34,9 @@ def random_norms(module: torch.nn.Module, dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_attention_forwards_return_what_diffsynths_do(dtype):
-    """The installed forwards, with the op's PyTorch path (no GPU here): DiffSynth's results exactly,
-    for a double block's joint attention (both outputs) and a single block's."""
+def test_the_attention_forward_returns_what_diffsynths_does(dtype):
+    """The installed forward, with the op's PyTorch path (no GPU here): DiffSynth's results exactly,
+    for a double block's joint attention (both outputs)."""
     torch.manual_seed(0)
     dim = HEADS * HEAD_DIM
     joint = flux_dit.FluxJointAttention(dim, dim, HEADS, HEAD_DIM).to(dtype)
@@ -47,14 +47,6 @@ def test_the_attention_forwards_return_what_diffsynths_do(dtype):
     joint.forward = types.MethodType(attention._joint_attention_forward, joint)
     got = joint(image, text, freqs)
     assert all(torch.equal(g, w) for g, w in zip(got, want))
-
-    single = flux_dit.FluxSingleTransformerBlock(dim, HEADS).to(dtype)
-    random_norms(single, dtype)
-    qkv_mlp = torch.randn(1, 47, dim * 7, dtype=dtype)
-    qkv = qkv_mlp[:, :, :dim * 3]  # a slice of the fused projection, as the block passes it
-    want = single.process_attention(qkv, freqs)
-    single.process_attention = types.MethodType(attention._single_process_attention, single)
-    assert torch.equal(single.process_attention(qkv, freqs), want)
 
 
 def test_masked_attention_still_runs_diffsynths_code():
@@ -88,16 +80,17 @@ INTERPRETED = textwrap.dedent("""
     def weights(n):
         return [(torch.rand(HEAD_DIM) + 0.5).to(dtype) for _ in range(n)]
     cases = []
-    # A double block: text (5 tokens) then image (37), each with its own norms; batch 2, one RoPE table.
+    # A double block: text (5 tokens) then image (37), each with its own norms and a bias still to
+    # add (float32, as a layer may keep it); batch 2, one RoPE table.
     cases.append(([torch.randn(2, 5, 3 * dim, dtype=dtype), torch.randn(2, 37, 3 * dim, dtype=dtype)],
-                  weights(2), weights(2), [1e-6, 1e-6], rope_table(42)))
-    # A single block: q/k/v a strided slice of the wider projection; 33 tokens (not a whole tile).
+                  [torch.randn(3 * dim), torch.randn(3 * dim)], weights(2), weights(2), [1e-6, 1e-6], rope_table(42)))
+    # q/k/v a strided slice of a wider projection, its bias added already; 33 tokens (not a whole tile).
     wide = torch.randn(1, 33, 7 * dim, dtype=dtype)
-    cases.append(([wide[:, :, :3 * dim]], weights(1), weights(1), [1e-5], rope_table(33, seed=3)))
-    for qkvs, wq, wk, eps, freqs in cases:
-        assert attention._kernel_fits(qkvs, wq, wk, freqs, HEADS), "the kernel did not run"
-        got = attention.attention_inputs(qkvs, wq, wk, eps, freqs, HEADS)
-        want = attention._reference(qkvs, wq, wk, eps, freqs, HEADS)
+    cases.append(([wide[:, :, :3 * dim]], [None], weights(1), weights(1), [1e-5], rope_table(33, seed=3)))
+    for qkvs, biases, wq, wk, eps, freqs in cases:
+        assert attention._kernel_fits(qkvs, biases, wq, wk, freqs, HEADS), "the kernel did not run"
+        got = attention.attention_inputs(qkvs, biases, wq, wk, eps, freqs, HEADS)
+        want = attention._reference(qkvs, biases, wq, wk, eps, freqs, HEADS)
         assert got.shape == want.shape == (3, qkvs[0].shape[0], HEADS, sum(t.shape[1] for t in qkvs), HEAD_DIM)
         assert got.is_contiguous()
         # fp32 sums in another order: now and then a rounding step apart in the norm, which RoPE
@@ -113,9 +106,9 @@ INTERPRETED = textwrap.dedent("""
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 def test_the_kernel_computes_diffsynths_values():
     """The Triton kernel itself, in Triton's CPU interpreter (no GPU here), against DiffSynth's
-    arithmetic, to one rounding step: two parts with their own norms at offsets, a batch of two, a strided input, a tile
-    cut short. float16: the interpreter rounds to bfloat16 by truncating, a GPU rounds to nearest
-    (bf16 is checked on a GPU in test_engine_cuda.py)."""
+    arithmetic, to one rounding step: two parts with their own norms and biases at offsets, a batch
+    of two, a strided input without a bias, a tile cut short. float16: the interpreter rounds to
+    bfloat16 by truncating, a GPU rounds to nearest (bf16 is checked on a GPU in test_engine_cuda.py)."""
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{root}{os.pathsep}{root / 'tests'}"}
     done = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, cwd=root, capture_output=True,
@@ -129,6 +122,6 @@ def test_fused_attention_paints_the_same_pixels(model_dir, tiny_engine):
     blocks): the same image as DiffSynth's attention code."""
     engine = Engine.load(tiny_model_settings(model_dir, fused_attention="on"))
     assert engine.plan.fused_attention and not tiny_engine.plan.fused_attention
-    assert engine.pipe.dit.single_blocks[0].process_attention.__func__ is attention._single_process_attention
+    assert all(b.attn.forward.__func__ is attention._joint_attention_forward for b in engine.pipe.dit.blocks)
     req = GenerationRequest("a fused cat", seed=9, steps=2, width=128, height=128)
     assert np.array_equal(np.asarray(engine.generate(req).image), np.asarray(tiny_engine.generate(req).image))

@@ -195,6 +195,7 @@ def test_compiled_blocks_paint_the_same_image(model_dir, tiny_engine, fused_atte
     with the attention-inputs op (its PyTorch path here, traced into the graph)."""
     from torch._dynamo.utils import counters
 
+    torch._dynamo.reset()  # the other parameter's graphs would be reused
     counters.clear()
     compiled = Engine.load(tiny_model_settings(model_dir, compile="on", fused_attention=fused_attention))
     assert compiled.compiled

@@ -1,16 +1,16 @@
 """A FLUX block's attention inputs in one GPU kernel: q/k RMSNorm, RoPE and the layout SDPA reads.
 
 DiffSynth writes these as a dozen small operations (view, chunk, RMSNorm, concat, a RoPE built
-from 2x2 rotation matrices, a cast). Inductor fuses them into three to five kernels per block,
-and each reads the q/k/v rows again: on an H100 about 155 us in a single block against ~60 us for
-the bytes that must move (read q, k and v once, write them once). Here one Triton kernel reads a
-block of tokens of one head, normalises q and k, rotates them and writes q, k and v side by side,
-rounding where DiffSynth's code rounds, so the values match it to the last bit but for about one
-in 10,000, which is one rounding step off (its fp32 sums add in another order).
+from 2x2 rotation matrices, a cast). In a double block, where text and image tokens have norms of
+their own and are joined before RoPE, Inductor fuses them into several kernels that read the rows
+again: 159 us a block on an H100 at 1024x1024 (benchmarks/attention_micro.py). Here one Triton
+kernel reads a tile of tokens of one head, normalises q and k, rotates them and writes q, k and v
+side by side for SDPA, rounding where DiffSynth's code rounds, so the values match it to the last
+bit but for about one in 10,000, which is one rounding step off (its fp32 sums add in another order).
 
-`install(dit)` swaps in attention forwards that call `attention_inputs`; DiffSynth's own forward
-still runs for the inputs this one does not handle (attention masks, IP-adapter). Without Triton or
-a CUDA tensor the op runs the same arithmetic as DiffSynth in PyTorch.
+`install(dit)` swaps in the double blocks' attention forward that calls `attention_inputs`;
+DiffSynth's own forward still runs for the inputs this one does not handle (attention masks,
+IP-adapter). Without Triton or a CUDA tensor the op runs DiffSynth's arithmetic in PyTorch.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import types
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -30,18 +31,28 @@ try:
 except ImportError:  # CPU-only installs may lack Triton: the PyTorch path serves
     triton = None
 
-# Tokens per program (16 rows of 128 for each of q, k and v stay in registers) and its warps.
-BLOCK_TOKENS = 16
+# Tokens per program and its warps: 8 x 4 moved 2.4 TB/s on an H100, 16 x 4 1.9, 32 x 8 1.2
+# (benchmarks/attention_micro.py, docs/raw/gpu40_attention_micro.json).
+BLOCK_TOKENS = 8
 NUM_WARPS = 4
 # Triton's CPU interpreter (tests): run the kernel on CPU tensors too.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 if triton is not None:
     @triton.jit
-    def _norm_rope(x_ptrs, w_ptr, f00, f01, f10, f11, mask, eps, D: tl.constexpr, BLOCK: tl.constexpr):
+    def _load(ptrs, bias_ptrs, mask, HAS_BIAS: tl.constexpr):
+        """A [BLOCK, D] tile of the projection, its bias added and rounded as `out + bias` rounds."""
+        x = tl.load(ptrs, mask=mask, other=0.0)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptrs).to(x.dtype).to(tl.float32)
+            x = (x.to(tl.float32) + bias[None, :]).to(x.dtype)
+        return x
+
+    @triton.jit
+    def _norm_rope(x, w_ptr, f00, f01, f10, f11, eps, D: tl.constexpr, BLOCK: tl.constexpr):
         """RMSNorm then RoPE for a [BLOCK, D] tile, rounding where DiffSynth's code does."""
-        dtype = x_ptrs.dtype.element_ty
-        x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+        dtype = x.dtype
+        x = x.to(tl.float32)
         rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)
         n = (x * rstd[:, None]).to(dtype).to(tl.float32)                        # RMSNorm's cast back
         w = tl.load(w_ptr + tl.arange(0, D)).to(tl.float32)
@@ -52,15 +63,17 @@ if triton is not None:
         return tl.reshape(tl.join(o0, o1), [BLOCK, D]).to(dtype)
 
     @triton.jit
-    def _attention_inputs_kernel(qkv_ptr, wq_ptr, wk_ptr, freqs_ptr, out_ptr,
+    def _attention_inputs_kernel(qkv_ptr, bias_ptr, wq_ptr, wk_ptr, freqs_ptr, out_ptr,
                                  tokens, token_offset, stride_qkv_b, stride_qkv_l,
                                  stride_f_b, stride_f_l, stride_out_part, stride_out_b, stride_out_h,
-                                 eps, H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
+                                 eps, H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+                                 HAS_BIAS: tl.constexpr):
         pid_l, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rows = pid_l * BLOCK + tl.arange(0, BLOCK)
         cols = tl.arange(0, D)
         mask = (rows < tokens)[:, None]
         src = qkv_ptr + b * stride_qkv_b + rows[:, None] * stride_qkv_l + h * D + cols[None, :]
+        bias = bias_ptr + h * D + cols
         dst = out_ptr + b * stride_out_b + h * stride_out_h + (token_offset + rows[:, None]) * D + cols[None, :]
         # The rotation of pair i at token t: freqs[t, i] is [[f00, f01], [f10, f11]].
         pairs = tl.arange(0, D // 2)
@@ -69,11 +82,11 @@ if triton is not None:
         f01 = tl.load(f + 1, mask=mask, other=0.0).to(tl.float32)
         f10 = tl.load(f + 2, mask=mask, other=0.0).to(tl.float32)
         f11 = tl.load(f + 3, mask=mask, other=0.0).to(tl.float32)
-        q = _norm_rope(src, wq_ptr, f00, f01, f10, f11, mask, eps, D, BLOCK)
+        q = _norm_rope(_load(src, bias, mask, HAS_BIAS), wq_ptr, f00, f01, f10, f11, eps, D, BLOCK)
         tl.store(dst, q, mask=mask)
-        k = _norm_rope(src + H * D, wk_ptr, f00, f01, f10, f11, mask, eps, D, BLOCK)
+        k = _norm_rope(_load(src + H * D, bias + H * D, mask, HAS_BIAS), wk_ptr, f00, f01, f10, f11, eps, D, BLOCK)
         tl.store(dst + stride_out_part, k, mask=mask)
-        v = tl.load(src + 2 * H * D, mask=mask, other=0.0)
+        v = _load(src + 2 * H * D, bias + 2 * H * D, mask, HAS_BIAS)
         tl.store(dst + 2 * stride_out_part, v, mask=mask)
 
 
@@ -90,9 +103,11 @@ def _rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     return out.reshape(*x.shape).type_as(x)
 
 
-def _reference(qkvs, q_weights, k_weights, epss, freqs, heads) -> torch.Tensor:
+def _reference(qkvs, biases, q_weights, k_weights, epss, freqs, heads) -> torch.Tensor:
     qs, ks, vs = [], [], []
-    for qkv, wq, wk, eps in zip(qkvs, q_weights, k_weights, epss):
+    for qkv, bias, wq, wk, eps in zip(qkvs, biases, q_weights, k_weights, epss):
+        if bias is not None:
+            qkv = qkv + bias.to(qkv.dtype)  # as offload.fp8_linear adds it
         batch = qkv.shape[0]
         q, k, v = qkv.view(batch, -1, 3 * heads, qkv.shape[-1] // (3 * heads)).transpose(1, 2).chunk(3, dim=1)
         qs.append(_rms_norm(q, wq, eps))
@@ -102,7 +117,7 @@ def _reference(qkvs, q_weights, k_weights, epss, freqs, heads) -> torch.Tensor:
     return torch.stack([_rope(q, freqs), _rope(k, freqs), v])
 
 
-def _kernel_fits(qkvs, q_weights, k_weights, freqs, heads) -> bool:
+def _kernel_fits(qkvs, biases, q_weights, k_weights, freqs, heads) -> bool:
     if triton is None:
         return False
     dim = qkvs[0].shape[-1] // (3 * heads)
@@ -112,20 +127,22 @@ def _kernel_fits(qkvs, q_weights, k_weights, freqs, heads) -> bool:
             and dim >= 16 and dim & (dim - 1) == 0
             and all(t.dtype == dtype and t.shape[-1] == 3 * heads * dim for t in qkvs)
             and all(w.dtype == dtype and w.shape == (dim,) for w in (*q_weights, *k_weights))
+            and all(b is None or b.shape == (3 * heads * dim,) for b in biases)
             and freqs.dim() == 6 and freqs.shape[1] == 1 and freqs.shape[-3:] == (dim // 2, 2, 2)
             and freqs.shape[0] in (1, qkvs[0].shape[0]))
 
 
 @torch.library.triton_op("fluxbot::attention_inputs", mutates_args=())
-def attention_inputs(qkvs: list[torch.Tensor], q_weights: list[torch.Tensor], k_weights: list[torch.Tensor],
-                     epss: list[float], freqs: torch.Tensor, heads: int) -> torch.Tensor:
+def attention_inputs(qkvs: list[torch.Tensor], biases: list[Optional[torch.Tensor]], q_weights: list[torch.Tensor],
+                     k_weights: list[torch.Tensor], epss: list[float], freqs: torch.Tensor, heads: int) -> torch.Tensor:
     """q, k and v for SDPA, stacked: [3, batch, heads, tokens, head_dim].
 
     `qkvs` are the parts' projections [batch, tokens_i, 3 * heads * head_dim] in the order their
-    tokens take (FLUX: text, then image); each part has its own q/k norm weights and eps. `freqs`
-    is DiffSynth's RoPE table [batch or 1, 1, tokens, head_dim / 2, 2, 2] for all tokens."""
-    if not _kernel_fits(qkvs, q_weights, k_weights, freqs, heads):
-        return _reference(qkvs, q_weights, k_weights, epss, freqs, heads)
+    tokens take (FLUX: text, then image), each with the bias still to add (None: added already)
+    and its own q/k norm weights and eps. `freqs` is DiffSynth's RoPE table
+    [batch or 1, 1, tokens, head_dim / 2, 2, 2] for all tokens."""
+    if not _kernel_fits(qkvs, biases, q_weights, k_weights, freqs, heads):
+        return _reference(qkvs, biases, q_weights, k_weights, epss, freqs, heads)
     first = qkvs[0]
     batch, dim = first.shape[0], first.shape[-1] // (3 * heads)
     tokens = sum(t.shape[1] for t in qkvs)
@@ -133,17 +150,29 @@ def attention_inputs(qkvs: list[torch.Tensor], q_weights: list[torch.Tensor], k_
     freqs = freqs if freqs.stride()[-3:] == (4, 2, 1) else freqs.contiguous()
     stride_f_b = freqs.stride(0) if freqs.shape[0] > 1 else 0
     offset = 0
-    for qkv, wq, wk, eps in zip(qkvs, q_weights, k_weights, epss):
+    for qkv, bias, wq, wk, eps in zip(qkvs, biases, q_weights, k_weights, epss):
         qkv = qkv if qkv.stride(-1) == 1 else qkv.contiguous()
         part = qkv.shape[1]
         grid = (triton.cdiv(part, BLOCK_TOKENS), heads, batch)
         torch.library.wrap_triton(_attention_inputs_kernel)[grid](
-            qkv, wq.contiguous(), wk.contiguous(), freqs, out,
+            qkv, wq if bias is None else bias.contiguous(), wq.contiguous(), wk.contiguous(), freqs, out,
             part, offset, qkv.stride(0), qkv.stride(1),
             stride_f_b, freqs.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            eps, H=heads, D=dim, BLOCK=BLOCK_TOKENS, num_warps=NUM_WARPS)
+            eps, H=heads, D=dim, BLOCK=BLOCK_TOKENS, HAS_BIAS=bias is not None, num_warps=NUM_WARPS)
         offset += part
     return out
+
+
+def _projection(layer, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The layer's output before its bias, and the bias, for a float8 layer computing on the GPU
+    from its resident weights: the kernel adds the bias as it reads the rows (on its own the add
+    was a 50 us pass over a double block's image rows, gpu40). Any other layer (streamed, LoRA,
+    bf16) runs as it is and its bias is added already."""
+    if (getattr(layer, "keep_fp8", False) and "forward" not in vars(layer) and layer.state == 2
+            and not layer.lora_A_weights and layer.bias is not None):
+        weight, bias = layer.computation()
+        return layer.linear_forward(x, weight, None), bias
+    return layer(x), None
 
 
 def _norm_params(norm) -> tuple[torch.Tensor, float]:
@@ -159,12 +188,12 @@ def _joint_attention_forward(self, hidden_states_a, hidden_states_b, image_rotar
         return type(self).forward(self, hidden_states_a, hidden_states_b, image_rotary_emb,
                                   attn_mask, ipadapter_kwargs_list)
     batch = hidden_states_a.shape[0]
-    qkv_a, qkv_b = self.a_to_qkv(hidden_states_a), self.b_to_qkv(hidden_states_b)
+    (qkv_a, bias_a), (qkv_b, bias_b) = _projection(self.a_to_qkv, hidden_states_a), _projection(self.b_to_qkv, hidden_states_b)
     (wq_a, eq_a), (wk_a, ek_a) = _norm_params(self.norm_q_a), _norm_params(self.norm_k_a)
     (wq_b, eq_b), (wk_b, ek_b) = _norm_params(self.norm_q_b), _norm_params(self.norm_k_b)
     if eq_a != ek_a or eq_b != ek_b:
         return type(self).forward(self, hidden_states_a, hidden_states_b, image_rotary_emb)
-    q, k, v = attention_inputs([qkv_b, qkv_a], [wq_b, wq_a], [wk_b, wk_a], [eq_b, eq_a],
+    q, k, v = attention_inputs([qkv_b, qkv_a], [bias_b, bias_a], [wq_b, wq_a], [wk_b, wk_a], [eq_b, eq_a],
                                image_rotary_emb, self.num_heads).unbind(0)
     hidden = F.scaled_dot_product_attention(q, k, v)
     hidden = hidden.transpose(1, 2).reshape(batch, -1, self.num_heads * self.head_dim)
@@ -175,27 +204,14 @@ def _joint_attention_forward(self, hidden_states_a, hidden_states_b, image_rotar
     return out_a, self.b_to_out(hidden[:, :text])
 
 
-def _single_process_attention(self, hidden_states, image_rotary_emb, attn_mask=None, ipadapter_kwargs_list=None):
-    """FluxSingleTransformerBlock.process_attention with its inputs from `attention_inputs`."""
-    (wq, eq), (wk, ek) = _norm_params(self.norm_q_a), _norm_params(self.norm_k_a)
-    if attn_mask is not None or ipadapter_kwargs_list is not None or eq != ek:
-        return type(self).process_attention(self, hidden_states, image_rotary_emb, attn_mask, ipadapter_kwargs_list)
-    batch = hidden_states.shape[0]
-    q, k, v = attention_inputs([hidden_states], [wq], [wk], [eq], image_rotary_emb, self.num_heads).unbind(0)
-    hidden = F.scaled_dot_product_attention(q, k, v)
-    return hidden.transpose(1, 2).reshape(batch, -1, self.num_heads * self.head_dim)
-
-
 def install(dit) -> int:
-    """Route the DiT's attention inputs through `attention_inputs`. Returns the blocks changed."""
-    changed = 0
+    """Route the double blocks' attention inputs through `attention_inputs`. Returns the blocks
+    changed. The single blocks keep DiffSynth's code: there Inductor already fuses the inputs into
+    about what the kernel takes (67 against 70 us on an H100, docs/raw/gpu40_attention_micro.json),
+    and it also fuses the projection's bias add into them, which the op would leave as a pass of its own."""
     for block in dit.blocks:
         block.attn.forward = types.MethodType(_joint_attention_forward, block.attn)
-        changed += 1
-    for block in dit.single_blocks:
-        block.process_attention = types.MethodType(_single_process_attention, block)
-        changed += 1
-    return changed
+    return len(dit.blocks)
 
 
 def kernel_available() -> bool:
