@@ -207,6 +207,20 @@ def test_compiled_blocks_paint_the_same_image(model_dir, tiny_engine, fused_atte
     assert counters["stats"]["unique_graphs"] >= 2
 
 
+def test_each_image_size_gets_its_own_compiled_graph(model_dir):
+    """Compiled blocks specialise to each image size: three sizes, three graphs per block class
+    (Dynamo's automatic dynamic shapes would have served the third size from a shape-generic graph
+    made for the second, and the first size's later jobs too)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    engine = Engine.load(tiny_model_settings(model_dir, compile="on"))
+    for width, height in ((128, 128), (192, 128), (256, 128)):  # 64, 96 and 128 image tokens
+        engine.generate(GenerationRequest("sizes", seed=1, steps=1, width=width, height=height))
+    assert counters["stats"]["unique_graphs"] == 3 * 2 and not counters["graph_break"]
+
+
 def test_blocks_with_streamed_layers_compile_too(model_dir, tiny_engine):
     """A streamed linear layer is one opaque op in the compiled graph: blocks whose weights stream
     compile without graph breaks, are not re-traced on the next job, and paint the same image."""
