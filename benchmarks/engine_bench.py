@@ -286,7 +286,9 @@ def main() -> int:
                 torch.cuda.synchronize()
             el = time.perf_counter() - t
             print(f"  image {i} ({'warm-up' if i < a.warmup else 'timed'}): {el:.2f} s {timing}", flush=True)
-            if i >= a.warmup:
+            if i < a.warmup:  # compile, autotune and graph capture land here: a restart's wait
+                rec.setdefault("warmup_s", []).append(round(el, 2))
+            else:
                 times.append(el)
                 steps_s.append(timing["denoise_s"] / a.steps)
                 details.append(timing)

@@ -25,6 +25,7 @@ def test_engine_bench_runs_on_the_tiny_model(tmp_path, model_dir, system):
     assert rec["ok"] is True and rec["system"] == system and rec["images"] == 2
     assert rec["sec_per_image"] > 0 and rec["sec_per_step"] > 0 and rec["peak_host_gib"] > 0
     assert rec["text_encode_s"] > 0 and rec["vae_s"] > 0  # every phase was timed
+    assert len(rec["warmup_s"]) == 1 and rec["warmup_s"][0] > 0  # the first image's wait is kept too
 
     report = subprocess.run([sys.executable, str(ROOT / "benchmarks/report.py"), str(out), "--out-dir", str(tmp_path)],
                             capture_output=True, text=True, timeout=60)
