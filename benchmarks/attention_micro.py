@@ -96,12 +96,14 @@ def main() -> None:
     # The kernel alone on a single block's inputs (the engine leaves those to Inductor).
     inputs = lambda: attention.attention_inputs([single_qkv], [None], [single.norm_q_a.weight], [single.norm_k_a.weight],
                                                 [1e-6], freqs, HEADS)
+    engine_tile = attention.BLOCK_TOKENS, attention.NUM_WARPS
     for block, warps in ((8, 4), (16, 4), (4, 4), (8, 2), (32, 8)):
         attention.BLOCK_TOKENS, attention.NUM_WARPS = block, warps
         t = bench(inputs)
         results[f"kernel_alone_block{block}_warps{warps}_us"] = t
         print(f"kernel alone, single block's inputs, {block} tokens x {warps} warps: {t:.1f} us, "
               f"{moved / t / 1e3:.0f} GB/s", flush=True)
+    attention.BLOCK_TOKENS, attention.NUM_WARPS = engine_tile
     saved = 19 * (results["diffsynth_compiled_double_us"] - results["kernel_double_us"])
     results["double_blocks_saved_ms_per_step"] = saved / 1000
     print(f"19 double blocks a step: {saved / 1000:.2f} ms saved", flush=True)

@@ -3,7 +3,7 @@
 Three variants of the same model and inputs: bf16 weights (reference); float8 storage (weights
 rounded to float8, computed in bf16: the article's setup); float8 compute (our `_scaled_mm`
 path, row-wise activation scales; also with Hopper's fast float8 accumulation, and then with the
-double blocks' attention inputs from the engine's kernel, as the engine runs). Reports ||out - ref|| / ||ref|| for one denoising step and for
+double blocks' attention inputs from the engine's kernel). Reports ||out - ref|| / ||ref|| for one denoising step and for
 the latents after a full 20-step loop. Target: float8 compute within 2x of float8 storage.
 
     python benchmarks/quality.py --json docs/raw/quality.json        (GPU with Ada/Hopper float8)
@@ -106,7 +106,9 @@ def main() -> int:
     fc_step, fc_lat = run(dit)
     Fp8Linear.fast_accum = True
     fa_step, fa_lat = run(dit)
-    # What the engine runs on such a card: also the double blocks' attention inputs in one kernel.
+    # Also the double blocks' attention inputs from the engine's kernel. (The projection's bias is
+    # added before it here: these layers are not the engine's, so `_projection` leaves them whole;
+    # the kernel adds it with the same rounding, tests/test_engine_cuda.py.)
     attention.install(dit)
     ours_step, ours_lat = run(dit)
     rec = {

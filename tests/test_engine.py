@@ -199,6 +199,9 @@ def test_compiled_blocks_paint_the_same_image(model_dir, tiny_engine, fused_atte
     counters.clear()
     compiled = Engine.load(tiny_model_settings(model_dir, compile="on", fused_attention=fused_attention))
     assert compiled.compiled
+    from bot.engine import attention
+    installed = {b.attn.forward.__func__ is attention._joint_attention_forward for b in compiled.pipe.dit.blocks}
+    assert installed == {fused_attention == "on"}
     req = GenerationRequest("compiled cat", seed=4, steps=2, width=128, height=128)
     a = pixels(compiled.generate(req)).astype(int)
     b = pixels(tiny_engine.generate(req)).astype(int)
@@ -349,9 +352,11 @@ def test_plan_follows_the_card(monkeypatch):
     assert not hopper.cuda_graphs and not plan_for((8, 9), 80, vram_limit_gb=24).cuda_graphs
     assert plan_for((9, 0), 80, cuda_graphs="on").cuda_graphs
     assert not plan_for((9, 0), 80, vram_limit_gb=None, cuda_graphs="off").cuda_graphs
-    # The one-kernel attention inputs: wherever Triton is (every budget), unless switched off.
+    # The one-kernel attention inputs: on Ampere and newer wherever Triton is (every budget), unless
+    # switched off; not on Turing (no bf16 in hardware), even when asked for.
     from bot.engine import attention
-    assert hopper.fused_attention == turing.fused_attention == attention.kernel_available()
+    assert hopper.fused_attention == plan_for((8, 6), 12).fused_attention == attention.kernel_available()
+    assert not turing.fused_attention and not plan_for((7, 5), 11, fused_attention="on").fused_attention
     assert not plan_for((9, 0), 80, fused_attention="off").fused_attention
     monkeypatch.setattr(attention, "triton", None)
     assert not plan_for((9, 0), 80, fused_attention="on").fused_attention  # no Triton: a warning, not a crash

@@ -163,7 +163,8 @@ def test_the_attention_kernel_in_bf16_eager_and_compiled():
             torch.randn(1, 512, 7 * heads * dim, device="cuda", dtype=dt)[:, :, :3 * heads * dim]]
     wq = [torch.rand(dim, device="cuda", dtype=dt) + 0.5 for _ in qkvs]
     wk = [torch.rand(dim, device="cuda", dtype=dt) + 0.5 for _ in qkvs]
-    biases = [torch.randn(3 * heads * dim, device="cuda", dtype=dt), None]
+    # A float8 bias, as float8 layers keep theirs (converted through fp32 in the kernel).
+    biases = [torch.randn(3 * heads * dim, device="cuda").to(torch.float8_e4m3fn), None]
     args = (qkvs, biases, wq, wk, [1e-6, 1e-6], freqs, heads)
     assert attention._kernel_fits(qkvs, biases, wq, wk, freqs, heads)
     want = attention._reference(*args).float()
@@ -175,11 +176,11 @@ def test_the_attention_kernel_in_bf16_eager_and_compiled():
 
     eager = attention.attention_inputs(*args).float()
     diff = (eager - want).abs()
-    assert (diff <= row_scale * 2**-7).all() and (diff > 0).float().mean() < 1e-2
+    assert (diff <= row_scale * 2**-7).all() and (diff > 0).float().mean() < 1e-3  # gpu: ~1e-5
     out, q, k, v = torch.compile(attend, fullgraph=True)(*args)
     compiled = torch.stack([q, k, v]).float()  # the kernel as Inductor compiles and launches it
     diff = (compiled - want).abs()
-    assert (diff <= row_scale * 2**-7).all() and (diff > 0).float().mean() < 1e-2
+    assert (diff <= row_scale * 2**-7).all() and (diff > 0).float().mean() < 1e-3
     ref = torch.nn.functional.scaled_dot_product_attention(*want.to(dt).unbind(0))
     assert (out.float() - ref.float()).abs().max() < 0.05
 

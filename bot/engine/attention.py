@@ -15,6 +15,7 @@ IP-adapter). Without Triton or a CUDA tensor the op runs DiffSynth's arithmetic 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import types
@@ -43,8 +44,8 @@ if triton is not None:
     def _load(ptrs, bias_ptrs, mask, HAS_BIAS: tl.constexpr):
         """A [BLOCK, D] tile of the projection, its bias added and rounded as `out + bias` rounds."""
         x = tl.load(ptrs, mask=mask, other=0.0)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptrs).to(x.dtype).to(tl.float32)
+        if HAS_BIAS:  # through fp32: a float8 bias straight to bf16 needs sm_90 in older Triton
+            bias = tl.load(bias_ptrs).to(tl.float32).to(x.dtype).to(tl.float32)
             x = (x.to(tl.float32) + bias[None, :]).to(x.dtype)
         return x
 
@@ -120,16 +121,20 @@ def _reference(qkvs, biases, q_weights, k_weights, epss, freqs, heads) -> torch.
 def _kernel_fits(qkvs, biases, q_weights, k_weights, freqs, heads) -> bool:
     if triton is None:
         return False
-    dim = qkvs[0].shape[-1] // (3 * heads)
-    dtype = qkvs[0].dtype
+    first = qkvs[0]
+    dim = first.shape[-1] // (3 * heads)
+    dtype = first.dtype
     return (all(t.is_cuda or _INTERPRET for t in qkvs)
+            and all(t.device == first.device for t in (*qkvs, freqs))
             and dtype in (torch.bfloat16, torch.float16)
             and dim >= 16 and dim & (dim - 1) == 0
-            and all(t.dtype == dtype and t.shape[-1] == 3 * heads * dim for t in qkvs)
-            and all(w.dtype == dtype and w.shape == (dim,) for w in (*q_weights, *k_weights))
+            and all(t.dtype == dtype and t.dim() == 3 and t.shape[0] == first.shape[0]
+                    and t.shape[-1] == 3 * heads * dim for t in qkvs)
+            and all(w is not None and w.dtype == dtype and w.shape == (dim,) for w in (*q_weights, *k_weights))
             and all(b is None or b.shape == (3 * heads * dim,) for b in biases)
-            and freqs.dim() == 6 and freqs.shape[1] == 1 and freqs.shape[-3:] == (dim // 2, 2, 2)
-            and freqs.shape[0] in (1, qkvs[0].shape[0]))
+            and freqs.dtype == torch.float32 and freqs.dim() == 6 and freqs.shape[1] == 1
+            and freqs.shape[2] == sum(t.shape[1] for t in qkvs) and freqs.shape[-3:] == (dim // 2, 2, 2)
+            and freqs.shape[0] in (1, first.shape[0]))
 
 
 @torch.library.triton_op("fluxbot::attention_inputs", mutates_args=())
@@ -150,15 +155,18 @@ def attention_inputs(qkvs: list[torch.Tensor], biases: list[Optional[torch.Tenso
     freqs = freqs if freqs.stride()[-3:] == (4, 2, 1) else freqs.contiguous()
     stride_f_b = freqs.stride(0) if freqs.shape[0] > 1 else 0
     offset = 0
+    # Triton launches on the current device, not the tensors' (a bot on "cuda:1", uncompiled).
+    on_device = torch.cuda.device(first.device) if first.is_cuda else contextlib.nullcontext()
     for qkv, bias, wq, wk, eps in zip(qkvs, biases, q_weights, k_weights, epss):
         qkv = qkv if qkv.stride(-1) == 1 else qkv.contiguous()
         part = qkv.shape[1]
         grid = (triton.cdiv(part, BLOCK_TOKENS), heads, batch)
-        torch.library.wrap_triton(_attention_inputs_kernel)[grid](
-            qkv, wq if bias is None else bias.contiguous(), wq.contiguous(), wk.contiguous(), freqs, out,
-            part, offset, qkv.stride(0), qkv.stride(1),
-            stride_f_b, freqs.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            eps, H=heads, D=dim, BLOCK=BLOCK_TOKENS, HAS_BIAS=bias is not None, num_warps=NUM_WARPS)
+        with on_device:
+            torch.library.wrap_triton(_attention_inputs_kernel)[grid](
+                qkv, wq if bias is None else bias.contiguous(), wq.contiguous(), wk.contiguous(), freqs, out,
+                part, offset, qkv.stride(0), qkv.stride(1),
+                stride_f_b, freqs.stride(2), out.stride(0), out.stride(1), out.stride(2),
+                eps, H=heads, D=dim, BLOCK=BLOCK_TOKENS, HAS_BIAS=bias is not None, num_warps=NUM_WARPS)
         offset += part
     return out
 
@@ -214,6 +222,16 @@ def install(dit) -> int:
     return len(dit.blocks)
 
 
-def kernel_available() -> bool:
-    """Whether the one-kernel path can run here (Triton importable)."""
-    return triton is not None
+# Ampere and newer: bf16 arithmetic in hardware (the engine computes in bf16 on a GPU). Turing and
+# older would need Triton's emulation, not tried.
+MIN_CAPABILITY = (8, 0)
+
+
+def kernel_available(device: torch.device | None = None) -> bool:
+    """Whether the one-kernel path can run here: Triton importable and, for a CUDA device, an
+    Ampere or newer card."""
+    if triton is None:
+        return False
+    if device is not None and device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= MIN_CAPABILITY
+    return True

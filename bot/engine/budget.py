@@ -121,13 +121,14 @@ def make_plan(model_settings, device: torch.device | None = None) -> Plan:
         # copied in per job, so "auto" means unlimited.
         cuda_graphs=_switch(model_settings.cuda_graphs, unlimited),
         allocator_cap_gib=None if unlimited or budget >= total_gib else max(MIN_ALLOCATOR_CAP_GIB, budget - CARD_KEEPS_GIB - CONTEXT_GIB),
-        fused_attention=_fused_attention(model_settings.fused_attention),
+        fused_attention=_fused_attention(model_settings.fused_attention, device),
     )
 
 
-def _fused_attention(value: str) -> bool:
+def _fused_attention(value: str, device: torch.device) -> bool:
     from . import attention
-    if value == "on" and not attention.kernel_available():
-        log.warning("[model] fused_attention = \"on\" but Triton is not installed: DiffSynth's attention code runs")
+    if value == "on" and not attention.kernel_available(device):
+        log.warning("[model] fused_attention = \"on\" but it needs Triton and an Ampere or newer card: "
+                    "DiffSynth's attention code runs")
         return False
-    return _switch(value, attention.kernel_available())
+    return _switch(value, attention.kernel_available(device))

@@ -11,12 +11,15 @@ float8 from pinned memory and are cast on the GPU (half the bytes of bf16, no CP
 from __future__ import annotations
 
 import functools
+import logging
 import types
 import weakref
 from typing import Optional
 
 import torch
 from diffsynth.core.vram.layers import AutoTorchModule, AutoWrappedLinear, AutoWrappedModule
+
+log = logging.getLogger("fluxbot.engine")
 
 FP8 = (torch.float8_e4m3fn,)
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
@@ -45,8 +48,11 @@ _registered: set[int] = set()
 
 
 def _unregister(ptr: int) -> None:
-    _registered.discard(ptr)
-    torch.cuda.cudart().cudaHostUnregister(ptr)
+    err = torch.cuda.cudart().cudaHostUnregister(ptr)
+    if int(err) == 0:
+        _registered.discard(ptr)
+    else:  # e.g. during a CUDA graph capture; the address stays known as registered, as it still is
+        log.warning("could not unregister page-locked host memory (CUDA error %d)", int(err))
 
 
 def _page_lock(t: torch.Tensor) -> bool:
