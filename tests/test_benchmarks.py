@@ -34,3 +34,22 @@ def test_engine_bench_runs_on_the_tiny_model(tmp_path, model_dir, system):
     assert records[0]["system"] == system and records[0]["ok"] is True
     assert records[0]["sec_per_image"] == rec["sec_per_image"]  # the report carries the measured time
     assert (tmp_path / "benchmarks.png").stat().st_size > 1000
+
+
+def test_the_chart_shows_an_uncapped_time_beside_the_failure():
+    """A setup that fails under a budget's cap shows the failure, then its uncapped time marked as
+    over the budget; a setup that fits shows its time; a missing one says so."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import report
+
+    def rec(system, budget, sec, ok, capped=True, error=None):
+        return {"system": system, "budget_gb": budget, "sec_per_image": sec, "ok": ok, "allocator_capped": capped,
+                "peak_process_gib": 7.0 if capped else 38.0, "error": error}
+
+    rows = report.chart_rows([rec("ours", 8, 3.1, True), rec("diffusers", 8, None, False, error="OutOfMemoryError: x"),
+                              rec("diffusers", 8, 7.98, False, capped=False), rec("ours", None, 1.9, True)])
+    assert [(b, s, sec, over) for b, s, sec, _, over in rows] == [
+        (8, "ours", 3.1, False), (8, "diffusers", None, False), (8, "diffusers", 7.98, True),
+        (None, "ours", 1.9, False), (None, "diffusers", None, False)]
+    assert rows[1][3].startswith("X  OutOfMemoryError") and "uncapped, over the budget" in rows[2][3]
+    assert rows[4][3] == "not measured"
