@@ -66,6 +66,13 @@ def nvidia_driver() -> str | None:
     return out.splitlines()[0].strip() if out.strip() else None
 
 
+def write_record(path: Path, rec: dict) -> None:
+    """A benchmark's record: written as JSON (folders made) and printed on one line."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rec, indent=1))
+    print(json.dumps(rec), flush=True)
+
+
 def ours_settings(budget: float | None, root: Path, device: str, preset: str):
     """Our engine's settings for a run, with the levers under trial switched from the environment
     (FP8_MATMUL, COMPILE, FAST_ACCUM, CUDA_GRAPHS, FUSED_ATTENTION: auto/on/off; HEADROOM_GIB), so one script
@@ -316,9 +323,7 @@ def main() -> int:
     else:
         rec.update(peak_vram_gib=None, peak_reserved_gib=None, peak_process_gib=None)
     rec["peak_host_gib"] = round(host_peak_gib(), 3)
-    a.json.parent.mkdir(parents=True, exist_ok=True)
-    a.json.write_text(json.dumps(rec, indent=1))
-    print(json.dumps(rec), flush=True)
+    write_record(a.json, rec)
     return 0
 
 

@@ -12,7 +12,6 @@ the latents after a full 20-step loop. Target: float8 compute within 2x of float
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bot.engine import attention  # noqa: E402
 from bot.engine.offload import fp8_linear  # noqa: E402
+from engine_bench import write_record  # noqa: E402  (same directory)
 
 
 class Fp8Linear(torch.nn.Module):
@@ -131,9 +131,7 @@ def main() -> int:
     # The target is for what the engine runs: fast accumulation and the attention kernel are its
     # defaults wherever float8 matmuls are.
     rec["ok"] = rec["ratio_one_step_ours"] <= 2 and rec["ratio_final_ours"] <= 2
-    a.json.parent.mkdir(parents=True, exist_ok=True)
-    a.json.write_text(json.dumps(rec, indent=1))
-    print(json.dumps(rec))
+    write_record(a.json, rec)
     return 0
 
 

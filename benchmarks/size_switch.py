@@ -12,7 +12,6 @@ one portrait job (832x1216, /imagine's portrait preset) in one process.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -23,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bot.engine.pipeline import Engine, GenerationRequest  # noqa: E402
-from engine_bench import PROMPT, ours_settings  # noqa: E402  (same directory)
+from engine_bench import PROMPT, ours_settings, write_record  # noqa: E402  (same directory)
 
 
 def main() -> int:
@@ -56,9 +55,7 @@ def main() -> int:
     for name, runs in (("square_before", before), ("portrait", portrait), ("square_after", after)):
         rec[f"{name}_sec_per_image"] = statistics.median(s for s, _ in runs)
         rec[f"{name}_step_s"] = statistics.median(st for _, st in runs)
-    a.json.parent.mkdir(parents=True, exist_ok=True)
-    a.json.write_text(json.dumps(rec, indent=1))
-    print(json.dumps(rec))
+    write_record(a.json, rec)
     return 0
 
 
