@@ -40,7 +40,7 @@ class Delivery(Protocol):
     """What the worker tells the outside world. Every method may raise; the worker logs and goes on."""
 
     async def position(self, job: JobRecord, position: int) -> None: ...
-    async def started(self, job: JobRecord) -> None: ...
+    async def started(self, job: JobRecord, *, compiling: bool = False) -> None: ...
     async def progress(self, job: JobRecord, step: int, total: int) -> None: ...
     async def deliver(self, job: JobRecord, image_path: Path) -> int | None: ...
     async def find_delivered(self, job: JobRecord) -> int | None:
@@ -163,6 +163,12 @@ class JobQueue:
                 heapq.heappush(heap, (turn, jobs[-1].id, user))
         return order
 
+    def compiles_first(self, job: JobRecord) -> bool:
+        """Whether the engine compiles for this job's size before painting it (the first job at a
+        size: a minute or more). Its status says so, or it would look stuck before step 1."""
+        compiles_for = getattr(self._engine, "compiles_for", None)
+        return bool(compiles_for is not None and compiles_for(job.width, job.height))
+
     @property
     def running(self) -> JobRecord | None:
         return None if self._running is None else self._running.job
@@ -282,7 +288,7 @@ class JobQueue:
             await self._fail(job, self._engine_error or "no model")
             return
         self._spawn(self._notify_positions())
-        await self._safe("a start", self.delivery.started(job))
+        await self._safe("a start", self.delivery.started(job, compiling=self.compiles_first(job)))
         result = await self._generate(entry)
         if result is None:
             return

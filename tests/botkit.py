@@ -43,6 +43,9 @@ class ControlledEngine:
         self.calls: list[str] = []
         self.busy = threading.Event()
 
+    def compiles_for(self, width: int, height: int) -> bool:
+        return self.engine.compiles_for(width, height)
+
     def generate(self, request, *, on_progress=None, should_cancel=None):
         self.calls.append(request.prompt)
         self.busy.set()

@@ -9,6 +9,7 @@ import io
 import pytest
 from PIL import Image
 
+from conftest import tiny_model_settings
 from botkit import (ADMIN, ALICE, BOB, CAROL, MOD, embed_field,
                     ephemeral_texts, eventually, has_image, make_settings, running_bot)
 
@@ -74,6 +75,26 @@ async def test_imagine_end_to_end(fake, settings, engine):
                 assert ev.json["allowed_mentions"].get("parse", []) == []
         job = (await bot.store.recent_jobs(1))[0]
         assert job.status is JobStatus.DONE and job.result_message_id == int(final["id"])
+
+
+async def test_the_first_image_at_a_size_says_it_prepares_the_model(fake, settings, model_dir):
+    """With compiled blocks the first job at each image size compiles first (a minute or more on a
+    GPU): its status says so, and only then; the tiny model really compiles here."""
+    from botkit import ControlledEngine
+
+    from bot.engine.pipeline import Engine
+    compiled = ControlledEngine(Engine.load(tiny_model_settings(model_dir, compile="on")))
+    assert compiled.engine.compiled
+    async with running_bot(fake, settings, compiled):
+        notes = []
+        for size in ("square", "square", "portrait"):
+            inter = await imagine(fake, ALICE, prompt=f"a {size} cat", steps=1, size=size)
+            await inter.wait_original(has_image)
+            edits = [e.json.get("content") or "" for e in fake.events
+                     if e.method == "PATCH" and e.path.endswith("/messages/@original") and e.json
+                     and f"/{inter.token}/" in e.path]
+            notes.append(any("prepares the model" in c for c in edits))
+    assert notes == [True, False, True]
 
 
 async def test_random_seed_is_reported_as_a_plain_number(fake, settings, engine):

@@ -26,6 +26,7 @@ def test_generates_an_image_of_the_requested_size(tiny_engine):
     assert np.isfinite(img).all()
     assert res.seconds > 0
     assert not tiny_engine.compiled  # [model] compile = "auto" is off on the CPU
+    assert not tiny_engine.compiles_for(512, 512)  # nothing to compile: no size waits
 
 
 def test_same_seed_same_pixels_other_seed_differs(tiny_engine):
@@ -220,8 +221,11 @@ def test_each_image_size_gets_its_own_compiled_graph(model_dir):
     counters.clear()
     engine = Engine.load(tiny_model_settings(model_dir, compile="on"))
     for width, height in ((128, 128), (192, 128), (256, 128)):  # 64, 96 and 128 image tokens
+        assert engine.compiles_for(width, height)  # what the bot tells the member before the job
         engine.generate(GenerationRequest("sizes", seed=1, steps=1, width=width, height=height))
+        assert not engine.compiles_for(width, height)
     assert counters["stats"]["unique_graphs"] == 3 * 2 and not counters["graph_break"]
+    assert engine.compiles_for(320, 128)
 
 
 def test_blocks_with_streamed_layers_compile_too(model_dir, tiny_engine):

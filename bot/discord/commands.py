@@ -66,7 +66,8 @@ async def enqueue(interaction: discord.Interaction, params: ImagineParams, origi
     try:
         await interaction.response.defer(thinking=True)
         position = bot.queue.position(job.id)
-        text = messages.starting() if position == 0 else messages.queued(position or 1)
+        text = (messages.starting(compiling=bot.queue.compiles_first(job)) if position == 0
+                else messages.queued(position or 1))
         msg = await interaction.edit_original_response(content=text, allowed_mentions=messages.NO_PINGS)
     except discord.HTTPException as exc:
         # The job is admitted and charged: it still runs, and delivery finds another way

@@ -76,8 +76,8 @@ class DiscordDelivery:
     async def position(self, job: JobRecord, position: int) -> None:
         await self._edit_status(job, messages.queued(position))
 
-    async def started(self, job: JobRecord) -> None:
-        await self._edit_status(job, messages.starting())
+    async def started(self, job: JobRecord, *, compiling: bool = False) -> None:
+        await self._edit_status(job, messages.starting(compiling=compiling))
 
     async def progress(self, job: JobRecord, step: int, total: int) -> None:
         await self._edit_status(job, messages.progress(step, total))

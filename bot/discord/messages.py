@@ -29,7 +29,10 @@ def queued(position: int) -> str:
     return f"🕒 Queued: position {position}. `/cancel` withdraws it."
 
 
-def starting() -> str:
+def starting(*, compiling: bool = False) -> str:
+    if compiling:
+        return ("🎨 Painting: starting… The first image at this size since the bot started prepares "
+                "the model for it first: a minute or two more, once.")
     return "🎨 Painting: starting…"
 
 

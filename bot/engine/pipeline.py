@@ -156,6 +156,7 @@ class Engine:
         self._place()
         self.compiled = self._maybe_compile()
         self.step_graph = self._maybe_graph()
+        self.sizes_run: set[tuple[int, int]] = set()  # image sizes painted since loading
         modulation.install(pipe, self.modulations)  # outside the graph: it fills the table per job
 
     # ------------------------------------------------------------------ loading
@@ -251,6 +252,11 @@ class Engine:
         step_graph = graphs.StepGraph(self.pipe.model_fn, can_replay=lambda: mods.step >= 0 or not mods.enabled)
         self.pipe.model_fn = step_graph
         return step_graph
+
+    def compiles_for(self, width: int, height: int) -> bool:
+        """Whether a job at this size compiles the blocks first (its first step then takes a minute
+        or more on an H100): compiled blocks and a size not painted since loading."""
+        return self.compiled and (width, height) not in self.sizes_run
 
     def warm_up(self, width: int, height: int) -> float:
         """Run a short generation so compilation happens now, not in a member's first job."""
@@ -354,6 +360,7 @@ class Engine:
                 self._release()
         if cuda:
             torch.cuda.synchronize(self.device)
+        self.sizes_run.add((req.width, req.height))
         end = time.perf_counter()
         if "denoise" in marks:
             denoised = marks.get("decode", end)
