@@ -36,6 +36,9 @@ except ImportError:  # CPU-only installs may lack Triton: the PyTorch path serve
 # (benchmarks/attention_micro.py, docs/raw/gpu40_attention_micro.json).
 BLOCK_TOKENS = 8
 NUM_WARPS = 4
+# Ampere and newer: bf16 arithmetic in hardware (the engine computes in bf16 on a GPU). Turing and
+# older would need Triton's emulation, not tried.
+MIN_CAPABILITY = (8, 0)
 # Triton's CPU interpreter (tests): run the kernel on CPU tensors too.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -195,12 +198,13 @@ def _joint_attention_forward(self, hidden_states_a, hidden_states_b, image_rotar
     if attn_mask is not None or ipadapter_kwargs_list is not None:
         return type(self).forward(self, hidden_states_a, hidden_states_b, image_rotary_emb,
                                   attn_mask, ipadapter_kwargs_list)
-    batch = hidden_states_a.shape[0]
-    (qkv_a, bias_a), (qkv_b, bias_b) = _projection(self.a_to_qkv, hidden_states_a), _projection(self.b_to_qkv, hidden_states_b)
     (wq_a, eq_a), (wk_a, ek_a) = _norm_params(self.norm_q_a), _norm_params(self.norm_k_a)
     (wq_b, eq_b), (wk_b, ek_b) = _norm_params(self.norm_q_b), _norm_params(self.norm_k_b)
-    if eq_a != ek_a or eq_b != ek_b:
+    if eq_a != ek_a or eq_b != ek_b:  # the kernel takes one eps for a part's q and k
         return type(self).forward(self, hidden_states_a, hidden_states_b, image_rotary_emb)
+    batch = hidden_states_a.shape[0]
+    qkv_a, bias_a = _projection(self.a_to_qkv, hidden_states_a)
+    qkv_b, bias_b = _projection(self.b_to_qkv, hidden_states_b)
     q, k, v = attention_inputs([qkv_b, qkv_a], [bias_b, bias_a], [wq_b, wq_a], [wk_b, wk_a], [eq_b, eq_a],
                                image_rotary_emb, self.num_heads).unbind(0)
     hidden = F.scaled_dot_product_attention(q, k, v)
@@ -216,15 +220,11 @@ def install(dit) -> int:
     """Route the double blocks' attention inputs through `attention_inputs`. Returns the blocks
     changed. The single blocks keep DiffSynth's code: there Inductor already fuses the inputs into
     about what the kernel takes (67 against 70 us on an H100, docs/raw/gpu40_attention_micro.json),
-    and it also fuses the projection's bias add into them, which the op would leave as a pass of its own."""
+    and also the projection's bias add, which the op would leave as a pass of its own."""
     for block in dit.blocks:
         block.attn.forward = types.MethodType(_joint_attention_forward, block.attn)
     return len(dit.blocks)
 
-
-# Ampere and newer: bf16 arithmetic in hardware (the engine computes in bf16 on a GPU). Turing and
-# older would need Triton's emulation, not tried.
-MIN_CAPABILITY = (8, 0)
 
 
 def kernel_available(device: torch.device | None = None) -> bool:
