@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from diffsynth.models import flux_dit
 
 from bot.engine import attention
@@ -125,3 +126,39 @@ def test_fused_attention_paints_the_same_pixels(model_dir, tiny_engine):
     assert all(b.attn.forward.__func__ is attention._joint_attention_forward for b in engine.pipe.dit.blocks)
     req = GenerationRequest("a fused cat", seed=9, steps=2, width=128, height=128)
     assert np.array_equal(np.asarray(engine.generate(req).image), np.asarray(tiny_engine.generate(req).image))
+
+
+def test_the_projection_leaves_its_bias_to_the_kernel_only_when_it_computes_in_place():
+    """`_projection` splits the bias off only for a float8 layer prepared on its device (the
+    engine's resident layers); a streamed layer (its own forward), an unprepared one, one with a
+    LoRA or a bf16 one runs whole, bias included."""
+    from diffsynth.core.vram.layers import AutoWrappedLinear
+
+    torch.manual_seed(4)
+    layer = AutoWrappedLinear(torch.nn.Linear(32, 48), offload_dtype=torch.float32, offload_device="cpu",
+                              onload_dtype=torch.float32, onload_device="cpu", preparing_dtype=torch.float32,
+                              preparing_device="cpu", computation_dtype=torch.float32, computation_device="cpu")
+    layer.keep_fp8 = True  # as configure_linears marks a float8 layer (the arithmetic here is plain)
+    x = torch.randn(2, 5, 32)
+    whole = F.linear(x, layer.weight, layer.bias)
+    layer.onload()
+    assert layer.state == 1 and attention._projection(layer, x)[1] is None  # not prepared: runs whole
+    layer.preparing()
+    out, bias = attention._projection(layer, x)
+    assert bias is not None and torch.equal(bias, layer.bias)
+    assert torch.allclose(out + bias, whole) and not torch.allclose(out, whole)
+    for change in ("streamed", "bf16", "lora"):
+        other = AutoWrappedLinear(torch.nn.Linear(32, 48), offload_dtype=torch.float32, offload_device="cpu",
+                                  onload_dtype=torch.float32, onload_device="cpu", preparing_dtype=torch.float32,
+                                  preparing_device="cpu", computation_dtype=torch.float32,
+                                  computation_device="cpu")
+        other.load_state_dict(layer.state_dict())
+        other.keep_fp8 = change != "bf16"
+        other.preparing()
+        if change == "streamed":
+            other.forward = types.MethodType(AutoWrappedLinear.forward, other)  # as offload._stream sets one
+        if change == "lora":
+            other.lora_A_weights.append(torch.zeros(1, 32))
+            other.lora_B_weights.append(torch.zeros(48, 1))
+        out, bias = attention._projection(other, x)
+        assert bias is None and torch.allclose(out, whole), change
