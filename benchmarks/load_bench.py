@@ -273,9 +273,15 @@ async def run(args) -> dict:
         phase1["spacing_ms"] = args.spacing_ms
 
         # ---- phase 2: a burst of /imagine while the model works
-        if not engine.busy():  # keep the model busy through the burst too
-            await fthread.call(send_and_ack(
-                fake, [("imagine", {"prompt": "a long painting, again", "steps": args.steps}, PAINTER)], 0, 60))
+        # Keep the model busy through the burst too: one more long image, queued behind any still
+        # running (checking "busy" first raced with a job that ended right after the check).
+        await fthread.call(send_and_ack(
+            fake, [("imagine", {"prompt": "a long painting, again", "steps": args.steps}, PAINTER)], 0, 60))
+        deadline = time.monotonic() + 60
+        while not engine.busy():
+            if time.monotonic() > deadline:
+                raise RuntimeError("the model never started the painter's next job")
+            await asyncio.sleep(0.005)
         sends = [("imagine", {"prompt": f"burst {i}"}, users[i % len(users)]) for i in range(args.burst)]
         start = time.monotonic()
         burst = await fthread.call(send_and_ack(fake, sends, 0, 120))
