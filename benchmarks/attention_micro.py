@@ -8,7 +8,6 @@ DiffSynth writes it, SDPA alone, and the kernel alone on a single block's inputs
 """
 
 import argparse
-import json
 import sys
 import types
 from pathlib import Path
@@ -18,33 +17,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bot.engine import attention, inductor  # noqa: E402
+from cuda_timing import graph_us as bench  # noqa: E402  (same directory)
+from engine_bench import write_record  # noqa: E402
 from diffsynth.models import flux_dit  # noqa: E402
 
 HEADS, DIM, TEXT, IMAGE = 24, 128, 512, 4096
-
-
-def bench(fn, *args, n=20) -> float:
-    """GPU microseconds per call, from a CUDA graph of n calls."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn(*args)
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(n):
-            fn(*args)
-    g.replay()
-    torch.cuda.synchronize()
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    e0.record()
-    for _ in range(5):
-        g.replay()
-    e1.record()
-    torch.cuda.synchronize()
-    return e0.elapsed_time(e1) / (5 * n) * 1000
 
 
 def modules(dt):
@@ -95,7 +72,7 @@ def main() -> None:
     print(f"diffsynth_compiled: single block {results['diffsynth_compiled_single_us']:.1f} us with SDPA", flush=True)
     # The kernel alone on a single block's inputs (the engine leaves those to Inductor).
     inputs = lambda: attention.attention_inputs([single_qkv], [None], [single.norm_q_a.weight], [single.norm_k_a.weight],
-                                                [1e-6], freqs, HEADS)
+                                                [single.norm_q_a.eps], freqs, HEADS)
     engine_tile = attention.BLOCK_TOKENS, attention.NUM_WARPS
     for block, warps in ((8, 4), (16, 4), (4, 4), (8, 2), (32, 8)):
         attention.BLOCK_TOKENS, attention.NUM_WARPS = block, warps
@@ -110,7 +87,7 @@ def main() -> None:
     results["card"] = torch.cuda.get_device_name()
     results["torch"] = torch.__version__
     if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
+        write_record(args.json, results)
 
 
 if __name__ == "__main__":

@@ -73,29 +73,29 @@ def write_record(path: Path, rec: dict) -> None:
     print(json.dumps(rec), flush=True)
 
 
-def ours_settings(budget: float | None, root: Path, device: str, preset: str):
-    """Our engine's settings for a run, with the levers under trial switched from the environment
-    (FP8_MATMUL, COMPILE, FAST_ACCUM, CUDA_GRAPHS, FUSED_ATTENTION: auto/on/off; HEADROOM_GIB), so one script
-    measures each of them. Also used by profile_step.py."""
+def ours_engine(budget: float | None, root: Path, device: str, preset: str):
+    """Our engine for a run, with the levers under trial switched from the environment so one
+    script measures each of them: FP8_MATMUL, COMPILE, FAST_ACCUM, CUDA_GRAPHS, FUSED_ATTENTION
+    (auto/on/off), HEADROOM_GIB (the budget's headroom), STREAM_WINDOW_MIB (the DiT's prefetch
+    window). Also used by profile_step.py and size_switch.py."""
     from bot.config import ModelSettings
     from bot.engine import budget as budget_mod
+    from bot.engine.pipeline import Engine
     if "HEADROOM_GIB" in os.environ:
         budget_mod.HEADROOM_GIB = float(os.environ["HEADROOM_GIB"])
-    return ModelSettings(preset=preset, dir=root, vram_limit_gb=None if budget is None else float(budget),
-                         device=device, fp8_matmul=os.environ.get("FP8_MATMUL", "auto"),
-                         compile=os.environ.get("COMPILE", "auto"),
-                         fast_accum=os.environ.get("FAST_ACCUM", "auto"),
-                         cuda_graphs=os.environ.get("CUDA_GRAPHS", "auto"),
-                         fused_attention=os.environ.get("FUSED_ATTENTION", "auto"))
+    engine = Engine.load(ModelSettings(
+        preset=preset, dir=root, vram_limit_gb=None if budget is None else float(budget), device=device,
+        **{name: os.environ.get(name.upper(), "auto")
+           for name in ("fp8_matmul", "compile", "fast_accum", "cuda_graphs", "fused_attention")}))
+    if "STREAM_WINDOW_MIB" in os.environ:
+        engine.streamers["dit"].window = int(float(os.environ["STREAM_WINDOW_MIB"]) * 2**20)
+    return engine
 
 
 def load(system: str, budget: int | None, root: Path, device: str, preset: str):
     if system == "ours":
         from bot.engine import budget as budget_mod
-        from bot.engine.pipeline import Engine
-        engine = Engine.load(ours_settings(budget, root, device, preset))
-        if "STREAM_WINDOW_MIB" in os.environ:
-            engine.streamers["dit"].window = int(float(os.environ["STREAM_WINDOW_MIB"]) * 2**20)
+        engine = ours_engine(budget, root, device, preset)
 
         def run(seed, steps, width, height):
             from bot.engine.pipeline import GenerationRequest

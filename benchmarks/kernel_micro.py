@@ -1,6 +1,8 @@
-"""Kernel micro-benchmarks behind the engine's Inductor settings (docs/benchmarks.md, lever K/L):
-GELU + float8 quantization with the tanh and sigmoid forms, with and without coordinate-descent
-tuning; float8 matmul shapes of the FLUX DiT with row-wise and tensor-wise scales; SDPA backends.
+"""Kernel micro-benchmarks behind two of the engine's Inductor settings (docs/benchmarks.md, levers
+K/L): GELU + float8 quantization with the tanh and sigmoid forms, with and without coordinate-descent
+tuning, under Inductor's other defaults (not the persistent rows and unsplit reductions the engine
+also sets, lever P); float8 matmul shapes of the FLUX DiT with row-wise and tensor-wise scales (fast
+accumulation in both); SDPA backends.
 
     python benchmarks/kernel_micro.py        # needs a CUDA GPU with float8 (Ada/Hopper)
 """
@@ -14,24 +16,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bot.engine.inductor import gelu_as_sigmoid  # noqa: E402
 from bot.engine.offload import _quantize_rowwise as quant  # noqa: E402  (the engine's quantizer, uncompiled)
+from cuda_timing import graph_us as bench  # noqa: E402  (same directory)
 
 torch.manual_seed(0)
 dev = "cuda"
-def bench(fn, *args, n=20):
-    """GPU time per call, from a CUDA graph of n calls (no launch overhead in the number)."""
-    s = torch.cuda.Stream(); s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3): fn(*args)
-    torch.cuda.current_stream().wait_stream(s); torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(n): fn(*args)
-    g.replay(); torch.cuda.synchronize()
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    e0.record()
-    for _ in range(5): g.replay()
-    e1.record(); torch.cuda.synchronize()
-    return e0.elapsed_time(e1) / (5 * n) * 1000  # us
 def gelu_tanh(x): return F.gelu(x, approximate="tanh")
 def gelu_sig(x):  # the engine's GELU (bot/engine/inductor.py), in float32 as Inductor computes it
     return gelu_as_sigmoid(x.float(), "tanh").to(x.dtype)
@@ -81,9 +69,3 @@ for be in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EF
         print(f"sdpa {be.name}: {t:.1f} us ({4 * 4608 * 4608 * 3072 / t / 1e6:.0f} TF/s)", flush=True)
     except Exception as e:
         print("sdpa", be.name, "failed", str(e)[:100])
-import torch.nn.attention as A
-print("attention impls:", [x for x in dir(A) if "impl" in x.lower() or "flash" in x.lower()])
-for fn in ("list_flash_attention_impls", "current_flash_attention_impl"):
-    if hasattr(A, fn):
-        try: print(fn, getattr(A, fn)())
-        except Exception as e: print(fn, "failed", e)

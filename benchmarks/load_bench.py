@@ -96,6 +96,15 @@ class FakeThread:
         self.loop.close()
 
 
+async def wait_for(check, failure: str, timeout: float = 60) -> None:
+    """Poll `check()` until it holds; RuntimeError(failure) after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise RuntimeError(failure)
+        await asyncio.sleep(0.005)
+
+
 class BusyEngine:
     """The real engine, with the intervals during which it was generating (the "GPU busy" time)."""
 
@@ -258,11 +267,7 @@ async def run(args) -> dict:
         for i in range(args.painter_jobs):
             await fthread.call(send_and_ack(
                 fake, [("imagine", {"prompt": f"a long painting {i}", "steps": args.steps}, PAINTER)], 0, 60))
-        deadline = time.monotonic() + 60
-        while engine.generations() == started:
-            if time.monotonic() > deadline:
-                raise RuntimeError("the model never started the painter's job")
-            await asyncio.sleep(0.005)
+        await wait_for(lambda: engine.generations() != started, "the model never started the painter's job")
         sends = [("quota" if i % 2 == 0 else "queue", {}, users[i % len(users)]) for i in range(args.commands)]
         start = time.monotonic()
         steady = await fthread.call(send_and_ack(fake, sends, args.spacing_ms / 1000, 60))
@@ -277,11 +282,7 @@ async def run(args) -> dict:
         # running (checking "busy" first raced with a job that ended right after the check).
         await fthread.call(send_and_ack(
             fake, [("imagine", {"prompt": "a long painting, again", "steps": args.steps}, PAINTER)], 0, 60))
-        deadline = time.monotonic() + 60
-        while not engine.busy():
-            if time.monotonic() > deadline:
-                raise RuntimeError("the model never started the painter's next job")
-            await asyncio.sleep(0.005)
+        await wait_for(engine.busy, "the model never started the painter's next job")
         sends = [("imagine", {"prompt": f"burst {i}"}, users[i % len(users)]) for i in range(args.burst)]
         start = time.monotonic()
         burst = await fthread.call(send_and_ack(fake, sends, 0, 120))

@@ -15,8 +15,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bot.engine.pipeline import Engine, GenerationRequest  # noqa: E402
-from engine_bench import ours_settings  # noqa: E402  (same directory)
+from bot.engine.pipeline import GenerationRequest  # noqa: E402
+from engine_bench import ours_engine  # noqa: E402  (same directory)
 
 
 def _union(intervals: list[tuple[float, float]]) -> float:
@@ -78,13 +78,13 @@ def main() -> int:
     ap.add_argument("--first", action="store_true", help="profile a job's start up to its first step instead")
     a = ap.parse_args()
     budget = None if a.budget == "none" else float(a.budget)
-    engine = Engine.load(ours_settings(budget, a.weights, "cuda", "majicflus"))
+    engine = ours_engine(budget, a.weights, "cuda", "majicflus")
     req = GenerationRequest("profile", seed=1, steps=4, width=1024, height=1024)
     engine.generate(req)  # warm-up: compiles the blocks (and captures the step graph)
     prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                               torch.profiler.ProfilerActivity.CUDA])
 
-    start, stop = (0, 1) if a.first else (1, 3)
+    start, stop = (None, 1) if a.first else (1, 3)  # --first: from the job's start
 
     def on_progress(i, n):
         if i == start:
@@ -92,17 +92,17 @@ def main() -> int:
         if i == stop:
             prof.stop()
     if a.first:
-        on_progress(0, 4)
+        prof.start()
     engine.generate(GenerationRequest("profile two", seed=2, steps=4, width=1024, height=1024), on_progress=on_progress)
     a.out.mkdir(parents=True, exist_ok=True)
+    tag = f"first_{a.budget}" if a.first else a.budget
     if a.first:
         gaps = idle_gaps(prof)
         print(gaps)
-        (a.out / f"gaps_first_{a.budget}.txt").write_text(gaps + "\n")
-        prof.export_chrome_trace(str(a.out / f"trace_first_{a.budget}.json"))
+        (a.out / f"gaps_{tag}.txt").write_text(gaps + "\n")
+        prof.export_chrome_trace(str(a.out / f"trace_{tag}.json"))
     summary = busy_summary(prof)
     print(summary)
-    tag = f"first_{a.budget}" if a.first else a.budget
     (a.out / f"busy_{tag}.txt").write_text(summary + "\n")
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=80, max_name_column_width=110)
     (a.out / f"profile_{tag}.txt").write_text(table)

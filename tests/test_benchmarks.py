@@ -53,3 +53,18 @@ def test_the_chart_shows_an_uncapped_time_beside_the_failure():
         (None, "ours", 1.9, False), (None, "diffusers", None, False)]
     assert rows[1][3].startswith("X  OutOfMemoryError") and "uncapped, over the budget" in rows[2][3]
     assert rows[4][3] == "not measured"
+
+
+def test_size_switch_runs_on_the_tiny_model(tmp_path, model_dir):
+    """benchmarks/size_switch.py on the CPU: square jobs, portrait jobs at the bot's own preset,
+    square again; no GPU, so no step times."""
+    out = tmp_path / "size_switch.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks/size_switch.py"), "--preset", "tiny-random", "--device", "cpu",
+         "--weights", str(model_dir), "--images", "1", "--steps", "1", "--size", "128", "--json", str(out)],
+        capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rec = json.loads(out.read_text())
+    assert rec["square"] == [128, 128] and rec["portrait"] == [96, 160]  # size_presets(128, 128)
+    for name in ("square_before", "portrait", "square_after"):
+        assert rec[f"{name}_sec_per_image"] > 0 and rec[f"{name}_step_s"] is None
