@@ -559,7 +559,8 @@ class Store:
 
     @contextlib.asynccontextmanager
     async def _reading(self) -> AsyncIterator[aiosqlite.Connection]:
-        """Use the connection for reads (each statement is its own snapshot)."""
+        """Use the connection under the store's lock, sqlite errors as StoreError: for reads (each
+        statement is its own snapshot) and for a transaction run whole in aiosqlite's thread."""
         async with self._lock:
             conn = self._connection()
             try:
@@ -600,13 +601,9 @@ class Store:
                     db.execute(SQL_ROLLBACK)
                 raise
 
-        async with self._lock:
-            conn = self._connection()
-            try:
-                # aiosqlite's private API: `run(sqlite3 connection)` in its thread, in order with other requests.
-                return await conn._execute(run, conn._conn)
-            except sqlite3.Error as exc:
-                raise StoreError(f"database error on {self.path}: {exc}") from exc
+        async with self._reading() as conn:  # the lock and the error mapping; `run` opens its own transaction
+            # aiosqlite's private API: `run(sqlite3 connection)` in its thread, in order with other requests.
+            return await conn._execute(run, conn._conn)
 
     async def _rollback(self, conn: aiosqlite.Connection) -> None:
         try:

@@ -127,8 +127,8 @@ def make_plan(model_settings, device: torch.device | None = None) -> Plan:
 
 def _fused_attention(value: str, device: torch.device) -> bool:
     from . import attention
-    if value == "on" and not attention.kernel_available(device):
+    available = attention.kernel_available(device)
+    if value == "on" and not available:
         log.warning("[model] fused_attention = \"on\" but it needs Triton and an Ampere or newer card: "
                     "DiffSynth's attention code runs")
-        return False
-    return _switch(value, attention.kernel_available(device))
+    return _switch(value, available) and available
