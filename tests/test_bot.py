@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from conftest import tiny_model_settings
-from botkit import (ADMIN, ALICE, BOB, CAROL, MOD, embed_field,
+from botkit import (ADMIN, ALICE, BOB, CAROL, MOD, ControlledEngine, embed_field,
                     ephemeral_texts, eventually, has_image, make_settings, running_bot)
 
 from bot.engine.pipeline import GenerationOOM
@@ -78,23 +78,39 @@ async def test_imagine_end_to_end(fake, settings, engine):
 
 
 async def test_the_first_image_at_a_size_says_it_prepares_the_model(fake, settings, model_dir):
-    """With compiled blocks the first job at each image size compiles first (a minute or more on a
-    GPU): its status says so, and only then; the tiny model really compiles here."""
-    from botkit import ControlledEngine
-
+    """With compiled blocks the first job at each image token count compiles first (a minute or
+    more on a GPU): its status says so, and only then. The note comes in the command's reply when
+    the job starts at once, and in the worker's start edit when it waited in the queue. Landscape
+    has portrait's token count, so it compiles nothing. The tiny model really compiles here."""
     from bot.engine.pipeline import Engine
     compiled = ControlledEngine(Engine.load(tiny_model_settings(model_dir, compile="on")))
     assert compiled.engine.compiled
-    async with running_bot(fake, settings, compiled):
-        notes = []
-        for size in ("square", "square", "portrait"):
-            inter = await imagine(fake, ALICE, prompt=f"a {size} cat", steps=1, size=size)
-            await inter.wait_original(has_image)
-            edits = [e.json.get("content") or "" for e in fake.events
-                     if e.method == "PATCH" and e.path.endswith("/messages/@original") and e.json
-                     and f"/{inter.token}/" in e.path]
-            notes.append(any("prepares the model" in c for c in edits))
-    assert notes == [True, False, True]
+
+    def status_edits(inter) -> dict[str, list[str]]:
+        """The interaction's message edits: the command's reply (@original) and the worker's (by id)."""
+        edits: dict[str, list[str]] = {"reply": [], "worker": []}
+        for e in fake.events:
+            if e.method == "PATCH" and e.json and f"/{inter.token}/messages/" in e.path:
+                edits["reply" if e.path.endswith("@original") else "worker"].append(e.json.get("content") or "")
+        return {k: [c for c in v if "prepares the model" in c] for k, v in edits.items()}
+
+    async with running_bot(fake, settings, compiled) as bot:
+        first = await imagine(fake, ALICE, prompt="a square cat", steps=1, size="square")
+        await first.wait_original(has_image)
+        compiled.gate.clear()  # the next job holds the model while a portrait waits behind it
+        holding = await imagine(fake, ALICE, prompt="a held square cat", steps=1, size="square")
+        await eventually(lambda: compiled.busy.is_set(), what="the held job started")
+        queued = await imagine(fake, BOB, prompt="a portrait cat", steps=1, size="portrait")
+        await eventually(lambda: len(bot.queue.waiting()) == 1, what="the portrait queued")
+        compiled.gate.set()
+        await holding.wait_original(has_image)
+        await queued.wait_original(has_image)
+        landscape = await imagine(fake, CAROL, prompt="a landscape cat", steps=1, size="landscape")
+        await landscape.wait_original(has_image)
+    assert status_edits(first)["reply"] and not status_edits(first)["worker"]
+    assert status_edits(holding) == {"reply": [], "worker": []}
+    assert not status_edits(queued)["reply"] and status_edits(queued)["worker"]  # said when it started
+    assert status_edits(landscape) == {"reply": [], "worker": []}
 
 
 async def test_random_seed_is_reported_as_a_plain_number(fake, settings, engine):

@@ -226,6 +226,10 @@ def test_each_image_size_gets_its_own_compiled_graph(model_dir):
         assert not engine.compiles_for(width, height)
     assert counters["stats"]["unique_graphs"] == 3 * 2 and not counters["graph_break"]
     assert engine.compiles_for(320, 128)
+    # The same tokens the other way round (portrait after landscape): the blocks' graph is reused.
+    assert not engine.compiles_for(128, 192)
+    engine.generate(GenerationRequest("sizes", seed=1, steps=1, width=128, height=192))
+    assert counters["stats"]["unique_graphs"] == 3 * 2
 
 
 def test_blocks_with_streamed_layers_compile_too(model_dir, tiny_engine):

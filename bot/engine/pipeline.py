@@ -156,7 +156,7 @@ class Engine:
         self._place()
         self.compiled = self._maybe_compile()
         self.step_graph = self._maybe_graph()
-        self.sizes_run: set[tuple[int, int]] = set()  # image sizes painted since loading
+        self.token_counts_run: set[int] = set()  # image token counts painted since loading
         modulation.install(pipe, self.modulations)  # outside the graph: it fills the table per job
 
     # ------------------------------------------------------------------ loading
@@ -255,8 +255,9 @@ class Engine:
 
     def compiles_for(self, width: int, height: int) -> bool:
         """Whether a job at this size compiles the blocks first (its first step then takes a minute
-        or more on an H100): compiled blocks and a size not painted since loading."""
-        return self.compiled and (width, height) not in self.sizes_run
+        or more on an H100): compiled blocks and an image token count not painted since loading.
+        The blocks see tokens, not sides: portrait and landscape share one compiled graph."""
+        return self.compiled and _image_tokens(width, height) not in self.token_counts_run
 
     def warm_up(self, width: int, height: int) -> float:
         """Run a short generation so compilation happens now, not in a member's first job."""
@@ -360,7 +361,7 @@ class Engine:
                 self._release()
         if cuda:
             torch.cuda.synchronize(self.device)
-        self.sizes_run.add((req.width, req.height))
+        self.token_counts_run.add(_image_tokens(req.width, req.height))
         end = time.perf_counter()
         if "denoise" in marks:
             denoised = marks.get("decode", end)
@@ -377,6 +378,11 @@ class Engine:
         peak = torch.cuda.max_memory_allocated(self.device) / GIB if cuda else None
         return GenerationResult(image=image, request=req, seconds=end - marks["start"],
                                 peak_vram_gib=peak, timings=timings)
+
+
+def _image_tokens(width: int, height: int) -> int:
+    """The DiT's image tokens: 8x8-pixel latents in 2x2 patches."""
+    return (width // 16) * (height // 16)
 
 
 # Per CUDA device: (the allocator fraction someone else set, the one the last Engine.load set).
