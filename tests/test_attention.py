@@ -128,6 +128,19 @@ def test_fused_attention_paints_the_same_pixels(model_dir, tiny_engine):
     assert np.array_equal(np.asarray(engine.generate(req).image), np.asarray(tiny_engine.generate(req).image))
 
 
+def wrapped_linear(linear: torch.nn.Linear, *, keep_fp8: bool = True):
+    """A layer as the engine holds it (DiffSynth's AutoWrappedLinear, float32 on the CPU), marked as
+    configure_linears marks a float8 layer (the arithmetic here stays plain) and prepared."""
+    from diffsynth.core.vram.layers import AutoWrappedLinear
+
+    layer = AutoWrappedLinear(linear, offload_dtype=torch.float32, offload_device="cpu", onload_dtype=torch.float32,
+                              onload_device="cpu", preparing_dtype=torch.float32, preparing_device="cpu",
+                              computation_dtype=torch.float32, computation_device="cpu")
+    layer.keep_fp8 = keep_fp8
+    layer.onload()
+    return layer
+
+
 def test_the_projection_leaves_its_bias_to_the_kernel_only_when_it_computes_in_place():
     """`_projection` splits the bias off only for a float8 layer prepared on its device (the
     engine's resident layers); a streamed layer (its own forward), an unprepared one, one with a
@@ -135,25 +148,17 @@ def test_the_projection_leaves_its_bias_to_the_kernel_only_when_it_computes_in_p
     from diffsynth.core.vram.layers import AutoWrappedLinear
 
     torch.manual_seed(4)
-    layer = AutoWrappedLinear(torch.nn.Linear(32, 48), offload_dtype=torch.float32, offload_device="cpu",
-                              onload_dtype=torch.float32, onload_device="cpu", preparing_dtype=torch.float32,
-                              preparing_device="cpu", computation_dtype=torch.float32, computation_device="cpu")
-    layer.keep_fp8 = True  # as configure_linears marks a float8 layer (the arithmetic here is plain)
+    layer = wrapped_linear(torch.nn.Linear(32, 48))
     x = torch.randn(2, 5, 32)
     whole = F.linear(x, layer.weight, layer.bias)
-    layer.onload()
     assert layer.state == 1 and attention._projection(layer, x)[1] is None  # not prepared: runs whole
     layer.preparing()
     out, bias = attention._projection(layer, x)
     assert bias is not None and torch.equal(bias, layer.bias)
     assert torch.allclose(out + bias, whole) and not torch.allclose(out, whole)
     for change in ("streamed", "bf16", "lora"):
-        other = AutoWrappedLinear(torch.nn.Linear(32, 48), offload_dtype=torch.float32, offload_device="cpu",
-                                  onload_dtype=torch.float32, onload_device="cpu", preparing_dtype=torch.float32,
-                                  preparing_device="cpu", computation_dtype=torch.float32,
-                                  computation_device="cpu")
+        other = wrapped_linear(torch.nn.Linear(32, 48), keep_fp8=change != "bf16")
         other.load_state_dict(layer.state_dict())
-        other.keep_fp8 = change != "bf16"
         other.preparing()
         if change == "streamed":
             other.forward = types.MethodType(AutoWrappedLinear.forward, other)  # as offload._stream sets one
@@ -162,3 +167,37 @@ def test_the_projection_leaves_its_bias_to_the_kernel_only_when_it_computes_in_p
             other.lora_B_weights.append(torch.zeros(48, 1))
         out, bias = attention._projection(other, x)
         assert bias is None and torch.allclose(out, whole), change
+
+
+def test_the_forward_hands_each_part_its_own_bias_and_norms():
+    """With float8-style projections the forward leaves the text and image biases to the op, with
+    each part's own norm weights: DiffSynth's result, up to fp32 rounding (the bias is added apart
+    from the matmul). Swapping the parts' biases or norms would be far off."""
+    torch.manual_seed(5)
+    dim = HEADS * HEAD_DIM
+    joint = flux_dit.FluxJointAttention(dim, dim, HEADS, HEAD_DIM)
+    random_norms(joint, torch.float32)
+    for name in ("a_to_qkv", "b_to_qkv"):
+        with torch.no_grad():
+            getattr(joint, name).bias.normal_()  # biases that matter
+        setattr(joint, name, wrapped_linear(getattr(joint, name)))
+        getattr(joint, name).preparing()
+    image, text, freqs = torch.randn(1, 24, dim), torch.randn(1, 6, dim), rope_table(30)
+    want = joint(image, text, freqs)
+    splits = []
+    real = attention._projection
+
+    def projection(layer, x):
+        out, bias = real(layer, x)
+        splits.append(bias is not None)
+        return out, bias
+
+    attention._projection = projection
+    try:
+        joint.forward = types.MethodType(attention._joint_attention_forward, joint)
+        got = joint(image, text, freqs)
+    finally:
+        attention._projection = real
+    assert splits == [True, True]  # both biases went to the op
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=1e-4, rtol=1e-4), (g - w).abs().max()

@@ -53,6 +53,9 @@ def test_the_chart_shows_an_uncapped_time_beside_the_failure():
         (None, "ours", 1.9, False), (None, "diffusers", None, False)]
     assert rows[1][3].startswith("X  OutOfMemoryError") and "uncapped, over the budget" in rows[2][3]
     assert rows[4][3] == "not measured"
+    # An uncapped run whose peak fitted after all is not marked over the budget.
+    fitted = report.chart_rows([rec("diffusers", 8, None, False, error="x"), rec("diffusers", 8, 5.0, True, capped=False)])
+    assert fitted[1][2:] == (5.0, "5.00 s uncapped (38.0 GiB)", False)
 
 
 def test_size_switch_runs_on_the_tiny_model(tmp_path, model_dir):

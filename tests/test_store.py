@@ -606,7 +606,7 @@ async def test_a_jobs_upload_limit_is_kept_in_the_ledger(db_path: Path) -> None:
     bot) restarts; a job admitted without one keeps None."""
     async with await Store.open(db_path, default_daily_limit=5) as store:
         boosted = await store.admit(new_job(1, upload_limit=50 * 2**20), max_queue=BIG, max_per_user=BIG, now=NOW)
-        plain = await store.admit(new_job(2), max_queue=BIG, max_per_user=BIG, now=NOW)
+        plain = await admit(store, 2)
     async with await Store.open(db_path, default_daily_limit=5) as store:
         assert (await store.get_job(boosted.job.id)).upload_limit == 50 * 2**20  # type: ignore[union-attr]
         assert (await store.get_job(plain.job.id)).upload_limit is None  # type: ignore[union-attr]
@@ -840,7 +840,7 @@ async def test_backup_copies_committed_data_only(store: Store, db_path: Path, tm
     with raw(tmp_path / "mid.db") as conn:
         jobs = conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
         used = conn.execute("SELECT COALESCE(SUM(used), 0) FROM usage WHERE user_id = 1").fetchone()[0]
-    assert 1 <= jobs == used <= 7  # every copied job comes with its charge (1 before, 6 beside the backup)
+    assert jobs == used >= 1  # every copied job comes with its charge
 
 
 async def test_data_persists_after_close_and_reopen(db_path: Path) -> None:
