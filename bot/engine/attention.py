@@ -6,7 +6,8 @@ their own and are joined before RoPE, Inductor fuses them into several kernels t
 again: 159 us a block on an H100 at 1024x1024 (benchmarks/attention_micro.py). Here one Triton
 kernel reads a tile of tokens of one head, normalises q and k, rotates them and writes q, k and v
 side by side for SDPA, rounding where DiffSynth's code rounds, so the values match it to the last
-bit but for about one in 10,000, which is one rounding step off (its fp32 sums add in another order).
+bit but at a few elements (its fp32 sums add in another order): under 1 in 1,000, off by at most one
+rounding step of their row's largest value (tests/test_attention.py, tests/test_engine_cuda.py).
 
 `install(dit)` swaps in the double blocks' attention forward that calls `attention_inputs`;
 DiffSynth's own forward still runs for the inputs this one does not handle (attention masks,
