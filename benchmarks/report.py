@@ -15,7 +15,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]
-FIELDS = ["system", "setup", "budget_gb", "allocator_capped", "card", "ok", "sec_per_image", "sec_per_step", "sec_per_step_steady", "text_encode_s", "vae_s",
+FIELDS = ["system", "setup", "budget_gb", "allocator_capped", "card", "driver", "ok", "sec_per_image", "sec_per_step", "sec_per_step_steady", "text_encode_s", "vae_s",
           "peak_vram_gib", "peak_reserved_gib", "peak_process_gib", "peak_host_gib", "date", "torch", "diffsynth",
           "images", "warmup_s", "error"]
 COLORS = {"ours": (124, 92, 255), "seed-diffsynth": (230, 140, 60), "diffusers": (70, 160, 120)}
