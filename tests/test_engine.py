@@ -190,14 +190,20 @@ def test_streamed_placement_paints_the_same_pixels(model_dir, tiny_engine):
     assert dit_streamer.pending == {}  # flushed after each job
 
 
+def fresh_dynamo():
+    """Forget every compiled graph and Dynamo's counters, so a test counts only its own graphs."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    return counters
+
+
 @pytest.mark.parametrize("fused_attention", ["off", "on"])
 def test_compiled_blocks_paint_the_same_image(model_dir, tiny_engine, fused_attention):
     """[model] compile = "on": the DiT blocks go through torch.compile without graph breaks, also
     with the attention-inputs op (its PyTorch path here, traced into the graph)."""
-    from torch._dynamo.utils import counters
-
-    torch._dynamo.reset()  # the other parameter's graphs would be reused
-    counters.clear()
+    counters = fresh_dynamo()  # the other parameter's graphs would be reused
     compiled = Engine.load(tiny_model_settings(model_dir, compile="on", fused_attention=fused_attention))
     assert compiled.compiled
     from bot.engine import attention
@@ -215,10 +221,7 @@ def test_each_image_size_gets_its_own_compiled_graph(model_dir):
     """Compiled blocks specialise to each image size: three sizes, three graphs per block class
     (Dynamo's automatic dynamic shapes would have served the third size from a shape-generic graph
     made for the second, and the first size's later jobs too)."""
-    from torch._dynamo.utils import counters
-
-    torch._dynamo.reset()
-    counters.clear()
+    counters = fresh_dynamo()
     engine = Engine.load(tiny_model_settings(model_dir, compile="on"))
     for width, height in ((128, 128), (192, 128), (256, 128)):  # 64, 96 and 128 image tokens
         assert engine.compiles_for(width, height)  # what the bot tells the member before the job
@@ -235,13 +238,10 @@ def test_each_image_size_gets_its_own_compiled_graph(model_dir):
 def test_blocks_with_streamed_layers_compile_too(model_dir, tiny_engine):
     """A streamed linear layer is one opaque op in the compiled graph: blocks whose weights stream
     compile without graph breaks, are not re-traced on the next job, and paint the same image."""
-    from torch._dynamo.utils import counters
-
     req = GenerationRequest("streamed and compiled", seed=6, steps=2, width=128, height=128)
     reference = pixels(tiny_engine.generate(req)).astype(int)
     for resident_gib in (0.0001, 0.0005):  # every block streams; one block fits, the other streams
-        torch._dynamo.reset()  # graphs compiled by earlier engines would be reused
-        counters.clear()
+        counters = fresh_dynamo()  # graphs compiled by earlier engines would be reused
         engine = Engine.load(tiny_model_settings(model_dir), plan=streaming_cpu_plan(resident_gib, compile="on"))
         assert engine.compiled and engine.placement["dit"][1] > 0
         a = pixels(engine.generate(req)).astype(int)

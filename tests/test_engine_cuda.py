@@ -121,8 +121,8 @@ def test_a_budget_caps_the_allocator(model_dir):
         gc.collect()
         torch.cuda.empty_cache()
         get = getattr(torch.cuda, "get_per_process_memory_fraction", None)
-        if get is None:
-            return  # a torch that cannot tell the fraction: the rest cannot be checked
+        if get is None:  # torch 2.6 (pyproject allows it) cannot tell the fraction
+            pytest.skip("this torch cannot read the allocator fraction: a cap set by others is unchecked")
         theirs = 0.75 * 2**30 / total
         torch.cuda.set_per_process_memory_fraction(theirs)
         engine = Engine.load(settings, plan=capped)

@@ -14,17 +14,17 @@ log = logging.getLogger("fluxbot.discord")
 PREFIX = "fluxbot:"
 
 
-JOB_BUTTON_ID = re.compile(rf"{PREFIX}(?P<action>reroll|delete):(?P<job_id>[0-9]+)")
+# Each result button: its action name (in the custom id), its looks, and what a click does.
+ACTIONS = {"reroll": ("Re-roll", "🎲", discord.ButtonStyle.primary, reroll),
+           "delete": ("Delete", "🗑️", discord.ButtonStyle.secondary, delete_result)}
+JOB_BUTTON_ID = re.compile(rf"{PREFIX}(?P<action>{'|'.join(ACTIONS)}):(?P<job_id>[0-9]+)")
 
 
 class JobButton(discord.ui.DynamicItem[discord.ui.Button], template=JOB_BUTTON_ID):
     """Re-roll or Delete on a result; the action and the job id live in the custom id."""
 
-    LOOKS = {"reroll": ("Re-roll", "🎲", discord.ButtonStyle.primary),
-             "delete": ("Delete", "🗑️", discord.ButtonStyle.secondary)}
-
     def __init__(self, action: str, job_id: int):
-        label, emoji, style = self.LOOKS[action]
+        label, emoji, style, _ = ACTIONS[action]
         super().__init__(discord.ui.Button(label=label, emoji=emoji, style=style,
                                            custom_id=f"{PREFIX}{action}:{job_id}"))
         self.action = action
@@ -35,14 +35,14 @@ class JobButton(discord.ui.DynamicItem[discord.ui.Button], template=JOB_BUTTON_I
         return cls(match["action"], int(match["job_id"]))
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        handler = reroll if self.action == "reroll" else delete_result
+        handler = ACTIONS[self.action][3]
         await handler(interaction, self.job_id)
 
 
 def result_view(job_id: int) -> discord.ui.View:
     view = discord.ui.View(timeout=None)
-    view.add_item(JobButton("reroll", job_id))
-    view.add_item(JobButton("delete", job_id))
+    for action in ACTIONS:
+        view.add_item(JobButton(action, job_id))
     return view
 
 
