@@ -129,7 +129,7 @@ def cmd_doctor(args) -> int:
     import torch
 
     from .engine import weights
-    from .engine.budget import fp8_matmul_supported
+    from .engine.budget import fp8_matmul_supported, kernel_build_missing
     from .engine.pipeline import Engine, GenerationRequest
 
     setup_logging("WARNING")
@@ -149,6 +149,11 @@ def cmd_doctor(args) -> int:
             "available (Ada/Hopper)" if fp8 else "not on this card: float8 storage with bf16 compute")
     else:
         row("gpu", "WARN", "no CUDA GPU visible: the real model would run on the CPU (very slow)")
+    missing = kernel_build_missing()
+    row("kernel build", "WARN" if missing and torch.cuda.is_available() else "INFO" if missing else "PASS",
+        f"missing {' and '.join(missing)} (Debian/Ubuntu: apt install gcc python3-dev): on a GPU the bot runs "
+        "without torch.compile, float8 matmuls and the attention kernel, slower" if missing else
+        "a C compiler and Python's headers are here: GPU kernels can be built")
     settings = None
     try:
         settings, path = _load(args.config)

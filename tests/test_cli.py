@@ -92,6 +92,20 @@ def test_doctor_passes_on_the_tiny_preset(tmp_path, model_dir, capsys):
     assert main(["doctor", "--config", str(cfg)]) == 0
     out = capsys.readouterr().out
     assert "tiny generation  PASS" in out and "0 failed" in out
+    assert "kernel build     PASS" in out  # CI has a C compiler and Python's headers
+
+
+def test_doctor_says_what_gpu_kernels_lack(tmp_path, model_dir, capsys, monkeypatch):
+    """No C compiler: the doctor names it and the fix; on a machine without a GPU that is only
+    information, and nothing fails."""
+    import shutil
+    cfg = write_config(tmp_path, model_dir)
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)
+    assert main(["doctor", "--config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("kernel build"))
+    assert " INFO " in line and "a C compiler" in line and "apt install gcc python3-dev" in line
 
 
 def test_doctor_fails_when_weights_are_missing(tmp_path, capsys):

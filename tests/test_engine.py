@@ -370,6 +370,36 @@ def test_plan_follows_the_card(monkeypatch):
     assert not plan_for((9, 0), 80, fused_attention="on").fused_attention  # no Triton: a warning, not a crash
 
 
+def test_without_a_c_compiler_the_gpu_runs_plain_kernels(monkeypatch, caplog):
+    """Triton builds its launchers with a C compiler and Python's headers. Where either is missing
+    (a slim container), a GPU plan turns off what needs Triton, with the fix in a warning, instead
+    of failing at the first compiled call mid-job."""
+    import shutil
+    import sysconfig
+
+    from bot.engine import budget
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(total_memory=80 * budget.GIB))
+    model = tiny_model_settings(Path("unused"), vram_limit_gb=8.0, compile="on", fp8_matmul="on", fused_attention="auto")
+    assert budget.kernel_build_missing() == []  # this machine builds them (CI compiles on the CPU)
+    assert budget.make_plan(model, torch.device("cuda", 0)).compile == "on"
+
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)
+    assert budget.kernel_build_missing() == ["a C compiler (gcc or clang)"]
+    with caplog.at_level("WARNING", logger="fluxbot.engine"):
+        plan = budget.make_plan(model, torch.device("cuda", 0))
+    assert (plan.compile, plan.fp8_matmul, plan.fast_accum, plan.fused_attention) == ("off", False, False, False)
+    assert plan.budget_gib == 8  # the rest of the plan is the card's as before
+    assert "apt install gcc python3-dev" in caplog.text and "a C compiler" in caplog.text
+    monkeypatch.setenv("CC", "cc-of-my-choice")  # Triton takes $CC as it is
+    assert budget.kernel_build_missing() == []
+
+    real = sysconfig.get_paths
+    monkeypatch.setattr(sysconfig, "get_paths", lambda *a, **k: {**real(*a, **k), "include": "/nonexistent"})
+    assert budget.kernel_build_missing() == ["Python's C headers (Python.h)"]
+
+
 def test_the_allocator_cap_never_rises_above_anothers(monkeypatch):
     """The engine lowers PyTorch's allocator fraction to its cap, never raises a lower one someone
     else set (a benchmark emulating a card), and an Engine without a cap, or a failed load, puts

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import sysconfig
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -81,6 +85,20 @@ def fp8_matmul_supported(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
+def kernel_build_missing() -> list[str]:
+    """What this machine lacks for Triton to build GPU kernels, which torch.compile, the float8
+    activation quantizer and the attention kernel all need: a C compiler, found as Triton finds
+    one ($CC, gcc, clang), and Python's C headers (Triton builds a small extension module)."""
+    missing = []
+    if not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):
+        missing.append("a C compiler (gcc or clang)")
+    scheme = sysconfig.get_default_scheme()
+    scheme = "posix_prefix" if scheme == "posix_local" else scheme  # as Triton reads it (Debian)
+    if not (Path(sysconfig.get_paths(scheme=scheme)["include"]) / "Python.h").exists():
+        missing.append("Python's C headers (Python.h)")
+    return missing
+
+
 def _switch(value: str, auto: bool) -> bool:
     return auto if value == "auto" else value == "on"
 
@@ -96,6 +114,12 @@ def make_plan(model_settings, device: torch.device | None = None) -> Plan:
                     fused_attention=_switch(model_settings.fused_attention, False))
 
     total_gib = torch.cuda.get_device_properties(device).total_memory / GIB
+    missing = kernel_build_missing()
+    if missing:
+        # Without them the first compiled call would fail mid-job; run the plain kernels instead.
+        log.warning("GPU kernels cannot be built here: %s missing (Debian/Ubuntu: apt install gcc python3-dev). "
+                    "Running without torch.compile, float8 matmuls and the attention kernel, so each step is "
+                    "slower (torch.compile alone halved it on an H100)", " and ".join(missing))
     budget = model_settings.vram_limit_gb
     budget = total_gib if budget is None else min(float(budget), total_gib)
     unlimited = model_settings.vram_limit_gb is None and total_gib >= 40
@@ -104,6 +128,7 @@ def make_plan(model_settings, device: torch.device | None = None) -> Plan:
     if fp8 and not fp8_ok:
         log.warning("[model] fp8_matmul = \"on\" but this GPU lacks float8 matmuls (needs Ada or Hopper): using bf16")
         fp8 = False
+    fp8 = fp8 and not missing  # its activation quantizer is a compiled kernel
     return Plan(
         device=device,
         compute_dtype=torch.bfloat16,
@@ -114,14 +139,14 @@ def make_plan(model_settings, device: torch.device | None = None) -> Plan:
         fp8_matmul=fp8,
         pinned=True,
         tiled_vae=not unlimited and budget < TILED_VAE_BELOW_GIB,
-        compile=model_settings.compile,
+        compile="off" if missing else model_settings.compile,
         # Measured: 8% faster per step, error vs bf16 unchanged (docs/benchmarks.md, quality).
         fast_accum=fp8 and _switch(model_settings.fast_accum, True),
         # A graph needs the whole DiT on the GPU for good; under any budget the modulation weights are
         # copied in per job, so "auto" means unlimited.
         cuda_graphs=_switch(model_settings.cuda_graphs, unlimited),
         allocator_cap_gib=None if unlimited or budget >= total_gib else max(MIN_ALLOCATOR_CAP_GIB, budget - CARD_KEEPS_GIB - CONTEXT_GIB),
-        fused_attention=_fused_attention(model_settings.fused_attention, device),
+        fused_attention=not missing and _fused_attention(model_settings.fused_attention, device),
     )
 
 
