@@ -1,7 +1,7 @@
 """Write full-size FLUX models with random weights in the real on-disk layout.
 
 Speed and memory do not depend on weight values, so benchmarks run on these instead of the
-real 30 GB download. Keys and shapes match the real files (tests/test_engine.py checks the
+real download (22 GB written here). Keys and shapes match the real files (tests/test_engine.py checks the
 hashes against DiffSynth's registry), so the real loader runs. Tokenizers are the tiny ones:
 only token ids matter for speed and T5 always sees 512 padded tokens.
 
@@ -73,7 +73,7 @@ def write_full_size(root: Path, device: str = "cuda") -> Path:
     # tokenizers: the tiny ones
     tiny._write_clip_tokenizer(flux / "tokenizer")
     tiny._write_t5_tokenizer(flux / "tokenizer_2")
-    # Write the ~30 GB back to disk before anything is timed: while the kernel was still doing it,
+    # Write the 22 GB back to disk before anything is timed: while the kernel was still doing it,
     # the 8 GB benchmark (it streams weights from host memory every step) ran 3.9 s an image
     # instead of 2.9-3.0 (gpu51).
     os.sync()
