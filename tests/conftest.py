@@ -27,6 +27,24 @@ def tiny_engine(model_dir):
 
 
 @pytest.fixture
+def kernel_toolchain(monkeypatch, tmp_path):
+    """What Triton builds GPU kernels with, as this test decides, not as the machine has it: gcc
+    found on PATH and Python.h where sysconfig says. Returns the header's path (unlink it to take
+    the headers away); patch `shutil.which` again to take the compiler away."""
+    import shutil
+    import sysconfig
+
+    header = tmp_path / "include" / "Python.h"
+    header.parent.mkdir()
+    header.write_text("")
+    real_paths = sysconfig.get_paths
+    monkeypatch.setattr(sysconfig, "get_paths", lambda *a, **k: {**real_paths(*a, **k), "include": str(header.parent)})
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: f"/usr/bin/{name}")
+    monkeypatch.delenv("CC", raising=False)
+    return header
+
+
+@pytest.fixture
 async def fake():
     """A fake Discord on 127.0.0.1 that the real discord.py client in the bot talks to."""
     from botkit import add_members

@@ -50,7 +50,7 @@ def test_the_attention_forward_returns_what_diffsynths_does(dtype):
     assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
-def test_masked_attention_still_runs_diffsynths_code():
+def test_masked_attention_still_runs_diffsynths_code(monkeypatch):
     """Entity masks are not handled by the op: the installed forward hands them to DiffSynth's."""
     torch.manual_seed(1)
     dim = HEADS * HEAD_DIM
@@ -62,11 +62,9 @@ def test_masked_attention_still_runs_diffsynths_code():
     joint.forward = types.MethodType(attention._joint_attention_forward, joint)
     calls = []
     real = attention.attention_inputs
-    attention.attention_inputs = lambda *a: calls.append(a) or real(*a)
-    try:
-        got = joint(image, text, freqs, mask)
-    finally:
-        attention.attention_inputs = real
+    monkeypatch.setattr(attention, "attention_inputs", lambda *a: calls.append(a) or real(*a))
+    got = joint(image, text, freqs, mask)
+    monkeypatch.undo()
     assert all(torch.equal(g, w) for g, w in zip(got, want)) and calls == []
     assert not torch.equal(joint(image, text, freqs)[1], want[1])  # the mask mattered
 
@@ -169,7 +167,7 @@ def test_the_projection_leaves_its_bias_to_the_kernel_only_when_it_computes_in_p
         assert bias is None and torch.allclose(out, whole), change
 
 
-def test_the_forward_hands_each_part_its_own_bias_and_norms():
+def test_the_forward_hands_each_part_its_own_bias_and_norms(monkeypatch):
     """With float8-style projections the forward leaves the text and image biases to the op, with
     each part's own norm weights: DiffSynth's result, up to fp32 rounding (the bias is added apart
     from the matmul). Swapping the parts' biases or norms would be far off."""
@@ -192,12 +190,10 @@ def test_the_forward_hands_each_part_its_own_bias_and_norms():
         splits.append(bias is not None)
         return out, bias
 
-    attention._projection = projection
-    try:
-        joint.forward = types.MethodType(attention._joint_attention_forward, joint)
-        got = joint(image, text, freqs)
-    finally:
-        attention._projection = real
+    monkeypatch.setattr(attention, "_projection", projection)
+    joint.forward = types.MethodType(attention._joint_attention_forward, joint)
+    got = joint(image, text, freqs)
+    monkeypatch.undo()
     assert splits == [True, True]  # both biases went to the op
     for g, w in zip(got, want):
         assert torch.allclose(g, w, atol=1e-4, rtol=1e-4), (g - w).abs().max()
