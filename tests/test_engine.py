@@ -325,18 +325,26 @@ def test_keep_resident_off_releases_and_replaces_between_jobs(model_dir, tiny_en
     assert np.array_equal(a, b) and np.array_equal(a, pixels(tiny_engine.generate(req)))
 
 
+def card_plan(monkeypatch, capability, total_gib, **settings):
+    """The plan `make_plan` makes for a CUDA card of this compute capability and memory (the card
+    faked, the rest of the machine as it is); settings default to an 8 GB budget."""
+    from bot.engine import budget
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: SimpleNamespace(total_memory=int(total_gib * budget.GIB)))
+    model = tiny_model_settings(Path("unused"), **{"vram_limit_gb": 8.0, **settings})
+    return budget.make_plan(model, torch.device("cuda", 0))
+
+
 def test_plan_follows_the_card(monkeypatch):
     """What the engine decides from the card: float8 matmuls (and their fast accumulation) on Ada
     and Hopper only, the DiT share that fits the budget, T5 streamed below 30 GB."""
 
     from bot.engine import budget
+    monkeypatch.setattr(budget, "kernel_build_missing", lambda: [])  # a machine that builds GPU kernels
 
     def plan_for(capability, total_gib, **settings):
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-        monkeypatch.setattr(torch.cuda, "get_device_properties",
-                            lambda device=None: SimpleNamespace(total_memory=int(total_gib * budget.GIB)))
-        model = tiny_model_settings(Path("unused"), **{"vram_limit_gb": 8.0, **settings})
-        return budget.make_plan(model, torch.device("cuda", 0))
+        return card_plan(monkeypatch, capability, total_gib, **settings)
 
     hopper = plan_for((9, 0), 80)
     assert (hopper.fp8_matmul, hopper.fast_accum) == (True, True)
@@ -370,33 +378,28 @@ def test_plan_follows_the_card(monkeypatch):
     assert not plan_for((9, 0), 80, fused_attention="on").fused_attention  # no Triton: a warning, not a crash
 
 
-def test_without_a_c_compiler_the_gpu_runs_plain_kernels(monkeypatch, caplog):
+def test_without_a_c_compiler_the_gpu_runs_plain_kernels(monkeypatch, caplog, kernel_toolchain):
     """Triton builds its launchers with a C compiler and Python's headers. Where either is missing
     (a slim container), a GPU plan turns off what needs Triton, with the fix in a warning, instead
     of failing at the first compiled call mid-job."""
     import shutil
-    import sysconfig
 
     from bot.engine import budget
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(total_memory=80 * budget.GIB))
-    model = tiny_model_settings(Path("unused"), vram_limit_gb=8.0, compile="on", fp8_matmul="on", fused_attention="auto")
-    assert budget.kernel_build_missing() == []  # this machine builds them (CI compiles on the CPU)
-    assert budget.make_plan(model, torch.device("cuda", 0)).compile == "on"
+    settings = dict(compile="on", fp8_matmul="on", fused_attention="auto")
+    assert budget.kernel_build_missing() == []
+    assert card_plan(monkeypatch, (9, 0), 80, **settings).compile == "on"
 
-    monkeypatch.delenv("CC", raising=False)
     monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)
     assert budget.kernel_build_missing() == ["a C compiler (gcc or clang)"]
     with caplog.at_level("WARNING", logger="fluxbot.engine"):
-        plan = budget.make_plan(model, torch.device("cuda", 0))
+        plan = card_plan(monkeypatch, (9, 0), 80, **settings)
     assert (plan.compile, plan.fp8_matmul, plan.fast_accum, plan.fused_attention) == ("off", False, False, False)
     assert plan.budget_gib == 8  # the rest of the plan is the card's as before
     assert "apt install gcc python3-dev" in caplog.text and "a C compiler" in caplog.text
     monkeypatch.setenv("CC", "cc-of-my-choice")  # Triton takes $CC as it is
     assert budget.kernel_build_missing() == []
 
-    real = sysconfig.get_paths
-    monkeypatch.setattr(sysconfig, "get_paths", lambda *a, **k: {**real(*a, **k), "include": "/nonexistent"})
+    kernel_toolchain.unlink()
     assert budget.kernel_build_missing() == ["Python's C headers (Python.h)"]
 
 
@@ -406,33 +409,42 @@ def test_the_allocator_cap_never_rises_above_anothers(monkeypatch):
     back what was there before."""
     from bot.engine import pipeline
     from bot.engine.budget import GIB, Plan
-    card = {"fraction": 1.0}
-    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: card["fraction"])
+    total = 85_017_624_576  # an H100's bytes: fractions of it do not come out whole
+    card = {"allowed": total}
+    # As PyTorch does: it keeps the allowed bytes and reads back bytes / total, not the fraction set.
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: card["allowed"] / total)
     monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction",
-                        lambda fraction, device=None: card.__setitem__("fraction", fraction))
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(total_memory=80 * GIB))
+                        lambda fraction, device=None: card.__setitem__("allowed", int(fraction * total)))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(total_memory=total))
     monkeypatch.setattr(pipeline, "_allocator_fractions", {})
 
     def cap(gib):
         return pipeline._cap_allocator(Plan(torch.device("cuda", 0), torch.bfloat16, 8.0, 4.75, False, True,
                                             True, True, allocator_cap_gib=gib))
+
+    def allowed_gib():
+        return pytest.approx(card["allowed"] / GIB, abs=1e-6)
     cap(6.25)
-    assert card["fraction"] == 6.25 / 80
+    assert allowed_gib() == 6.25
     cap(None)
-    assert card["fraction"] == 1.0  # ours undone
-    card["fraction"] = 6.323 / 80   # a harness caps the card
+    assert card["allowed"] == total  # ours undone
+    torch.cuda.set_per_process_memory_fraction(6.323 * GIB / total)  # a harness caps the card
     cap(22.25)
-    assert card["fraction"] == 6.323 / 80  # not raised
+    assert allowed_gib() == 6.323  # not raised
     cap(6.25)
-    assert card["fraction"] == 6.25 / 80  # lowered
+    assert allowed_gib() == 6.25  # lowered
     cap(None)
-    assert card["fraction"] == 6.323 / 80  # theirs back, not 1.0
+    assert allowed_gib() == 6.323  # theirs back, not the whole card
+    cap(1.3)  # a cap PyTorch reads back rounded (as 0.5 GiB did on an H100: its total is another)
+    assert allowed_gib() == 1.3
+    cap(None)
+    assert allowed_gib() == 6.323  # theirs back: our rounded cap not taken for someone else's
     restore = cap(2.0)
-    assert card["fraction"] == 2.0 / 80
+    assert allowed_gib() == 2.0
     restore()  # the load failed
-    assert card["fraction"] == 6.323 / 80
+    assert allowed_gib() == 6.323
     cap(None)
-    assert card["fraction"] == 6.323 / 80
+    assert allowed_gib() == 6.323
 
 
 def test_modulations_are_computed_once_per_job(model_dir, tiny_engine):

@@ -408,6 +408,10 @@ def _cap_allocator(plan: Plan) -> Callable[[], None]:
         want = min(outside, plan.allocator_cap_gib * GIB / total)
     if want != current:
         torch.cuda.set_per_process_memory_fraction(want, device)
+        if get is not None:
+            # PyTorch keeps the fraction as a byte count and gives back bytes / total, not what was
+            # set: remember what it reads back, or the next load takes our cap for someone else's.
+            want = get(device)
     previous = _allocator_fractions.get(index)
     _allocator_fractions[index] = (outside, want)
 
