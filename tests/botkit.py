@@ -8,6 +8,7 @@ import threading
 import time
 from pathlib import Path
 
+from ceilings import WAIT
 from fake_discord import FakeDiscord
 
 from bot.config import default_settings  # noqa: E402
@@ -50,7 +51,7 @@ class ControlledEngine:
         self.calls.append(request.prompt)
         self.busy.set()
         try:
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + WAIT
             while not self.gate.wait(0.02):  # like the real engine: a cancel stops it between steps
                 if should_cancel is not None and should_cancel():
                     raise GenerationCancelled("cancelled while waiting at the test gate")
@@ -76,11 +77,11 @@ async def running_bot(fake: FakeDiscord, settings, engine, *, progress_interval:
     async with fake.run_bot(bot):
         await fake.wait_commands_synced()
         bot.queue.progress_interval = progress_interval
-        await asyncio.wait_for(bot.queue.engine_ready.wait(), 30)
+        await asyncio.wait_for(bot.queue.engine_ready.wait(), WAIT)
         yield bot
 
 
-async def eventually(check, timeout: float = 15.0, what: str = "condition"):
+async def eventually(check, timeout: float = WAIT, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while True:
         value = check()

@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from bot.config import ModelSettings
+# A newcomer's machine has empty compiler caches: unless the caller chose them (`.ci/run` does, a
+# developer may point them at a directory of their own to reuse compiled kernels), every run compiles
+# from scratch into a directory of its own, removed at the end. Set before anything imports torch.
+_OWN_CACHE = None
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    _OWN_CACHE = tempfile.mkdtemp(prefix="fluxbot-test-cache-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(_OWN_CACHE, "inductor")
+    os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(_OWN_CACHE, "triton"))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE is not None:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+
+from bot.config import ModelSettings  # noqa: E402  (after the cache set-up)
 
 
 def tiny_model_settings(dir: Path, **overrides) -> ModelSettings:

@@ -1,10 +1,10 @@
 """A fake Discord (REST + gateway websocket) on 127.0.0.1 for driving the real discord.py client in tests.
 
-Checked against discord.py 2.7.1. Usage::
+Checked against discord.py 2.6.0 and 2.7.1. Usage::
 
     fake = FakeDiscord(); await fake.start(); fake.install()
     bot = commands.Bot(command_prefix="!", intents=discord.Intents.default(), guild_ready_timeout=0.01)
-    async with fake.run_bot(bot):          # login + connect + wait_ready; closes the bot (and its task) on exit
+    async with fake.run_bot(bot):          # login + connect + the client's ready; closes the bot (and its task) on exit
         inter = await fake.slash("ping", user_id=1)
         ev = await inter.response()
     await fake.stop()                      # close the bot first, or it keeps trying to reconnect
@@ -38,6 +38,7 @@ import warnings
 
 import yarl
 from aiohttp import WSMsgType, web
+from ceilings import WAIT
 
 with warnings.catch_warnings():  # discord.player imports audioop (deprecated on 3.11+); pytest runs with -W error
     warnings.filterwarnings("ignore", "'audioop' is deprecated", DeprecationWarning)
@@ -81,18 +82,18 @@ class FakeInteraction:
         self.responded = False
         self.sent_at: float | None = None  # time.monotonic() just before INTERACTION_CREATE went out
 
-    async def response(self, timeout: float = 10) -> Event:
+    async def response(self, timeout: float = WAIT) -> Event:
         path = f"/interactions/{self.id}/{self.token}/callback"
         return await self.fake.wait_for(lambda e: e.path == path and e.status < 400, timeout)
 
-    async def wait_original(self, predicate: Callable[[dict], bool] = lambda m: True, timeout: float = 10) -> dict:
+    async def wait_original(self, predicate: Callable[[dict], bool] = lambda m: True, timeout: float = WAIT) -> dict:
         def check():
             msg = self.fake.messages.get(self.original_id)
             return msg is not None and predicate(msg)
         await self.fake._wait(check, timeout, f"original message of interaction {self.id}")
         return self.fake.messages[self.original_id]
 
-    async def original(self, timeout: float = 10) -> dict:
+    async def original(self, timeout: float = WAIT) -> dict:
         return await self.wait_original(timeout=timeout)
 
 
@@ -176,12 +177,25 @@ class FakeDiscord:
         self.uninstall()
 
     @contextlib.asynccontextmanager
-    async def run_bot(self, bot: discord.Client, *, timeout: float = 10):
-        """Log the bot in, connect it, wait for READY; close it (and await its task) on exit."""
+    async def run_bot(self, bot: discord.Client, *, timeout: float = WAIT):
+        """Log the bot in, connect it, wait until the client itself is ready; close it (and await its
+        task) on exit.
+
+        Waiting for the client's own ready (not only for READY to be sent) matters: discord.py
+        dispatches on_ready from a task of its own after the guilds arrive, and a client closed
+        before that task ran dispatches into a closed client (a `Client._run_event` coroutine that
+        is never awaited)."""
         await bot.login(self.token)
         task = asyncio.create_task(bot.connect(reconnect=True))
         try:
             await self.wait_ready(timeout)
+            ready = asyncio.ensure_future(bot.wait_until_ready())
+            await asyncio.wait({ready, task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if not ready.done():
+                ready.cancel()
+                if task.done():
+                    task.result()  # the connection's own error
+                raise AssertionError(f"the client did not become ready within {timeout}s")
             yield task
         finally:
             await bot.close()
@@ -202,21 +216,21 @@ class FakeDiscord:
                 raise AssertionError(f"timed out after {timeout}s waiting for {what}; last events:\n  {recent}") \
                     from None
 
-    async def wait_for(self, predicate: Callable[[Event], bool], timeout: float = 10, *, since: int = 0) -> Event:
+    async def wait_for(self, predicate: Callable[[Event], bool], timeout: float = WAIT, *, since: int = 0) -> Event:
         """First recorded event (past or future) matching predicate, looking at events[since:] only."""
         return await self._wait(lambda: next((e for e in self.events[since:] if predicate(e)), None), timeout,
                                 "matching event")
 
-    async def wait_ready(self, timeout: float = 10) -> None:
+    async def wait_ready(self, timeout: float = WAIT) -> None:
         await self._wait(lambda: self._ws is not None and self._ws_ready, timeout, "gateway READY")
 
-    async def wait_connected(self, after: int, timeout: float = 10) -> None:
+    async def wait_connected(self, after: int, timeout: float = WAIT) -> None:
         """Until a bot that opened gateway connection number > `after` is READY (or RESUMED): e.g. a restarted
         bot process, with `after` = gateway_connections read before it started."""
         await self._wait(lambda: self._ws is not None and self._ws_ready and self._ready_number > after,
                          timeout, f"gateway connection #{after + 1} READY")
 
-    async def wait_commands_synced(self, timeout: float = 10, names: Iterable[str] = ()) -> None:
+    async def wait_commands_synced(self, timeout: float = WAIT, names: Iterable[str] = ()) -> None:
         names = set(names)
         await self._wait(lambda: self.commands_by_scope and names <= set(self.synced_commands), timeout,
                          "command sync")
@@ -373,7 +387,7 @@ class FakeDiscord:
         return ws
 
     async def drop_gateway(self, code: int = 4000, *, resume: bool = True, wait: bool = True,
-                           timeout: float = 10) -> None:
+                           timeout: float = WAIT) -> None:
         """Close the bot's websocket; by default wait until it has reconnected (RESUMED, or READY after a new
         IDENTIFY when resume=False: the RESUME is then refused with op 9). Pass wait=False for codes discord.py
         does not reconnect on (4004, 4010-4014)."""
@@ -486,9 +500,23 @@ class FakeDiscord:
         msg["flags"] = flags | (int(payload.get("flags") or 0) & ~LOADING)
         if interaction is not None:
             msg["webhook_id"] = msg["application_id"] = str(self.application_id)
+            msg["interaction_metadata"] = self._interaction_metadata(interaction)
         self._apply(msg, payload, files, edit=False)
         self.messages[int(msg["id"])] = msg
         return msg
+
+    @staticmethod
+    def _interaction_metadata(interaction: FakeInteraction) -> dict:
+        """What Discord puts on a message sent in answer to an interaction (discord.py 2.6 finds a
+        command response's view by this id)."""
+        p = interaction.payload
+        meta = {"id": str(interaction.id), "type": p["type"], "user": (p.get("member") or {}).get("user") or p["user"],
+                "authorizing_integration_owners": p.get("authorizing_integration_owners", {})}
+        if interaction.original_id is not None:  # a followup
+            meta["original_response_message_id"] = str(interaction.original_id)
+        if "message" in p:  # a component's interaction
+            meta["interacted_message_id"] = p["message"]["id"]
+        return meta
 
     def _apply(self, msg: dict, payload: dict, files: list, *, edit: bool = True) -> dict:
         payload = payload or {}

@@ -9,6 +9,7 @@ import io
 import pytest
 from PIL import Image
 
+from ceilings import COMPILE
 from conftest import tiny_model_settings
 from botkit import (ADMIN, ALICE, BOB, CAROL, MOD, ControlledEngine, embed_field,
                     ephemeral_texts, eventually, has_image, make_settings, running_bot)
@@ -17,7 +18,6 @@ from bot.engine.pipeline import GenerationOOM
 from bot.store import JobStatus, Store
 from bot.validation import size_presets
 
-pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture
@@ -77,6 +77,7 @@ async def test_imagine_end_to_end(fake, settings, engine):
         assert job.status is JobStatus.DONE and job.result_message_id == int(final["id"])
 
 
+@pytest.mark.timeout(2 * COMPILE)  # two sizes compile, cold
 async def test_the_first_image_at_a_size_says_it_prepares_the_model(fake, settings, model_dir):
     """With compiled blocks the first job at each image token count compiles first (a minute or
     more on a GPU): its status says so, and only then. The note comes in the command's reply when
@@ -96,7 +97,7 @@ async def test_the_first_image_at_a_size_says_it_prepares_the_model(fake, settin
 
     async with running_bot(fake, settings, compiled) as bot:
         first = await imagine(fake, ALICE, prompt="a square cat", steps=1, size="square")
-        await first.wait_original(has_image)
+        await first.wait_original(has_image, timeout=COMPILE)  # compiles the square graph first
         compiled.gate.clear()  # the next job holds the model while a portrait waits behind it
         holding = await imagine(fake, ALICE, prompt="a held square cat", steps=1, size="square")
         await eventually(lambda: compiled.busy.is_set(), what="the held job started")
@@ -104,7 +105,7 @@ async def test_the_first_image_at_a_size_says_it_prepares_the_model(fake, settin
         await eventually(lambda: len(bot.queue.waiting()) == 1, what="the portrait queued")
         compiled.gate.set()
         await holding.wait_original(has_image)
-        await queued.wait_original(has_image)
+        await queued.wait_original(has_image, timeout=COMPILE)  # compiles the portrait graph first
         landscape = await imagine(fake, CAROL, prompt="a landscape cat", steps=1, size="landscape")
         await landscape.wait_original(has_image)
     assert status_edits(first)["reply"] and not status_edits(first)["worker"]

@@ -23,7 +23,6 @@ from fake_discord import FakeDiscord
 
 from bot.store import JobStatus, Store
 
-pytestmark = pytest.mark.timeout(120)
 
 LAUNCHER = Path(__file__).with_name("bot_process.py")
 START_TIMEOUT = 60.0  # import torch + diffsynth, load the tiny model, connect

@@ -13,7 +13,6 @@ from fake_discord import FakeDiscord, discord  # first: it silences discord.py's
 from discord import app_commands  # noqa: E402
 from discord.ext import commands  # noqa: E402
 
-pytestmark = pytest.mark.timeout(10)
 
 ADMIN, OTHER = 11, 12
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.timeout(120)
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "load_bench.py"
 

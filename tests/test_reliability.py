@@ -13,7 +13,6 @@ from botkit import (ADMIN, ALICE, BOB, embed_field, ephemeral_texts, eventually,
 
 from bot.store import JobStatus
 
-pytestmark = pytest.mark.timeout(90)
 
 
 @pytest.fixture
