@@ -98,7 +98,7 @@ def load(system: str, budget: int | None, root: Path, device: str, preset: str):
         engine = ours_engine(budget, root, device, preset)
 
         def run(seed, steps, width, height):
-            from bot.engine.pipeline import GenerationRequest
+            from bot.engine.api import GenerationRequest
             # A new prompt per image: the prompt cache must not flatter the timings.
             r = engine.generate(GenerationRequest(f"{PROMPT}, take {seed}", seed=seed, steps=steps, width=width, height=height))
             replays = engine.step_graph.replays if engine.step_graph is not None else 0

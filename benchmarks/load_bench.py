@@ -123,6 +123,9 @@ class BusyEngine:
         finally:
             span[1] = time.monotonic()
 
+    def compiles_for(self, width: int, height: int) -> bool:
+        return self.engine.compiles_for(width, height)
+
     def generations(self) -> int:
         with self._lock:
             return len(self.intervals)

@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bot.engine.pipeline import GenerationRequest  # noqa: E402
+from bot.engine.api import GenerationRequest  # noqa: E402
 from engine_bench import ours_engine  # noqa: E402  (same directory)
 
 

@@ -92,7 +92,8 @@ class _Bar:
 
 
 def cmd_generate(args) -> int:
-    from .engine.pipeline import Engine, GenerationRequest
+    from .engine.api import GenerationRequest
+    from .engine.pipeline import Engine
     from .images import png_metadata, save_png
     from .validation import ValidationError, check_prompt, check_seed, check_steps
 
@@ -130,7 +131,8 @@ def cmd_doctor(args) -> int:
 
     from .engine import weights
     from .engine.budget import fp8_matmul_supported, kernel_build_missing
-    from .engine.pipeline import Engine, GenerationRequest
+    from .engine.api import GenerationRequest
+    from .engine.pipeline import Engine
 
     setup_logging("WARNING")
     rows: list[tuple[str, str, str]] = []

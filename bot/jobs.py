@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
-import functools
 import heapq
 import logging
 import threading
@@ -25,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
-from .engine.pipeline import GenerationCancelled, GenerationOOM, GenerationRequest
+from .engine.api import GenerationCancelled, GenerationOOM, GenerationRequest, GenerationResult, ImageEngine
 from .images import png_metadata, save_png
 from .store import Admission, AdmissionStatus, JobRecord, JobStatus, NewJob, Store, StoreError
 
@@ -64,13 +63,13 @@ class _Entry:
 
 
 class JobQueue:
-    def __init__(self, store: Store, settings, delivery: Delivery, engine_loader: Callable[[], object], *,
+    def __init__(self, store: Store, settings, delivery: Delivery, engine_loader: Callable[[], ImageEngine], *,
                  progress_interval: float = 1.5):
         self.store = store
         self.settings = settings
         self.delivery = delivery
         self._engine_loader = engine_loader
-        self._engine = None
+        self._engine: ImageEngine | None = None
         self._engine_error: str | None = None
         self.progress_interval = progress_interval
         self._entries: dict[int, _Entry] = {}
@@ -166,8 +165,7 @@ class JobQueue:
     def compiles_first(self, job: JobRecord) -> bool:
         """Whether the engine compiles for this job's size before painting it (the first job at a
         size: a minute or more). Its status says so, or it would look stuck before step 1."""
-        compiles_for = getattr(self._engine, "compiles_for", None)
-        return bool(compiles_for is not None and compiles_for(job.width, job.height))
+        return self._engine is not None and self._engine.compiles_for(job.width, job.height)
 
     @property
     def running(self) -> JobRecord | None:
@@ -294,7 +292,7 @@ class JobQueue:
             return
         path = Path(self.settings.storage.results_dir) / f"job-{job.id}.png"
         meta = png_metadata(job.prompt, job.seed, job.steps, job.width, job.height,
-                            getattr(self._engine, "preset", ""), job=job.id)
+                            self._engine.preset, job=job.id)
         await asyncio.to_thread(save_png, result.image, path, meta)
         job = await self.store.mark_generated(job.id, str(path), result.seconds)
         entry.job = job
@@ -309,8 +307,12 @@ class JobQueue:
         def on_progress(step: int, total: int) -> None:  # GPU thread
             loop.call_soon_threadsafe(self._on_progress, entry, step, total)
 
-        call = functools.partial(self._engine.generate, request, on_progress=on_progress,
-                                 should_cancel=entry.cancel.is_set)
+        engine = self._engine
+        assert engine is not None  # _process checked
+
+        def call() -> GenerationResult:  # GPU thread
+            return engine.generate(request, on_progress=on_progress, should_cancel=entry.cancel.is_set)
+
         try:
             return await loop.run_in_executor(self._gpu, call)
         except GenerationCancelled:

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from diffsynth.models import flux_dit
 
 from bot.engine import attention
-from bot.engine.pipeline import Engine, GenerationRequest
+from bot.engine.api import GenerationRequest
+from bot.engine.pipeline import Engine
 from conftest import tiny_model_settings
 
 HEADS, HEAD_DIM = 2, 128

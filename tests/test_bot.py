@@ -14,7 +14,7 @@ from conftest import tiny_model_settings
 from botkit import (ADMIN, ALICE, BOB, CAROL, MOD, ControlledEngine, embed_field,
                     ephemeral_texts, eventually, has_image, make_settings, running_bot)
 
-from bot.engine.pipeline import GenerationOOM
+from bot.engine.api import GenerationOOM
 from bot.store import JobStatus, Store
 from bot.validation import size_presets
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from bot.engine import layouts, offload, weights
-from bot.engine.pipeline import Engine, GenerationCancelled, GenerationRequest
+from bot.engine.api import GenerationCancelled, GenerationRequest
+from bot.engine.pipeline import Engine
 from conftest import tiny_model_settings
 
 

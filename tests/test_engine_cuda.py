@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from bot.engine.budget import Plan, fp8_matmul_supported
-from bot.engine.pipeline import Engine, GenerationRequest
+from bot.engine.api import GenerationRequest
+from bot.engine.pipeline import Engine
 from conftest import tiny_model_settings
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -8,6 +8,7 @@ from typing import Callable
 import discord
 from discord.ext import commands
 
+from ..engine.api import ImageEngine
 from ..jobs import JobQueue
 from ..store import Store
 from . import messages
@@ -19,7 +20,7 @@ log = logging.getLogger("fluxbot.discord")
 
 
 class FluxBot(commands.Bot):
-    def __init__(self, settings, engine_loader: Callable[[], object], **kwargs):
+    def __init__(self, settings, engine_loader: Callable[[], ImageEngine], **kwargs):
         kwargs.setdefault("intents", discord.Intents.default())
         super().__init__(command_prefix=commands.when_mentioned, help_command=None,
                          allowed_mentions=messages.NO_PINGS, **kwargs)

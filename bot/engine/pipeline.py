@@ -15,49 +15,20 @@ import statistics
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
-from PIL import Image
+
 
 from . import attention, graphs, inductor, modulation, offload, weights
+from .api import CancelFn, GenerationCancelled, GenerationOOM, GenerationRequest, GenerationResult, ProgressFn
 from .budget import GIB, Plan, make_plan
 from .streaming import MIB, Streamer
 
 log = logging.getLogger("fluxbot.engine")
 
 MODELS = ("dit", "text_encoder_1", "text_encoder_2", "vae_decoder")  # the pipeline parts we place
-ProgressFn = Callable[[int, int], None]
-CancelFn = Callable[[], bool]
-
-
-class GenerationCancelled(Exception):
-    """Raised inside `generate` when `should_cancel` turned true between two steps."""
-
-
-class GenerationOOM(RuntimeError):
-    """The GPU ran out of memory; the engine freed what it could and can take the next job."""
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    prompt: str
-    seed: int
-    steps: int = 20
-    width: int = 1024
-    height: int = 1024
-    guidance: float = 3.5
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    image: Image.Image
-    request: GenerationRequest
-    seconds: float
-    peak_vram_gib: float | None     # torch max_memory_allocated during this image (GPU only)
-    timings: dict[str, float] = field(default_factory=dict)
 
 
 def _ensure_cpu_empty_cache() -> None:

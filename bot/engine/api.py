@@ -1,0 +1,60 @@
+"""The engine's contract with the rest of the bot, without torch or DiffSynth.
+
+The queue (`bot.jobs`) and the Discord side import only this module: what a job asks the engine
+for, what comes back, the errors it may raise, and the `ImageEngine` protocol the worker calls.
+`bot.engine.pipeline.Engine` is the real implementation; tests wrap it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from PIL import Image
+
+ProgressFn = Callable[[int, int], None]
+"""Called from the engine's thread after each denoising step: (step, total)."""
+
+CancelFn = Callable[[], bool]
+"""Read by the engine between steps: true stops the job (`GenerationCancelled`)."""
+
+
+class GenerationCancelled(Exception):
+    """Raised inside `generate` when `should_cancel` turned true between two steps."""
+
+
+class GenerationOOM(RuntimeError):
+    """The GPU ran out of memory; the engine freed what it could and can take the next job."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    seed: int
+    steps: int = 20
+    width: int = 1024
+    height: int = 1024
+    guidance: float = 3.5
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    image: Image.Image
+    request: GenerationRequest
+    seconds: float
+    peak_vram_gib: float | None  # torch max_memory_allocated during this image (GPU only)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class ImageEngine(Protocol):
+    """What the GPU worker needs of an engine. `generate` blocks: the worker runs it in its thread."""
+
+    preset: str
+
+    def generate(self, request: GenerationRequest, *, on_progress: ProgressFn | None = None,
+                 should_cancel: CancelFn | None = None) -> GenerationResult: ...
+
+    def compiles_for(self, width: int, height: int) -> bool:
+        """Whether a job at this size compiles first (a minute or more before its first step)."""
+        ...
