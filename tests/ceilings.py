@@ -16,6 +16,9 @@ SCALE = float(os.environ.get("FLUXBOT_TEST_WAIT_SCALE", "1"))
 WAIT = 60.0 * SCALE
 """An event that follows from what the test just did: a reply, an edit, a queued or painted job."""
 
+START = 180.0 * SCALE
+"""A bot in a process of its own to come up: import torch and DiffSynth, load the tiny model, connect."""
+
 COMPILE = 600.0 * SCALE
 """A first torch.compile of the tiny model with an empty Inductor cache on a busy 2-core machine."""
 

@@ -9,7 +9,7 @@ import io
 import pytest
 from PIL import Image
 
-from ceilings import COMPILE
+from ceilings import COMPILE, WAIT
 from conftest import tiny_model_settings
 from botkit import (ADMIN, ALICE, BOB, CAROL, MOD, ControlledEngine, embed_field,
                     ephemeral_texts, eventually, has_image, make_settings, running_bot)
@@ -183,7 +183,7 @@ async def test_quota_exhausted_is_refused_without_an_image(fake, tmp_path, model
         await second.response()
         texts = ephemeral_texts(fake, second)
         assert texts and "daily quota of 1 images is used up" in texts[0] and "resets" in texts[0]
-        await asyncio.sleep(0.2)
+        await bot.queue.wait_idle(WAIT)  # a refused job would have been painted by now
         assert len(image_messages(fake)) == 1
         assert len(await bot.store.recent_jobs(10)) == 1
         q = await fake.slash("quota", {}, user_id=ALICE)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from ceilings import START
 from botkit import ALICE, BOB, CAROL, images_for, make_settings, running_bot
 from fake_discord import FakeDiscord
 
@@ -25,8 +26,8 @@ from bot.store import JobStatus, Store
 
 
 LAUNCHER = Path(__file__).with_name("bot_process.py")
-START_TIMEOUT = 60.0  # import torch + diffsynth, load the tiny model, connect
-FINISH_TIMEOUT = 60.0
+START_TIMEOUT = START  # import torch + diffsynth, load the tiny model, connect
+FINISH_TIMEOUT = START
 REQUESTS = [(ALICE, "a lighthouse at dusk"), (BOB, "a red cat"), (CAROL, "a quiet harbour"),
             (ALICE, "a second lighthouse"), (BOB, "a second cat")]
 # what the ledger must say about the interrupted job at the moment of the kill
@@ -156,11 +157,11 @@ async def test_sigkill_loses_nothing_and_sends_nothing_twice(fake, tmp_path, mod
         await first.start(kill_point, marker)
         await bot.start(wait_for=go)  # imports meanwhile; runs the bot only once `go` exists
         await until(lambda: fake.gateway_connections > 0, first, START_TIMEOUT, "the bot to connect")
-        await fake.wait_connected(0, timeout=15)
+        await fake.wait_connected(0, timeout=START)
         await fake.wait_commands_synced(names=["imagine"])
         for user, prompt in REQUESTS:
             inter = await fake.slash("imagine", {"prompt": prompt}, user_id=user)
-            ack = await inter.response(timeout=30)
+            ack = await inter.response(timeout=START)
             assert ack.json["type"] == 5, ack.json  # admitted and deferred, not refused
         await until(marker.exists, first, FINISH_TIMEOUT, f"the kill point {kill_point!r}")
         await first.kill()
@@ -178,8 +179,8 @@ async def test_sigkill_loses_nothing_and_sends_nothing_twice(fake, tmp_path, mod
         go.touch()
         await until(lambda: [j["status"] for j in read_jobs(db)] == ["done"] * len(REQUESTS), bot,
                     START_TIMEOUT + FINISH_TIMEOUT, "every job to be done")
-        await until(lambda: fake.gateway_connections > connections, bot, 15, "the restarted bot to connect")
-        await fake.wait_connected(connections, timeout=15)
+        await until(lambda: fake.gateway_connections > connections, bot, START, "the restarted bot to connect")
+        await fake.wait_connected(connections, timeout=START)
         assert await bot.stop() == 0, bot.log_tail()
     finally:
         await first.kill()

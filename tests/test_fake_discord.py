@@ -8,6 +8,7 @@ import zlib
 
 import pytest
 
+from ceilings import WAIT
 from fake_discord import FakeDiscord, discord  # first: it silences discord.py's audioop warning (-W error)
 
 from discord import app_commands  # noqa: E402
@@ -107,7 +108,7 @@ async def bot_env(fake):
 
 async def test_login_ready_guild(bot_env):
     fake, bot, _ = bot_env
-    await asyncio.wait_for(bot.wait_until_ready(), 3)
+    await asyncio.wait_for(bot.wait_until_ready(), WAIT)
     assert bot.user.id == fake.bot_user_id
     assert bot.application_id == fake.application_id
     guild = bot.get_guild(fake.guild_id)

@@ -20,7 +20,6 @@ from typing import Callable
 
 import torch
 
-
 from . import attention, graphs, inductor, modulation, offload, weights
 from .api import CancelFn, GenerationCancelled, GenerationOOM, GenerationRequest, GenerationResult, ProgressFn
 from .budget import GIB, Plan, make_plan
