@@ -117,7 +117,7 @@ def cmd_generate(args) -> int:
     request = GenerationRequest(prompt, seed=seed, steps=steps, width=width, height=height, guidance=gen.guidance)
     result = engine.generate(request, on_progress=_Bar())
     out = Path(args.output or f"fluxbot-{seed}.png")
-    save_png(result.image, out, png_metadata(prompt, seed, steps, width, height, model.preset))
+    save_png(result.image, out, png_metadata(request, model.preset))
     print(f"time: {result.seconds:.2f} s")
     print("peak VRAM: " + (f"{result.peak_vram_gib:.2f} GiB" if result.peak_vram_gib is not None else "n/a (CPU)"))
     print(f"saved: {out}")

@@ -9,12 +9,15 @@ from pathlib import Path
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from .params import PARAM_FIELDS, JobParams
 
-def png_metadata(prompt: str, seed: int, steps: int, width: int, height: int, model: str,
-                 **extra: object) -> dict[str, object]:
-    """The parameters an image carries in its PNG text chunks, so it can be painted again."""
-    return {"prompt": prompt, "seed": seed, "steps": steps, "size": f"{width}x{height}", "model": model,
-            **extra, "generator": "fluxbot"}
+
+def png_metadata(params: JobParams, model: str, **extra: object) -> dict[str, object]:
+    """The parameters an image carries in its PNG text chunks, so it can be painted again: every
+    field of `JobParams` (width and height as one `size`), the model, then `extra`."""
+    fields: dict[str, object] = {name: getattr(params, name) for name in PARAM_FIELDS}
+    width, height = fields.pop("width"), fields.pop("height")
+    return {**fields, "size": f"{width}x{height}", "model": model, **extra, "generator": "fluxbot"}
 
 
 def png_bytes(image: Image.Image, metadata: dict[str, object]) -> bytes:

@@ -291,8 +291,7 @@ class JobQueue:
         if result is None:
             return
         path = Path(self.settings.storage.results_dir) / f"job-{job.id}.png"
-        meta = png_metadata(job.prompt, job.seed, job.steps, job.width, job.height,
-                            self._engine.preset, job=job.id)
+        meta = png_metadata(job, self._engine.preset, job=job.id)
         await asyncio.to_thread(save_png, result.image, path, meta)
         job = await self.store.mark_generated(job.id, str(path), result.seconds)
         entry.job = job
@@ -301,8 +300,7 @@ class JobQueue:
     async def _generate(self, entry: _Entry):
         job = entry.job
         loop = asyncio.get_running_loop()
-        request = GenerationRequest(job.prompt, seed=job.seed, steps=job.steps, width=job.width,
-                                    height=job.height, guidance=self.settings.generation.guidance)
+        request = GenerationRequest.of(job, guidance=self.settings.generation.guidance)
 
         def on_progress(step: int, total: int) -> None:  # GPU thread
             loop.call_soon_threadsafe(self._on_progress, entry, step, total)

@@ -34,6 +34,8 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
+from .params import JobParams
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -64,16 +66,13 @@ ACTIVE_STATUSES: tuple[JobStatus, ...] = (JobStatus.QUEUED, JobStatus.RUNNING, J
 """Count toward queue caps; are resumed after a restart."""
 
 
-@dataclass(frozen=True)
-class NewJob:
+@dataclass(frozen=True, kw_only=True)
+class NewJob(JobParams):
+    """A job to admit: its parameters plus who asked, where, and through which interaction."""
+
     user_id: int
     guild_id: int | None
     channel_id: int | None
-    prompt: str
-    seed: int
-    steps: int
-    width: int
-    height: int
     interaction_id: int | None = None
     interaction_token: str | None = None
     interaction_created_at: float | None = None  # unix seconds
@@ -82,19 +81,14 @@ class NewJob:
     upload_limit: int | None = None  # bytes the interaction may upload (boosted servers allow more)
 
 
-@dataclass(frozen=True)
-class JobRecord:
-    """One row of ``jobs``."""
+@dataclass(frozen=True, kw_only=True)
+class JobRecord(JobParams):
+    """One row of ``jobs``: the job's parameters plus its ledger state."""
 
     id: int
     user_id: int
     guild_id: int | None
     channel_id: int | None
-    prompt: str
-    seed: int
-    steps: int
-    width: int
-    height: int
     status: JobStatus
     attempts: int
     charged_day: str | None  # the UTC day the quota unit was taken from; None once refunded
@@ -338,17 +332,10 @@ SQL_RESET_USAGE = "UPDATE usage SET used = 0 WHERE user_id = ? AND day = ?"
 # After a reset, today's charged jobs no longer hold a unit: a later refund must not credit one.
 SQL_FORGIVE_CHARGES = "UPDATE jobs SET charged_day = NULL WHERE user_id = ? AND charged_day = ?"
 
-SQL_INSERT_JOB = """
-INSERT INTO jobs (
-    user_id, guild_id, channel_id, prompt, seed, steps, width, height,
-    status, attempts, charged_day, queued_at,
-    interaction_id, interaction_token, interaction_created_at, application_id, origin, upload_limit
-) VALUES (
-    :user_id, :guild_id, :channel_id, :prompt, :seed, :steps, :width, :height,
-    :status, 0, :charged_day, :queued_at,
-    :interaction_id, :interaction_token, :interaction_created_at, :application_id, :origin, :upload_limit
-)
-"""
+# A new row: every field of NewJob (the job's parameters among them) plus its starting state.
+_INSERT_FIELDS = (*(f.name for f in dataclasses.fields(NewJob)), "status", "charged_day", "queued_at")
+SQL_INSERT_JOB = (f"INSERT INTO jobs ({', '.join(_INSERT_FIELDS)}, attempts) "
+                  f"VALUES ({', '.join(':' + name for name in _INSERT_FIELDS)}, 0)")
 SQL_SELECT_JOBS = f"SELECT {_JOB_COLUMNS} FROM jobs"
 SQL_GET_JOB = SQL_SELECT_JOBS + " WHERE id = ?"
 SQL_ACTIVE_JOBS = SQL_SELECT_JOBS + f" WHERE status IN ({_ACTIVE_IN}) ORDER BY id"

@@ -9,6 +9,8 @@ import secrets
 import unicodedata
 from dataclasses import dataclass
 
+from .params import JobParams
+
 MAX_SEED = 2**32 - 1
 
 # Zero-width and bidi-control characters: invisible, and a way to smuggle blocked terms past a filter.
@@ -38,16 +40,6 @@ def size_presets(width: int, height: int) -> dict[str, SizePreset]:
         SizePreset("landscape", f"Landscape {long_side}x{short_side}", long_side, short_side),
     ]
     return {p.name: p for p in presets}
-
-
-@dataclass(frozen=True)
-class ImagineParams:
-    prompt: str
-    seed: int
-    steps: int
-    width: int
-    height: int
-    random_seed: bool
 
 
 def fold(text: str) -> str:
@@ -107,14 +99,14 @@ def check_steps(steps: object, *, default: int, maximum: int) -> int:
     return value
 
 
-def check_imagine(prompt: object, seed: object, steps: object, size: object, generation, moderation) -> ImagineParams:
+def check_imagine(prompt: object, seed: object, steps: object, size: object, generation, moderation) -> JobParams:
     """`generation`/`moderation` are the matching sections of bot.config.Settings."""
     text = check_prompt(prompt, max_chars=generation.max_prompt_chars, blocked_terms=moderation.blocked_terms)
-    value, was_random = check_seed(seed)
+    value, _ = check_seed(seed)
     n = check_steps(steps, default=generation.default_steps, maximum=generation.max_steps)
     presets = size_presets(generation.width, generation.height)
     name = "square" if size is None else size
     if not isinstance(name, str) or name not in presets:
         raise ValidationError(f"size must be one of: {', '.join(presets)}")
     preset = presets[name]
-    return ImagineParams(text, value, n, preset.width, preset.height, was_random)
+    return JobParams(text, value, n, preset.width, preset.height)

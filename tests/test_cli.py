@@ -118,7 +118,7 @@ async def _make_db(path: Path) -> None:
     from bot.store import NewJob, Store
 
     store = await Store.open(path, default_daily_limit=5)
-    await store.admit(NewJob(1, 2, 3, "p", 1, 2, 64, 64), max_queue=10, max_per_user=10)
+    await store.admit(NewJob(user_id=1, guild_id=2, channel_id=3, prompt="p", seed=1, steps=2, width=64, height=64), max_queue=10, max_per_user=10)
     await store.close()
 
 

@@ -3,6 +3,7 @@
 # No `from __future__ import annotations`: discord.py reads the option annotations at runtime,
 # and the step range comes from the settings.
 
+import dataclasses
 import logging
 
 import discord
@@ -11,7 +12,8 @@ from discord import app_commands
 from ..logs import redact
 from ..jobs import CancelOutcome
 from ..store import AdmissionStatus, NewJob
-from ..validation import (MAX_SEED, ImagineParams, ValidationError, check_imagine, check_prompt, check_seed,
+from ..params import JobParams
+from ..validation import (MAX_SEED, ValidationError, check_imagine, check_prompt, check_seed,
                           size_presets)
 from . import messages
 
@@ -48,12 +50,12 @@ async def tell(interaction: discord.Interaction, text: str) -> None:
         await interaction.response.send_message(text, ephemeral=True, allowed_mentions=messages.NO_PINGS)
 
 
-async def enqueue(interaction: discord.Interaction, params: ImagineParams, origin: str) -> None:
+async def enqueue(interaction: discord.Interaction, params: JobParams, origin: str) -> None:
     """Admit (ledger row + quota charge in one transaction), then acknowledge, then show the position."""
     bot = interaction.client
     new = NewJob(
+        **vars(params.params()),
         user_id=interaction.user.id, guild_id=interaction.guild_id, channel_id=interaction.channel_id,
-        prompt=params.prompt, seed=params.seed, steps=params.steps, width=params.width, height=params.height,
         interaction_id=interaction.id, interaction_token=interaction.token,
         interaction_created_at=interaction.created_at.timestamp(), application_id=interaction.application_id,
         origin=origin, upload_limit=interaction.filesize_limit or None,
@@ -91,7 +93,7 @@ async def reroll(interaction: discord.Interaction, job_id: int) -> None:
         await tell(interaction, f"Cannot re-roll: {exc}.")
         return
     seed, _ = check_seed(None)
-    params = ImagineParams(prompt, seed, min(job.steps, gen.max_steps), job.width, job.height, True)
+    params = dataclasses.replace(job.params(), prompt=prompt, seed=seed, steps=min(job.steps, gen.max_steps))
     await enqueue(interaction, params, "reroll")
 
 

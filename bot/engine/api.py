@@ -13,6 +13,8 @@ from typing import Protocol
 
 from PIL import Image
 
+from ..params import JobParams
+
 ProgressFn = Callable[[int, int], None]
 """Called from the engine's thread after each denoising step: (step, total)."""
 
@@ -28,14 +30,15 @@ class GenerationOOM(RuntimeError):
     """The GPU ran out of memory; the engine freed what it could and can take the next job."""
 
 
-@dataclass(frozen=True)
-class GenerationRequest:
-    prompt: str
-    seed: int
-    steps: int = 20
-    width: int = 1024
-    height: int = 1024
+@dataclass(frozen=True, kw_only=True)
+class GenerationRequest(JobParams):
+    """A job's parameters plus what the engine needs beyond them (the configured guidance)."""
+
     guidance: float = 3.5
+
+    @classmethod
+    def of(cls, params: JobParams, *, guidance: float) -> GenerationRequest:
+        return cls(**vars(params.params()), guidance=guidance)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,28 @@
+"""What a member asks the painter for: the one type that carries a job's parameters.
+
+The slash command builds a `JobParams`; the ledger row (`NewJob`, `JobRecord`), the engine's
+`GenerationRequest` and the PNG metadata all extend or read this same dataclass, and the ledger's
+columns for it are derived from its fields. Adding a parameter is one field here, with a default,
+plus a migration that adds its column (see `bot/store/schema.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class JobParams:
+    prompt: str
+    seed: int
+    steps: int = 20
+    width: int = 1024
+    height: int = 1024
+
+    def params(self) -> JobParams:
+        """Only the parameters, without what a subclass (ledger row, request) adds."""
+        return JobParams(**{name: getattr(self, name) for name in PARAM_FIELDS})
+
+
+PARAM_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(JobParams))
