@@ -19,11 +19,13 @@ import heapq
 import logging
 import threading
 import time
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Any, Protocol
 
+from .config import Settings
 from .engine.api import GenerationCancelled, GenerationOOM, GenerationRequest, GenerationResult, ImageEngine
 from .images import png_metadata, save_png
 from .store import Admission, AdmissionStatus, JobRecord, JobStatus, NewJob, Store, StoreError
@@ -63,8 +65,8 @@ class _Entry:
 
 
 class JobQueue:
-    def __init__(self, store: Store, settings, delivery: Delivery, engine_loader: Callable[[], ImageEngine], *,
-                 progress_interval: float = 1.5):
+    def __init__(self, store: Store, settings: Settings, delivery: Delivery, engine_loader: Callable[[], ImageEngine],
+                 *, progress_interval: float = 1.5) -> None:
         self.store = store
         self.settings = settings
         self.delivery = delivery
@@ -80,8 +82,8 @@ class JobQueue:
         self._idle = asyncio.Event()
         self._idle.set()
         self._stopping = False
-        self._worker: asyncio.Task | None = None
-        self._tasks: set[asyncio.Task] = set()
+        self._worker: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
         self._gpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu")
         self.engine_ready = asyncio.Event()
 
@@ -115,7 +117,7 @@ class JobQueue:
 
     async def wait_idle(self, timeout: float | None = None) -> None:
         """Until nothing waits or runs (for tests and graceful shutdown)."""
-        async def idle():
+        async def idle() -> None:
             while self._entries or self._running is not None:
                 self._idle.clear()
                 await self._idle.wait()
@@ -147,12 +149,13 @@ class JobQueue:
         for entry in self._entries.values():
             if entry is not self._running:
                 per_user.setdefault(entry.job.user_id, []).append(entry.job)
-        heap = []
+        heap: list[tuple[int, int, int]] = []
         for user, jobs in per_user.items():
             jobs.sort(key=lambda j: j.id, reverse=True)  # pop() takes the oldest
             heap.append((self._served.get(user, -1), jobs[-1].id, user))
         heapq.heapify(heap)
-        order, turn = [], self._turn
+        order: list[JobRecord] = []
+        turn = self._turn
         while heap:
             _, _, user = heapq.heappop(heap)
             jobs = per_user[user]
@@ -202,12 +205,12 @@ class JobQueue:
         if not self._entries and self._running is None:
             self._idle.set()
 
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _safe(self, what: str, coro) -> None:
+    async def _safe(self, what: str, coro: Coroutine[Any, Any, None]) -> None:
         try:
             await coro
         except Exception:
@@ -297,7 +300,7 @@ class JobQueue:
         entry.job = job
         await self._deliver(job)
 
-    async def _generate(self, entry: _Entry):
+    async def _generate(self, entry: _Entry) -> GenerationResult | None:
         job = entry.job
         loop = asyncio.get_running_loop()
         request = GenerationRequest.of(job, guidance=self.settings.generation.guidance)
@@ -335,7 +338,7 @@ class JobQueue:
         entry.last_progress_edit = now
         entry.edit_in_flight = True
 
-        async def edit():
+        async def edit() -> None:
             try:
                 await self._safe("progress", self.delivery.progress(entry.job, step, total))
             finally:
@@ -344,6 +347,9 @@ class JobQueue:
 
     async def _deliver(self, job: JobRecord) -> None:
         job = await self.store.get_job(job.id) or job  # pick up the progress message id set meanwhile
+        if job.result_path is None:  # a generated row always has one; a damaged ledger must not stall the worker
+            await self._fail(job, "the finished image went missing; your quota was refunded")
+            return
         try:
             message_id = await self.delivery.deliver(job, Path(job.result_path))
         except Exception as exc:

@@ -9,6 +9,7 @@ import secrets
 import unicodedata
 from dataclasses import dataclass
 
+from .config import GenerationSettings, ModerationSettings
 from .params import JobParams
 
 MAX_SEED = 2**32 - 1
@@ -99,8 +100,9 @@ def check_steps(steps: object, *, default: int, maximum: int) -> int:
     return value
 
 
-def check_imagine(prompt: object, seed: object, steps: object, size: object, generation, moderation) -> JobParams:
-    """`generation`/`moderation` are the matching sections of bot.config.Settings."""
+def check_imagine(prompt: object, seed: object, steps: object, size: object,
+                  generation: GenerationSettings, moderation: ModerationSettings) -> JobParams:
+    """Every /imagine option checked against this bot's generation and moderation settings."""
     text = check_prompt(prompt, max_chars=generation.max_prompt_chars, blocked_terms=moderation.blocked_terms)
     value, _ = check_seed(seed)
     n = check_steps(steps, default=generation.default_steps, maximum=generation.max_steps)

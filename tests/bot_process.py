@@ -129,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from bot.cli import main as fluxbot_main
     if args.wait_for:
-        import bot.discord.app  # noqa: F401  (what `run` imports: torch, diffsynth, the tiny model builder)
-        import bot.engine.pipeline  # noqa: F401
+        import bot.discord.app
+        import bot.engine.pipeline
         import bot.engine.tiny  # noqa: F401
         deadline = time.monotonic() + args.wait_timeout
         while not args.wait_for.exists():

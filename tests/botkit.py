@@ -8,12 +8,12 @@ import threading
 import time
 from pathlib import Path
 
+from bot.config import default_settings
+from bot.discord.app import FluxBot
+from bot.engine.api import GenerationCancelled
+
 from ceilings import WAIT
 from fake_discord import FakeDiscord
-
-from bot.config import default_settings  # noqa: E402
-from bot.engine.api import GenerationCancelled  # noqa: E402
-from bot.discord.app import FluxBot  # noqa: E402
 
 ALICE, BOB, CAROL, ADMIN, MOD = 1001, 1002, 1003, 1009, 1010
 

@@ -31,13 +31,14 @@ import re
 import secrets
 import struct
 import time
-from datetime import datetime, timezone
-from typing import Any, Callable, Iterable
-
 import warnings
+from collections.abc import Callable, Iterable
+from datetime import datetime, timezone
+from typing import Any
 
 import yarl
 from aiohttp import WSMsgType, web
+
 from ceilings import WAIT
 
 with warnings.catch_warnings():  # discord.player imports audioop (deprecated on 3.11+); pytest runs with -W error
@@ -446,7 +447,7 @@ class FakeDiscord:
                     elif otype == 8:
                         roles.add(int(value))
                 opts.append({"name": key, "type": otype, "value": value})
-        for sub, otype in zip(reversed(subcommands), [1] + [2] * len(subcommands)):
+        for sub, otype in zip(reversed(subcommands), [1] + [2] * len(subcommands), strict=False):
             opts = [{"name": sub, "type": otype, "options": opts}]
         data: dict[str, Any] = {"id": (cmd or {}).get("id", str(self._snowflake())), "name": name, "type": 1,
                                 "options": opts}

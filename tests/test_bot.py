@@ -9,15 +9,26 @@ import io
 import pytest
 from PIL import Image
 
-from ceilings import COMPILE, WAIT
-from conftest import tiny_model_settings
-from botkit import (ADMIN, ALICE, BOB, CAROL, MOD, ControlledEngine, embed_field,
-                    ephemeral_texts, eventually, has_image, make_settings, running_bot)
-
 from bot.engine.api import GenerationOOM
 from bot.store import JobStatus, Store
 from bot.validation import size_presets
 
+from botkit import (
+    ADMIN,
+    ALICE,
+    BOB,
+    CAROL,
+    MOD,
+    ControlledEngine,
+    embed_field,
+    ephemeral_texts,
+    eventually,
+    has_image,
+    make_settings,
+    running_bot,
+)
+from ceilings import COMPILE, WAIT
+from conftest import tiny_model_settings
 
 
 @pytest.fixture

@@ -18,12 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from ceilings import START
-from botkit import ALICE, BOB, CAROL, images_for, make_settings, running_bot
-from fake_discord import FakeDiscord
-
 from bot.store import JobStatus, Store
 
+from botkit import ALICE, BOB, CAROL, images_for, make_settings, running_bot
+from ceilings import START
+from fake_discord import FakeDiscord
 
 LAUNCHER = Path(__file__).with_name("bot_process.py")
 START_TIMEOUT = START  # import torch + diffsynth, load the tiny model, connect
@@ -112,7 +111,7 @@ class BotProcess:
                 await asyncio.wait_for(self.proc.wait(), timeout)
             except asyncio.TimeoutError:
                 await self.kill()
-                raise AssertionError(f"the bot did not stop on SIGTERM within {timeout}s:\n{self.log_tail()}")
+                raise AssertionError(f"the bot did not stop on SIGTERM within {timeout}s:\n{self.log_tail()}") from None
         return self.proc.returncode
 
 

@@ -7,13 +7,11 @@ import struct
 import zlib
 
 import pytest
+from discord import app_commands
+from discord.ext import commands
 
 from ceilings import WAIT
 from fake_discord import FakeDiscord, discord  # first: it silences discord.py's audioop warning (-W error)
-
-from discord import app_commands  # noqa: E402
-from discord.ext import commands  # noqa: E402
-
 
 ADMIN, OTHER = 11, 12
 

@@ -22,7 +22,7 @@ WITHOUT_ML = textwrap.dedent("""
             return None
 
     sys.meta_path.insert(0, NoML())
-    import bot.jobs, bot.store, bot.discord.app, bot.discord.commands, bot.discord.delivery, bot.discord.views
+    import bot.jobs, bot.store, bot.discord.app, bot.discord.commands, bot.discord.delivery, bot.discord.views, bot.discord.interactions
     import bot.engine.api
     loaded = sorted(m for m in sys.modules if m.split(".")[0] in NoML.BLOCKED)
     print("loaded:", loaded)

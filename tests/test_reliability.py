@@ -8,11 +8,20 @@ from pathlib import Path
 
 import pytest
 
-from botkit import (ADMIN, ALICE, BOB, embed_field, ephemeral_texts, eventually,
-                    has_image, images_for, make_settings, running_bot)
-
 from bot.store import JobStatus
 
+from botkit import (
+    ADMIN,
+    ALICE,
+    BOB,
+    embed_field,
+    ephemeral_texts,
+    eventually,
+    has_image,
+    images_for,
+    make_settings,
+    running_bot,
+)
 
 
 @pytest.fixture

@@ -3,42 +3,63 @@
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 import discord
 from discord.ext import commands
 
+from ..config import Settings
 from ..engine.api import ImageEngine
 from ..jobs import JobQueue
 from ..store import Store
 from . import messages
 from .commands import build_commands, on_tree_error
 from .delivery import DiscordDelivery
-from .views import JobButton, answer_stray_component
+from .interactions import Interaction
+from .views import RESULT_BUTTONS, answer_stray_component
 
 log = logging.getLogger("fluxbot.discord")
 
 
+class NotReady(RuntimeError):
+    """The store or queue was used before `setup_hook` made them."""
+
+
 class FluxBot(commands.Bot):
-    def __init__(self, settings, engine_loader: Callable[[], ImageEngine], **kwargs):
+    def __init__(self, settings: Settings, engine_loader: Callable[[], ImageEngine], **kwargs: Any) -> None:
         kwargs.setdefault("intents", discord.Intents.default())
-        super().__init__(command_prefix=commands.when_mentioned, help_command=None,
-                         allowed_mentions=messages.NO_PINGS, **kwargs)
+        super().__init__(
+            command_prefix=commands.when_mentioned, help_command=None, allowed_mentions=messages.NO_PINGS, **kwargs
+        )
         self.settings = settings
         self.engine_loader = engine_loader
-        self.store: Store | None = None
-        self.queue: JobQueue | None = None
+        self._store: Store | None = None
+        self._queue: JobQueue | None = None
+
+    # Handlers reach these through `interaction.client`; they exist from setup_hook on.
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            raise NotReady("the bot's database is not open yet")
+        return self._store
+
+    @property
+    def queue(self) -> JobQueue:
+        if self._queue is None:
+            raise NotReady("the bot's queue is not running yet")
+        return self._queue
 
     async def setup_hook(self) -> None:
         # Runs once, after login and before the gateway connects (on_ready may fire many times).
         s = self.settings
-        self.store = await Store.open(s.storage.database, default_daily_limit=s.quota.daily_limit)
-        self.queue = JobQueue(self.store, s, DiscordDelivery(self), self.engine_loader)
+        self._store = await Store.open(s.storage.database, default_daily_limit=s.quota.daily_limit)
+        self._queue = JobQueue(self._store, s, DiscordDelivery(self), self.engine_loader)
         for command in build_commands(s):
             self.tree.add_command(command)
-        self.tree.on_error = on_tree_error
-        self.add_dynamic_items(JobButton)
-        await self.queue.start()
+        self.tree.error(on_tree_error)
+        self.add_dynamic_items(*RESULT_BUTTONS)
+        await self._queue.start()
         await self.sync_commands()
 
     async def sync_commands(self) -> None:
@@ -53,15 +74,16 @@ class FluxBot(commands.Bot):
             log.info("synced %d global commands (they may take up to an hour to appear)", len(synced))
 
     async def on_ready(self) -> None:
-        log.info("connected as %s (id %s) to %d guild(s)", self.user, self.user.id if self.user else "?",
-                 len(self.guilds))
+        log.info(
+            "connected as %s (id %s) to %d guild(s)", self.user, self.user.id if self.user else "?", len(self.guilds)
+        )
 
-    async def on_interaction(self, interaction: discord.Interaction) -> None:
+    async def on_interaction(self, interaction: Interaction) -> None:
         await answer_stray_component(interaction)
 
     async def close(self) -> None:
-        if self.queue is not None:
-            await self.queue.stop()
-        if self.store is not None:
-            await self.store.close()
+        if self._queue is not None:
+            await self._queue.stop()
+        if self._store is not None:
+            await self._store.close()
         await super().close()

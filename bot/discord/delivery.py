@@ -93,7 +93,7 @@ class DiscordDelivery:
         except discord.NotFound:
             pass
         channel = await self._channel(job)
-        await channel.send(f"<@{job.user_id}> {text}", allowed_mentions=messages.ping_only(job.user_id))
+        await channel.send(messages.failed_in_channel(job.user_id, reason), allowed_mentions=messages.ping_only(job.user_id))
 
     async def find_delivered(self, job: JobRecord) -> int | None:
         """Did a result for this job already arrive? (crash between sending and recording)"""
@@ -164,7 +164,7 @@ class DiscordDelivery:
         channel = await self._channel(job)
         try:
             msg = await channel.send(
-                f"<@{job.user_id}> your image is ready.", embed=embed,
+                messages.ready_in_channel(job.user_id), embed=embed,
                 file=file(), view=result_view(job.id),
                 nonce=f"fluxbot-{job.id}",  # Discord drops a repeat of this post (enforce_nonce)
                 allowed_mentions=messages.ping_only(job.user_id))

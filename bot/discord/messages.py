@@ -1,4 +1,6 @@
-"""Every text and embed the bot shows, in one place."""
+"""Every text and embed the Discord side shows, in one place: replies, statuses, command and button
+labels. (The queue's failure reasons come from `bot.jobs`, which knows nothing of Discord; they are
+shown through `failed`.)"""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ from datetime import datetime
 
 import discord
 
+from ..config import Settings
 from ..store import AdmissionStatus, JobRecord, QuotaStatus
 
 NO_PINGS = discord.AllowedMentions.none()
@@ -53,7 +56,7 @@ def cancelled() -> str:
     return "🛑 Cancelled. Your quota was refunded."
 
 
-def refusal(status: AdmissionStatus, quota: QuotaStatus, settings) -> str:
+def refusal(status: AdmissionStatus, quota: QuotaStatus, settings: Settings) -> str:
     if status is AdmissionStatus.QUEUE_FULL:
         return (f"The queue is full ({settings.queue.max_size} images waiting). "
                 "Nothing was charged; please try again in a few minutes.")
@@ -86,7 +89,7 @@ def result_embed(job: JobRecord) -> discord.Embed:
 def queue_listing(running: JobRecord | None, waiting: list[JobRecord], me: int) -> str:
     if running is None and not waiting:
         return "The queue is empty: your next `/imagine` starts at once."
-    lines = []
+    lines: list[str] = []
     if running is not None:
         lines.append(f"▶️ now: <@{running.user_id}>, {running.steps} steps" + ("  ← yours" if running.user_id == me else ""))
     for pos, job in enumerate(waiting[:20], start=1):
@@ -98,3 +101,83 @@ def queue_listing(running: JobRecord | None, waiting: list[JobRecord], me: int) 
 
 ADMIN_ONLY = ("You need the Manage Server permission (or to be listed in `admin_user_ids`) "
               "to use admin commands. Nothing was changed.")
+
+
+# ---------------------------------------------------------------- commands: names shown in the client
+
+IMAGINE = "Paint an image from a text prompt"
+IMAGINE_PROMPT = "What to paint (up to {max_chars} characters)"
+IMAGINE_SEED = "Seed for the same image again; leave empty or -1 for a random one"
+IMAGINE_STEPS = "Denoising steps, 1 to {max_steps} (default {default_steps}); more is slower"
+IMAGINE_SIZE = "Image shape"
+QUEUE = "Show what is waiting for the GPU"
+CANCEL = "Cancel your newest waiting image, or the one being painted"
+QUOTA = "How many images you may still make today"
+ADMIN = "Server admin commands"
+ADMIN_QUOTA = "Members' daily image quotas"
+QUOTA_SET = "Set a member's daily limit from now on"
+QUOTA_RESET = "Clear a member's usage for today"
+QUOTA_SHOW = "Show a member's quota"
+QUOTA_DEFAULT = "Daily limit for everyone without a personal one"
+OPTION_MEMBER = "The member"
+OPTION_LIMIT = "Images per day (0 to {max_limit})"
+REROLL_LABEL = "Re-roll"
+DELETE_LABEL = "Delete"
+
+
+# ---------------------------------------------------------------- replies to commands and buttons
+
+
+def not_queued(reason: object) -> str:
+    return f"Not queued: {reason}."
+
+
+def cancelled_waiting(job_id: int) -> str:
+    return f"Cancelled your waiting image (job {job_id}). Your quota was refunded."
+
+
+def stopping(job_id: int) -> str:
+    return f"Stopping your image (job {job_id}) at the next step. Your quota will be refunded."
+
+
+NOTHING_TO_CANCEL = "You have nothing waiting or being painted."
+
+
+def bad_limit(max_limit: int) -> str:
+    return f"Nothing changed: limit must be a whole number between 0 and {max_limit}."
+
+
+def default_limit_set(limit: int) -> str:
+    return f"The default daily limit is now {limit} images (members with a personal limit keep theirs)."
+
+
+def unknown_job(job_id: int, *, action: str = "") -> str:
+    return f"I no longer know that image (job {job_id})" + (f", so it cannot be {action}." if action else ".")
+
+
+def cannot_reroll(reason: object) -> str:
+    return f"Cannot re-roll: {reason}."
+
+
+def only_owner_deletes(owner_id: int) -> str:
+    return f"Only <@{owner_id}> (who asked for it) or an admin can delete this image."
+
+
+BUTTON_INACTIVE = "This button is no longer active."
+UNKNOWN_COMMAND = "Unknown command: it may have been removed. Discord refreshes the command list shortly."
+INTERNAL_ERROR = "Something went wrong on the bot's side. If an image was charged, it is refunded when it fails."
+
+
+def invalid_option(value: object) -> str:
+    return f"{str(value)[:100]!r} is not a valid value for that option."
+
+
+# ---------------------------------------------------------------- channel posts (the token expired)
+
+
+def ready_in_channel(user_id: int) -> str:
+    return f"<@{user_id}> your image is ready."
+
+
+def failed_in_channel(user_id: int, reason: str) -> str:
+    return f"<@{user_id}> {failed(reason)}"

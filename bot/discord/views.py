@@ -1,62 +1,123 @@
-"""Result buttons. Their custom id carries the job id, so they keep working after a restart."""
+"""Result buttons: Re-roll and Delete, each a `DynamicItem` that owns its callback.
+
+Their custom id carries the job id, so they keep working after a restart.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
+from collections.abc import Mapping
+from typing import Any
 
 import discord
 
+from ..validation import ValidationError, check_prompt, check_seed
 from . import messages
-from .commands import delete_result, reroll
+from .interactions import Interaction, enqueue, is_admin, tell
 
 log = logging.getLogger("fluxbot.discord")
 PREFIX = "fluxbot:"
+REROLL_ID = re.compile(rf"{PREFIX}reroll:(?P<job_id>[0-9]+)")
+DELETE_ID = re.compile(rf"{PREFIX}delete:(?P<job_id>[0-9]+)")
+JOB_BUTTON_ID = re.compile(rf"{PREFIX}(?:reroll|delete):[0-9]+")  # any of the buttons above
 
 
-# Each result button: its action name (in the custom id), its looks, and what a click does.
-ACTIONS = {"reroll": ("Re-roll", "🎲", discord.ButtonStyle.primary, reroll),
-           "delete": ("Delete", "🗑️", discord.ButtonStyle.secondary, delete_result)}
-JOB_BUTTON_ID = re.compile(rf"{PREFIX}(?P<action>{'|'.join(ACTIONS)}):(?P<job_id>[0-9]+)")
+class RerollButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=REROLL_ID):
+    """Paint the same prompt at the same size again with a new seed, for whoever clicks (charged to them)."""
 
-
-class JobButton(discord.ui.DynamicItem[discord.ui.Button], template=JOB_BUTTON_ID):
-    """Re-roll or Delete on a result; the action and the job id live in the custom id."""
-
-    def __init__(self, action: str, job_id: int):
-        label, emoji, style, _ = ACTIONS[action]
-        super().__init__(discord.ui.Button(label=label, emoji=emoji, style=style,
-                                           custom_id=f"{PREFIX}{action}:{job_id}"))
-        self.action = action
+    def __init__(self, job_id: int) -> None:
+        super().__init__(
+            discord.ui.Button(
+                label=messages.REROLL_LABEL,
+                emoji="🎲",
+                style=discord.ButtonStyle.primary,
+                custom_id=f"{PREFIX}reroll:{job_id}",
+            )
+        )
         self.job_id = job_id
 
     @classmethod
-    async def from_custom_id(cls, interaction, item, match: re.Match[str]):
-        return cls(match["action"], int(match["job_id"]))
+    async def from_custom_id(  # type: ignore[override]  # only our bot's interactions reach it
+        cls, interaction: Interaction, item: discord.ui.Item[Any], match: re.Match[str]
+    ) -> RerollButton:
+        return cls(int(match["job_id"]))
 
-    async def callback(self, interaction: discord.Interaction) -> None:
-        handler = ACTIONS[self.action][3]
-        await handler(interaction, self.job_id)
+    async def callback(self, interaction: Interaction) -> None:  # type: ignore[override]  # ours only
+        bot = interaction.client
+        job = await bot.store.get_job(self.job_id)
+        if job is None:
+            await tell(interaction, messages.unknown_job(self.job_id, action="re-rolled"))
+            return
+        gen = bot.settings.generation
+        try:  # the rules may have changed since the image was made
+            prompt = check_prompt(
+                job.prompt, max_chars=gen.max_prompt_chars, blocked_terms=bot.settings.moderation.blocked_terms
+            )
+        except ValidationError as exc:
+            await tell(interaction, messages.cannot_reroll(exc))
+            return
+        seed, _ = check_seed(None)
+        params = dataclasses.replace(job.params(), prompt=prompt, seed=seed, steps=min(job.steps, gen.max_steps))
+        await enqueue(interaction, params, "reroll")
+
+
+class DeleteButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=DELETE_ID):
+    """Delete the result message: for the member who asked for it, or an admin."""
+
+    def __init__(self, job_id: int) -> None:
+        super().__init__(
+            discord.ui.Button(
+                label=messages.DELETE_LABEL,
+                emoji="🗑️",
+                style=discord.ButtonStyle.secondary,
+                custom_id=f"{PREFIX}delete:{job_id}",
+            )
+        )
+        self.job_id = job_id
+
+    @classmethod
+    async def from_custom_id(  # type: ignore[override]  # only our bot's interactions reach it
+        cls, interaction: Interaction, item: discord.ui.Item[Any], match: re.Match[str]
+    ) -> DeleteButton:
+        return cls(int(match["job_id"]))
+
+    async def callback(self, interaction: Interaction) -> None:  # type: ignore[override]  # ours only
+        job = await interaction.client.store.get_job(self.job_id)
+        if job is None:
+            await tell(interaction, messages.unknown_job(self.job_id))
+            return
+        if interaction.user.id != job.user_id and not is_admin(interaction):
+            await tell(interaction, messages.only_owner_deletes(job.user_id))
+            return
+        await interaction.response.defer()
+        await interaction.delete_original_response()
+
+
+RESULT_BUTTONS = (RerollButton, DeleteButton)
 
 
 def result_view(job_id: int) -> discord.ui.View:
     view = discord.ui.View(timeout=None)
-    for action in ACTIONS:
-        view.add_item(JobButton(action, job_id))
+    for button in RESULT_BUTTONS:
+        view.add_item(button(job_id))
     return view
 
 
-async def answer_stray_component(interaction: discord.Interaction) -> None:
+async def answer_stray_component(interaction: Interaction) -> None:
     """A click on a `fluxbot:` button no handler took (old or forged custom id): answer it anyway."""
     if interaction.type is not discord.InteractionType.component or interaction.response.is_done():
         return
-    custom_id = (interaction.data or {}).get("custom_id", "")
+    data: Mapping[str, object] = interaction.data or {}
+    custom_id = data.get("custom_id", "")
     if not isinstance(custom_id, str) or not custom_id.startswith(PREFIX):
         return
-    on_message = {getattr(child, "custom_id", None)
-                  for row in (interaction.message.components if interaction.message else [])
-                  for child in getattr(row, "children", [row])}
+    on_message = {
+        getattr(child, "custom_id", None)
+        for row in (interaction.message.components if interaction.message else [])
+        for child in getattr(row, "children", [row])
+    }
     if custom_id in on_message and JOB_BUTTON_ID.fullmatch(custom_id):
         return  # a dynamic item handles it (discord.py ignores ids that are not on the message)
-    await interaction.response.send_message("This button is no longer active.", ephemeral=True,
-                                            allowed_mentions=messages.NO_PINGS)
+    await interaction.response.send_message(messages.BUTTON_INACTIVE, ephemeral=True, allowed_mentions=messages.NO_PINGS)

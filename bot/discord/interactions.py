@@ -1,0 +1,80 @@
+"""What every handler does with an interaction: answer privately, check admin rights, admit a job.
+
+Shared by the slash commands (`commands.py`) and the result buttons (`views.py`), so neither
+imports the other.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, TypeAlias
+
+import discord
+
+from ..params import JobParams
+from ..store import AdmissionStatus, NewJob
+from . import messages
+
+if TYPE_CHECKING:
+    from .app import FluxBot
+
+    Interaction: TypeAlias = discord.Interaction[FluxBot]
+else:
+    Interaction = discord.Interaction  # discord.py reads handler annotations at runtime
+
+log = logging.getLogger("fluxbot.discord")
+
+
+def is_admin(interaction: Interaction) -> bool:
+    """Listed in `admin_user_ids`, or holding Manage Server in the server the interaction came from."""
+    settings = interaction.client.settings
+    if interaction.user.id in settings.discord.admin_user_ids:
+        return True
+    perms = interaction.permissions
+    return interaction.guild_id is not None and (perms.manage_guild or perms.administrator)
+
+
+async def tell(interaction: Interaction, text: str) -> None:
+    """A private answer, whether or not the interaction was acknowledged yet."""
+    if interaction.response.is_done():
+        await interaction.followup.send(text, ephemeral=True, allowed_mentions=messages.NO_PINGS)
+    else:
+        await interaction.response.send_message(text, ephemeral=True, allowed_mentions=messages.NO_PINGS)
+
+
+async def enqueue(interaction: Interaction, params: JobParams, origin: str) -> None:
+    """Admit (ledger row + quota charge in one transaction), then acknowledge, then show the position."""
+    bot = interaction.client
+    new = NewJob(
+        **vars(params.params()),
+        user_id=interaction.user.id,
+        guild_id=interaction.guild_id,
+        channel_id=interaction.channel_id,
+        interaction_id=interaction.id,
+        interaction_token=interaction.token,
+        interaction_created_at=interaction.created_at.timestamp(),
+        application_id=interaction.application_id,
+        origin=origin,
+        upload_limit=interaction.filesize_limit or None,
+    )
+    admission = await bot.queue.submit(new)
+    if admission.status is not AdmissionStatus.ACCEPTED:
+        await tell(interaction, messages.refusal(admission.status, admission.quota, bot.settings))
+        return
+    job = admission.job
+    assert job is not None  # accepted admissions carry their row
+    try:
+        await interaction.response.defer(thinking=True)
+        position = bot.queue.position(job.id)
+        text = (
+            messages.starting(compiling=bot.queue.compiles_first(job))
+            if position == 0
+            else messages.queued(position or 1)
+        )
+        msg = await interaction.edit_original_response(content=text, allowed_mentions=messages.NO_PINGS)
+    except discord.HTTPException as exc:
+        # The job is admitted and charged: it still runs, and delivery finds another way
+        # (a followup or the channel). Telling the member "something went wrong" would be false.
+        log.warning("job %d: could not show its queue position (%s); it stays queued", job.id, exc)
+        return
+    await bot.queue.attach_message(job.id, msg.id)
