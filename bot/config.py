@@ -259,6 +259,14 @@ class DiscordSettings(_Section):
     token: Secret = field(default_factory=lambda: Secret(""), metadata={"check": _token})
     guild_ids: tuple[int, ...] = _opt((), _ids)
     admin_user_ids: tuple[int, ...] = _opt((), _ids)
+    # Servers whose members with Manage Server are admins. Empty: those in guild_ids. Quotas are
+    # the bot's, across every server it is in, so a server outside these confers no rights at all.
+    admin_guild_ids: tuple[int, ...] = _opt((), _ids)
+
+    @property
+    def home_guild_ids(self) -> tuple[int, ...]:
+        """The servers where Manage Server makes a member an admin of this bot."""
+        return self.admin_guild_ids or self.guild_ids
 
 
 @dataclass(frozen=True)

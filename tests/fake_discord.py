@@ -424,7 +424,8 @@ class FakeDiscord:
         return inter
 
     async def slash(self, name: str, options: dict | None = None, *, user_id: int, subcommands: Iterable[str] = (),
-                    raw_options: list[dict] | None = None, resolved_users: Iterable[int] = ()) -> FakeInteraction:
+                    raw_options: list[dict] | None = None, resolved_users: Iterable[int] = (),
+                    extra: dict | None = None) -> FakeInteraction:
         cmd = self.synced_commands.get(name)
         declared = (cmd or {}).get("options", [])
         subcommands = list(subcommands)
@@ -463,7 +464,16 @@ class FakeDiscord:
                                                                 "name": f"role-{r}"} for r in roles}
         if resolved:
             data["resolved"] = resolved
-        return await self.interact(2, data, user_id=user_id)
+        return await self.interact(2, data, user_id=user_id, extra=extra)
+
+    def other_guild(self, guild_id: int, user_id: int, permissions: int = 0) -> dict:
+        """`extra` for an interaction from another server the bot was invited to (not in its READY),
+        where `user_id` holds `permissions` (e.g. MANAGE_GUILD: that server's own admin)."""
+        member = {**self._member(user_id, f"user{user_id}", []), "permissions": str(permissions)}
+        channel = {**self._text_channel(guild_id + 1, "elsewhere"), "guild_id": str(guild_id)}
+        return {"guild_id": str(guild_id), "guild": {"id": str(guild_id), "locale": "en-US", "features": []},
+                "channel_id": channel["id"], "channel": channel, "member": member,
+                "authorizing_integration_owners": {"0": str(guild_id)}}
 
     async def click(self, message_id: int, custom_id: int | str, *, user_id: int, component_type: int = 2,
                     values: list[str] | None = None) -> FakeInteraction:

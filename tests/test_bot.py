@@ -13,6 +13,8 @@ from bot.engine.api import GenerationOOM
 from bot.store import JobStatus, Store
 from bot.validation import size_presets
 
+from fake_discord import MANAGE_GUILD
+
 from botkit import (
     ADMIN,
     ALICE,
@@ -224,6 +226,49 @@ async def test_admin_override_then_success(fake, tmp_path, model_dir, engine):
                                resolved_users=[BOB])
         await cmd.response()
         assert "used 0 of 9" in ephemeral_texts(fake, cmd)[0]
+
+
+OTHER_GUILD = 300  # a server that invited the bot, with commands registered globally
+
+
+@pytest.mark.parametrize("sub,options", [
+    (["quota", "set"], {"user": CAROL, "limit": 100_000}),
+    (["quota", "default"], {"limit": 0}),
+    (["quota", "reset"], {"user": CAROL}),
+])
+async def test_another_servers_admin_cannot_change_quotas(fake, tmp_path, model_dir, engine, sub, options):
+    """Commands registered globally: Manage Server in a server other than the home one is no right."""
+    settings = make_settings(tmp_path, model_dir, fake, quota={"daily_limit": 1},
+                             discord={"guild_ids": [], "admin_guild_ids": [fake.guild_id]})
+    async with running_bot(fake, settings, engine) as bot:
+        await (await imagine(fake, CAROL)).wait_original(has_image)
+        cmd = await fake.slash("admin", options, user_id=CAROL, subcommands=sub,
+                               resolved_users=[CAROL] if "user" in options else [],
+                               extra=fake.other_guild(OTHER_GUILD, CAROL, MANAGE_GUILD))
+        await cmd.response()
+        assert "home servers" in ephemeral_texts(fake, cmd)[0] and "Nothing was changed" in ephemeral_texts(fake, cmd)[0]
+        for member in (CAROL, BOB):
+            status = await bot.store.quota_status(member)
+            assert (status.used, status.limit, status.has_override) == ((1, 1, False) if member == CAROL else (0, 1, False))
+        assert await bot.store.default_limit() == 1
+        # the home server's Manage Server still counts (MOD holds it there)
+        cmd = await fake.slash("admin", {"user": CAROL}, user_id=MOD, subcommands=["quota", "reset"],
+                               resolved_users=[CAROL])
+        await cmd.response()
+        assert (await bot.store.quota_status(CAROL)).used == 0
+
+
+async def test_without_home_servers_only_listed_users_are_admins(fake, tmp_path, model_dir, engine):
+    settings = make_settings(tmp_path, model_dir, fake, discord={"guild_ids": []})
+    async with running_bot(fake, settings, engine) as bot:
+        cmd = await fake.slash("admin", {"limit": 0}, user_id=MOD, subcommands=["quota", "default"])
+        await cmd.response()
+        assert "Nothing was changed" in ephemeral_texts(fake, cmd)[0]
+        assert await bot.store.default_limit() == settings.quota.daily_limit
+        cmd = await fake.slash("admin", {"limit": 7}, user_id=ADMIN, subcommands=["quota", "default"],
+                               extra=fake.other_guild(OTHER_GUILD, ADMIN))
+        await cmd.response()
+        assert await bot.store.default_limit() == 7  # admin_user_ids: from any server
 
 
 @pytest.mark.parametrize("sub,options", [

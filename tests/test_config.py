@@ -501,3 +501,13 @@ def test_example_mentions_every_field() -> None:
     assert re.search(r'^token = ""$', text, re.MULTILINE)
     for phrase in ("DISCORD_TOKEN", "tiny-random", "no download", "fluxbot download", "chmod 600"):
         assert phrase in text, phrase
+
+
+def test_home_servers_default_to_the_registration_servers() -> None:
+    registered = default_settings(discord={"guild_ids": [5, 6]})
+    assert registered.discord.home_guild_ids == (5, 6)
+    both = default_settings(discord={"guild_ids": [5], "admin_guild_ids": ["7"]})
+    assert both.discord.home_guild_ids == (7,)
+    assert default_settings().discord.home_guild_ids == ()
+    with pytest.raises(ConfigError, match=r"\[discord\] admin_guild_ids\[0\]"):
+        default_settings(discord={"admin_guild_ids": ["12ab"]})

@@ -26,12 +26,18 @@ log = logging.getLogger("fluxbot.discord")
 
 
 def is_admin(interaction: Interaction) -> bool:
-    """Listed in `admin_user_ids`, or holding Manage Server in the server the interaction came from."""
-    settings = interaction.client.settings
-    if interaction.user.id in settings.discord.admin_user_ids:
+    """Listed in `admin_user_ids`, or holding Manage Server in one of the bot's home servers.
+
+    Quotas are the bot's, not a server's: Manage Server in any other server the bot was invited
+    to (commands registered globally) must not let its owner set everyone's limits.
+    """
+    settings = interaction.client.settings.discord
+    if interaction.user.id in settings.admin_user_ids:
         return True
+    if interaction.guild_id is None or interaction.guild_id not in settings.home_guild_ids:
+        return False
     perms = interaction.permissions
-    return interaction.guild_id is not None and (perms.manage_guild or perms.administrator)
+    return perms.manage_guild or perms.administrator
 
 
 async def tell(interaction: Interaction, text: str) -> None:

@@ -99,8 +99,8 @@ def queue_listing(running: JobRecord | None, waiting: list[JobRecord], me: int) 
     return "\n".join(lines)
 
 
-ADMIN_ONLY = ("You need the Manage Server permission (or to be listed in `admin_user_ids`) "
-              "to use admin commands. Nothing was changed.")
+ADMIN_ONLY = ("You need the Manage Server permission in one of this bot's home servers (or to be listed in "
+              "`admin_user_ids`) to use admin commands. Nothing was changed.")
 
 
 # ---------------------------------------------------------------- commands: names shown in the client
