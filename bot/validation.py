@@ -14,8 +14,9 @@ from .params import JobParams
 
 MAX_SEED = 2**32 - 1
 
-# Zero-width and bidi-control characters: invisible, and a way to smuggle blocked terms past a filter.
-_INVISIBLE = re.compile("[\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff\u00ad]")
+# Letters and symbols that render as blank space (Hangul fillers, the braille blank): a prompt of
+# them alone would be painted as if it said something.
+_BLANK_LOOKALIKES = {"\u115f", "\u1160", "\u3164", "\uffa0", "\u2800"}
 _MENTION = re.compile(r"<@[!&]?\d+>|(?<![\w@])@(?:everyone|here)\b")  # not inside words (shop@heresy.com)
 
 
@@ -52,7 +53,10 @@ def fold(text: str) -> str:
 def clean_prompt(prompt: object) -> str:
     if not isinstance(prompt, str):
         raise ValidationError("prompt must be text")
-    text = _INVISIBLE.sub("", prompt)
+    # Format characters (zero-width, bidi controls, soft hyphen, tags...) are invisible, and a way
+    # to smuggle blocked terms past a filter: drop them.
+    text = "".join(c for c in prompt if unicodedata.category(c) != "Cf")
+    text = "".join(" " if c in _BLANK_LOOKALIKES else c for c in text)
     # Mentions mean nothing to the painter (and must never ping): drop them.
     text = _MENTION.sub(" ", text)
     # Other control characters (newlines and tabs included) become spaces.
@@ -62,7 +66,7 @@ def clean_prompt(prompt: object) -> str:
 
 def check_prompt(prompt: object, *, max_chars: int, blocked_terms: tuple[str, ...] = ()) -> str:
     text = clean_prompt(prompt)
-    if not text:
+    if not any(unicodedata.category(c)[0] not in "MZ" for c in text):  # nothing but marks and spaces
         raise ValidationError("prompt is empty: describe the image you want")
     if len(text) > max_chars:
         raise ValidationError(f"prompt is too long: {len(text)} characters, the limit is {max_chars}")

@@ -203,6 +203,9 @@ HOSTILE = [
     ("imagine", {"prompt": "   \n\t  "}, (), "prompt is empty"),
     ("imagine", {"prompt": "\u200b\u200d\u2060\ufeff"}, (), "prompt is empty"),
     ("imagine", {"prompt": "\x00\x07\x1b"}, (), "prompt is empty"),
+    ("imagine", {"prompt": "\u3164\u3164 \u2800 \u115f\uffa0"}, (), "prompt is empty"),  # blank-looking letters
+    ("imagine", {"prompt": "\u0301\u0301\ufe0f\u034f"}, (), "prompt is empty"),  # marks with nothing to mark
+    ("imagine", {"prompt": "\u180e\U000e0041\U000e007f"}, (), "prompt is empty"),  # format characters, tags
     ("imagine", {"prompt": "@everyone @here"}, (), "prompt is empty"),
     ("imagine", {"prompt": "<@&123456789> <@!42>"}, (), "prompt is empty"),
     ("imagine", {"prompt": "x" * 1001}, (), "prompt is too long: 1001 characters, the limit is 1000"),
