@@ -1,4 +1,4 @@
-"""bot/store.py against a real SQLite file (no mocks)."""
+"""bot/store against a real SQLite file (no mocks)."""
 
 from __future__ import annotations
 
@@ -15,19 +15,17 @@ import pytest
 from bot.store import (
     ACTIVE_STATUSES,
     LATEST_VERSION,
-    MIGRATIONS,
     Admission,
     AdmissionStatus,
     JobStatus,
-    Migration,
     NewJob,
     Store,
     StoreError,
     next_reset,
-    split_sql,
     utc_day,
-    validate_migrations,
 )
+from bot.store.aiosqlite_shim import run_in_connection_thread
+from bot.store.schema import MIGRATIONS, Migration, split_sql, validate_migrations
 
 UTC = timezone.utc
 NOW = datetime(2025, 3, 10, 15, 30, tzinfo=UTC)
@@ -105,7 +103,6 @@ async def test_open_creates_parent_and_wal_database(db_path: Path) -> None:
         assert await store.schema_version() == LATEST_VERSION
         pragmas = await store.pragmas()
         assert pragmas["journal_mode"] == "wal"
-        assert pragmas["foreign_keys"] == 1
         assert pragmas["busy_timeout"] > 0
     with raw(db_path) as conn:  # WAL is persistent in the file
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -757,6 +754,17 @@ def test_migration_list_is_contiguous_and_gaps_are_refused() -> None:
         validate_migrations(gap)
 
 
+def test_the_schema_declares_no_foreign_keys(db_path: Path) -> None:
+    """Foreign-key enforcement is off because nothing declares one; a migration that adds a
+    REFERENCES must turn it on (see bot/store/schema.py), and this test says so."""
+    build_db_at(db_path, LATEST_VERSION)
+    with raw(db_path) as conn:
+        tables = [row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        declared = {table: conn.execute(f"PRAGMA foreign_key_list({table})").fetchall() for table in tables}
+    assert "jobs" in declared
+    assert not any(declared.values()), f"foreign keys declared, turn on PRAGMA foreign_keys: {declared}"
+
+
 def test_split_sql_keeps_semicolons_inside_statements() -> None:
     script = """
     CREATE TABLE t (x TEXT DEFAULT ';');
@@ -860,3 +868,49 @@ async def test_data_persists_after_close_and_reopen(db_path: Path) -> None:
         assert await store.default_limit() == 4
         assert [j.status for j in await store.active_jobs()] == [JobStatus.RUNNING, JobStatus.QUEUED]
         assert (await admit(store, 2)).status is AdmissionStatus.QUOTA_EXHAUSTED
+
+
+# ----------------------------------------------------------------------------- aiosqlite's private API
+
+
+async def test_the_shim_runs_a_function_in_aiosqlites_thread_in_order(tmp_path: Path) -> None:
+    """The function sees what the requests queued before it did and nothing queued after it, on
+    the thread where aiosqlite runs every statement of that connection."""
+    import threading
+
+    import aiosqlite
+
+    async with aiosqlite.connect(tmp_path / "shim.db", isolation_level=None) as conn:
+        await conn.create_function("thread_id", 0, threading.get_ident)
+        await conn.execute("CREATE TABLE t (x INTEGER)")
+
+        def read(db: sqlite3.Connection) -> tuple[list[int], int]:
+            return [row[0] for row in db.execute("SELECT x FROM t ORDER BY x")], threading.get_ident()
+
+        _, (seen, thread), _, sql_thread = await asyncio.gather(
+            conn.execute_fetchall("INSERT INTO t VALUES (1)"),
+            run_in_connection_thread(conn, read),
+            conn.execute_fetchall("INSERT INTO t VALUES (2)"),
+            conn.execute_fetchall("SELECT thread_id()"),
+        )
+        assert seen == [1]
+        assert thread == list(sql_thread)[0][0] != threading.get_ident()
+        with pytest.raises(ZeroDivisionError):  # its exception comes back to the caller
+            await run_in_connection_thread(conn, lambda db: 1 // 0)
+        assert [row[0] for row in await conn.execute_fetchall("SELECT x FROM t ORDER BY x")] == [1, 2]
+
+
+async def test_an_aiosqlite_without_the_private_api_is_refused_at_open(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import aiosqlite
+
+    from bot.store import aiosqlite_shim
+
+    monkeypatch.delattr(aiosqlite.Connection, "_execute")
+    problem = aiosqlite_shim._problem()
+    assert problem is not None and "_execute" in problem
+    monkeypatch.setattr(aiosqlite_shim, "_PROBLEM", problem)
+    with pytest.raises(StoreError, match=r"not supported: .*_execute.*aiosqlite 0\.20 to 0\.22"):
+        await Store.open(db_path, default_daily_limit=5)
+    assert not db_path.exists()

@@ -1,0 +1,384 @@
+"""The ledger: daily quotas and the jobs charged to them, and every move a job makes.
+
+The ledger is the truth. A job is accepted only when its row and its quota charge are committed
+together (:meth:`Store.admit`), and a job row remembers which UTC day it was charged to
+(``charged_day``), so a refund returns the unit to that day, at most once. Each status change is
+checked against where the job may come from, in the same transaction that makes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sqlite3
+from datetime import datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import aiosqlite
+
+from .database import Database, execute, fetch_all, fetch_one, fetch_value
+from .days import as_utc, next_reset, utc_day
+from .records import (
+    ACTIVE_STATUSES,
+    ORIGINS,
+    Admission,
+    AdmissionStatus,
+    JobRecord,
+    JobStatus,
+    NewJob,
+    QuotaStatus,
+    StoreError,
+)
+
+MAX_ERROR_CHARS = 2_000
+"""Longer error texts are truncated before they are stored."""
+
+SETTING_DEFAULT_LIMIT = "default_daily_limit"
+
+_JOB_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(JobRecord))
+_JOB_COLUMNS = ", ".join(_JOB_FIELDS)
+_ACTIVE_IN = ", ".join(f"'{status.value}'" for status in ACTIVE_STATUSES)
+
+# --------------------------------------------------------------------------- quota SQL
+
+SQL_GET_SETTING = "SELECT value FROM settings WHERE key = ?"
+SQL_SET_SETTING = """
+INSERT INTO settings (key, value) VALUES (?, ?)
+ON CONFLICT (key) DO UPDATE SET value = excluded.value
+"""
+SQL_SET_USER_LIMIT = """
+INSERT INTO user_limits (user_id, daily_limit) VALUES (?, ?)
+ON CONFLICT (user_id) DO UPDATE SET daily_limit = excluded.daily_limit
+"""
+SQL_DELETE_USER_LIMIT = "DELETE FROM user_limits WHERE user_id = ?"
+
+SQL_QUOTA = f"""
+SELECT
+    (SELECT daily_limit FROM user_limits WHERE user_id = :user_id) AS override,
+    (SELECT value FROM settings WHERE key = '{SETTING_DEFAULT_LIMIT}') AS db_default,
+    COALESCE((SELECT used FROM usage WHERE user_id = :user_id AND day = :day), 0) AS used
+"""
+SQL_CHARGE = """
+INSERT INTO usage (user_id, day, used) VALUES (?, ?, 1)
+ON CONFLICT (user_id, day) DO UPDATE SET used = used + 1
+"""
+SQL_UNCHARGE = "UPDATE usage SET used = MAX(used - 1, 0) WHERE user_id = ? AND day = ?"
+SQL_CLEAR_CHARGE = "UPDATE jobs SET charged_day = NULL WHERE id = ?"
+SQL_RESET_USAGE = "UPDATE usage SET used = 0 WHERE user_id = ? AND day = ?"
+# After a reset, today's charged jobs no longer hold a unit: a later refund must not credit one.
+SQL_FORGIVE_CHARGES = "UPDATE jobs SET charged_day = NULL WHERE user_id = ? AND charged_day = ?"
+
+# --------------------------------------------------------------------------- job SQL
+
+SQL_ACTIVE_COUNTS = f"""
+SELECT
+    (SELECT COUNT(*) FROM jobs WHERE status IN ({_ACTIVE_IN})) AS active_total,
+    (SELECT COUNT(*) FROM jobs WHERE user_id = :user_id AND status IN ({_ACTIVE_IN})) AS active_user
+"""
+# A new row: every field of NewJob (the job's parameters among them) plus its starting state.
+_INSERT_FIELDS = (*(f.name for f in dataclasses.fields(NewJob)), "status", "charged_day", "queued_at")
+SQL_INSERT_JOB = (f"INSERT INTO jobs ({', '.join(_INSERT_FIELDS)}, attempts) "
+                  f"VALUES ({', '.join(':' + name for name in _INSERT_FIELDS)}, 0)")
+SQL_SELECT_JOBS = f"SELECT {_JOB_COLUMNS} FROM jobs"
+SQL_GET_JOB = SQL_SELECT_JOBS + " WHERE id = ?"
+SQL_ACTIVE_JOBS = SQL_SELECT_JOBS + f" WHERE status IN ({_ACTIVE_IN}) ORDER BY id"
+SQL_RECENT_JOBS = SQL_SELECT_JOBS + " ORDER BY id DESC LIMIT ?"
+SQL_JOB_STATE = "SELECT status, user_id, charged_day FROM jobs WHERE id = ?"
+
+SQL_MARK_RUNNING = "UPDATE jobs SET status = :status, attempts = attempts + 1, started_at = :now WHERE id = :id"
+SQL_MARK_GENERATED = """
+UPDATE jobs SET status = :status, result_path = :result_path, duration_s = :duration_s WHERE id = :id
+"""
+SQL_MARK_DONE = """
+UPDATE jobs SET status = :status, result_message_id = :result_message_id, finished_at = :now WHERE id = :id
+"""
+SQL_MARK_FAILED = "UPDATE jobs SET status = :status, error = :error, finished_at = :now WHERE id = :id"
+SQL_MARK_CANCELLED = "UPDATE jobs SET status = :status, finished_at = :now WHERE id = :id"
+SQL_REQUEUE = "UPDATE jobs SET status = :status, started_at = NULL WHERE id = :id"
+SQL_SET_PROGRESS_MESSAGE = "UPDATE jobs SET progress_message_id = ? WHERE id = ?"
+
+# Which statuses a job may come from to reach each status.
+_ALLOWED_FROM: dict[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.RUNNING: frozenset({JobStatus.QUEUED}),
+    JobStatus.GENERATED: frozenset({JobStatus.RUNNING}),
+    JobStatus.DONE: frozenset({JobStatus.GENERATED}),
+    JobStatus.FAILED: frozenset(ACTIVE_STATUSES),
+    JobStatus.CANCELLED: frozenset(ACTIVE_STATUSES),
+    JobStatus.QUEUED: frozenset({JobStatus.RUNNING}),  # requeue after a crash
+}
+
+
+def _job_from_row(row: sqlite3.Row) -> JobRecord:
+    values: dict[str, Any] = {name: row[name] for name in _JOB_FIELDS}
+    values["status"] = JobStatus(values["status"])
+    return JobRecord(**values)
+
+
+def _check_limit(limit: int, what: str) -> int:
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise ValueError(f"{what} must be an integer >= 0, got {limit!r}")
+    return limit
+
+
+async def _job_state(conn: aiosqlite.Connection, job_id: int) -> sqlite3.Row:
+    state = await fetch_one(conn, SQL_JOB_STATE, (job_id,))
+    if state is None:
+        raise StoreError(f"job {job_id} does not exist")
+    return state
+
+
+async def _refund_in(conn: aiosqlite.Connection, job_id: int, user_id: int, charged_day: str | None) -> bool:
+    if charged_day is None:
+        return False
+    await execute(conn, SQL_UNCHARGE, (user_id, charged_day))
+    await execute(conn, SQL_CLEAR_CHARGE, (job_id,))
+    return True
+
+
+class Store:
+    """The bot's SQLite database. Open with :meth:`Store.open`; close with :meth:`close` or ``async with``."""
+
+    def __init__(self, database: Database, default_daily_limit: int) -> None:
+        self._db = database
+        self._config_default_limit = default_daily_limit
+
+    @property
+    def path(self) -> Path:
+        return self._db.path
+
+    # ---------------------------------------------------------------- lifecycle
+
+    @classmethod
+    async def open(cls, path: str | os.PathLike[str], *, default_daily_limit: int) -> Store:
+        """Open (creating it and its parent folder if needed), check and migrate the database."""
+        _check_limit(default_daily_limit, "default_daily_limit")
+        return cls(await Database.open(Path(path)), default_daily_limit)
+
+    async def close(self) -> None:
+        """Close the connection (idempotent). Waits for the operation in progress, if any."""
+        await self._db.close()
+
+    async def __aenter__(self) -> Store:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # ---------------------------------------------------------------- maintenance
+
+    async def schema_version(self) -> int:
+        return await self._db.schema_version()
+
+    async def pragmas(self) -> dict[str, Any]:
+        """This connection's journal_mode and busy_timeout (for tests)."""
+        return await self._db.pragmas()
+
+    async def integrity_ok(self) -> bool:
+        return await self._db.integrity_ok()
+
+    async def backup(self, dest: str | os.PathLike[str]) -> None:
+        """Copy the database online to the new file ``dest`` (see :meth:`Database.backup`)."""
+        await self._db.backup(dest)
+
+    # ---------------------------------------------------------------- quotas
+
+    def _parse_db_default(self, value: Any) -> int | None:
+        if value is None:
+            return None
+        try:
+            return _check_limit(int(value), SETTING_DEFAULT_LIMIT)
+        except ValueError as exc:
+            raise StoreError(f"setting {SETTING_DEFAULT_LIMIT} in {self.path} is invalid: {value!r}") from exc
+
+    async def _quota(self, conn: aiosqlite.Connection, user_id: int, now: datetime) -> QuotaStatus:
+        row = await fetch_one(conn, SQL_QUOTA, {"user_id": user_id, "day": utc_day(now)})
+        assert row is not None  # a SELECT without FROM always yields one row
+        return self._quota_from_row(row, user_id, now)
+
+    def _quota_from_row(self, row: sqlite3.Row, user_id: int, now: datetime) -> QuotaStatus:
+        day = utc_day(now)
+        override = row["override"]
+        db_default = self._parse_db_default(row["db_default"])
+        if override is not None:
+            limit = int(override)
+        elif db_default is not None:
+            limit = db_default
+        else:
+            limit = self._config_default_limit
+        used = int(row["used"])
+        return QuotaStatus(
+            user_id=user_id,
+            day=day,
+            used=used,
+            limit=limit,
+            remaining=max(0, limit - used),
+            resets_at=next_reset(now),
+            has_override=override is not None,
+        )
+
+    async def quota_status(self, user_id: int, now: datetime | None = None) -> QuotaStatus:
+        now = as_utc(now)
+        async with self._db.locked() as conn:
+            return await self._quota(conn, user_id, now)
+
+    async def set_user_limit(self, user_id: int, limit: int | None) -> None:
+        """Set a per-user daily limit (>= 0); ``None`` removes the override."""
+        if limit is None:
+            async with self._db.transaction() as conn:
+                await execute(conn, SQL_DELETE_USER_LIMIT, (user_id,))
+            return
+        _check_limit(limit, "limit")
+        async with self._db.transaction() as conn:
+            await execute(conn, SQL_SET_USER_LIMIT, (user_id, limit))
+
+    async def set_default_limit(self, limit: int) -> None:
+        """Store the default daily limit in the database; it wins over the configured one."""
+        _check_limit(limit, "limit")
+        async with self._db.transaction() as conn:
+            await execute(conn, SQL_SET_SETTING, (SETTING_DEFAULT_LIMIT, str(limit)))
+
+    async def default_limit(self) -> int:
+        async with self._db.locked() as conn:
+            stored = self._parse_db_default(await fetch_value(conn, SQL_GET_SETTING, (SETTING_DEFAULT_LIMIT,)))
+        return self._config_default_limit if stored is None else stored
+
+    async def reset_usage(self, user_id: int, now: datetime | None = None) -> None:
+        """Set the user's usage of today (UTC) to 0.
+
+        Jobs charged today are uncharged too, so refunding one of them later does not
+        hand out a unit the reset already gave back.
+        """
+        day = utc_day(as_utc(now))
+        async with self._db.transaction() as conn:
+            await execute(conn, SQL_RESET_USAGE, (user_id, day))
+            await execute(conn, SQL_FORGIVE_CHARGES, (user_id, day))
+
+    # ---------------------------------------------------------------- admission
+
+    async def admit(self, job: NewJob, *, max_queue: int, max_per_user: int, now: datetime | None = None) -> Admission:
+        """Check caps and quota and, if all pass, insert the job and charge one unit, atomically.
+
+        Refusals, in order: QUEUE_FULL (active jobs of everyone >= max_queue), USER_CAP
+        (the user's active jobs >= max_per_user), QUOTA_EXHAUSTED (used >= limit).
+        A refusal writes nothing.
+        """
+        if job.origin not in ORIGINS:
+            raise ValueError(f"job origin must be one of {ORIGINS}, got {job.origin!r}")
+        now = as_utc(now)
+        day = utc_day(now)
+        params = dataclasses.asdict(job)
+        params.update(status=JobStatus.QUEUED.value, charged_day=day, queued_at=now.timestamp())
+
+        def admit_in_db_thread(db: sqlite3.Connection) -> tuple[bool, Admission]:
+            counts = db.execute(SQL_ACTIVE_COUNTS, {"user_id": job.user_id}).fetchone()
+            quota_row = db.execute(SQL_QUOTA, {"user_id": job.user_id, "day": day}).fetchone()
+            quota = self._quota_from_row(quota_row, job.user_id, now)
+            if counts["active_total"] >= max_queue:
+                return False, Admission(AdmissionStatus.QUEUE_FULL, None, quota)
+            if counts["active_user"] >= max_per_user:
+                return False, Admission(AdmissionStatus.USER_CAP, None, quota)
+            if quota.used >= quota.limit:
+                return False, Admission(AdmissionStatus.QUOTA_EXHAUSTED, None, quota)
+            job_id = db.execute(SQL_INSERT_JOB, params).lastrowid
+            db.execute(SQL_CHARGE, (job.user_id, day))
+            row = db.execute(SQL_GET_JOB, (job_id,)).fetchone()
+            used = quota.used + 1
+            charged = dataclasses.replace(quota, used=used, remaining=max(0, quota.limit - used))
+            return True, Admission(AdmissionStatus.ACCEPTED, _job_from_row(row), charged)
+
+        return await self._db.transaction_in_db_thread(admit_in_db_thread)
+
+    # ---------------------------------------------------------------- jobs
+
+    async def get_job(self, job_id: int) -> JobRecord | None:
+        async with self._db.locked() as conn:
+            row = await fetch_one(conn, SQL_GET_JOB, (job_id,))
+        return None if row is None else _job_from_row(row)
+
+    async def active_jobs(self) -> list[JobRecord]:
+        """Queued, running and generated jobs, in queue order (by id)."""
+        async with self._db.locked() as conn:
+            rows = await fetch_all(conn, SQL_ACTIVE_JOBS)
+        return [_job_from_row(row) for row in rows]
+
+    async def recent_jobs(self, limit: int = 50) -> list[JobRecord]:
+        """The newest ``limit`` jobs, newest first."""
+        if limit <= 0:
+            return []
+        async with self._db.locked() as conn:
+            rows = await fetch_all(conn, SQL_RECENT_JOBS, (limit,))
+        return [_job_from_row(row) for row in rows]
+
+    async def _transition(
+        self,
+        job_id: int,
+        target: JobStatus,
+        sql: str,
+        params: dict[str, Any],
+        *,
+        refund: bool = False,
+    ) -> JobRecord:
+        async with self._db.transaction() as conn:
+            state = await _job_state(conn, job_id)
+            current = JobStatus(state["status"])
+            if current not in _ALLOWED_FROM[target]:
+                raise StoreError(f"job {job_id} cannot go from {current.value} to {target.value}")
+            await execute(conn, sql, {**params, "status": target.value, "id": job_id})
+            if refund:
+                await _refund_in(conn, job_id, state["user_id"], state["charged_day"])
+            row = await fetch_one(conn, SQL_GET_JOB, (job_id,))
+            assert row is not None
+            return _job_from_row(row)
+
+    async def mark_running(self, job_id: int, now: datetime | None = None) -> JobRecord:
+        """queued -> running; attempts += 1; started_at = now."""
+        ts = as_utc(now).timestamp()
+        return await self._transition(job_id, JobStatus.RUNNING, SQL_MARK_RUNNING, {"now": ts})
+
+    async def mark_generated(self, job_id: int, result_path: str, duration_s: float) -> JobRecord:
+        """running -> generated: the image is on disk at ``result_path``, awaiting delivery."""
+        params = {"result_path": str(result_path), "duration_s": float(duration_s)}
+        return await self._transition(job_id, JobStatus.GENERATED, SQL_MARK_GENERATED, params)
+
+    async def mark_done(self, job_id: int, result_message_id: int | None, now: datetime | None = None) -> JobRecord:
+        """generated -> done: delivered (``result_message_id``); finished_at = now."""
+        params = {"result_message_id": result_message_id, "now": as_utc(now).timestamp()}
+        return await self._transition(job_id, JobStatus.DONE, SQL_MARK_DONE, params)
+
+    async def mark_failed(
+        self, job_id: int, error: str, *, refund: bool = True, now: datetime | None = None
+    ) -> JobRecord:
+        """active -> failed; with ``refund`` the quota unit goes back in the same transaction."""
+        params = {"error": str(error)[:MAX_ERROR_CHARS], "now": as_utc(now).timestamp()}
+        return await self._transition(job_id, JobStatus.FAILED, SQL_MARK_FAILED, params, refund=refund)
+
+    async def mark_cancelled(self, job_id: int, *, refund: bool = True, now: datetime | None = None) -> JobRecord:
+        """active -> cancelled; with ``refund`` the quota unit goes back in the same transaction."""
+        params = {"now": as_utc(now).timestamp()}
+        return await self._transition(job_id, JobStatus.CANCELLED, SQL_MARK_CANCELLED, params, refund=refund)
+
+    async def requeue(self, job_id: int) -> JobRecord:
+        """running -> queued (crash recovery); keeps attempts, clears started_at."""
+        return await self._transition(job_id, JobStatus.QUEUED, SQL_REQUEUE, {})
+
+    async def set_progress_message(self, job_id: int, message_id: int) -> None:
+        async with self._db.transaction() as conn:
+            changed, _ = await execute(conn, SQL_SET_PROGRESS_MESSAGE, (message_id, job_id))
+            if changed == 0:
+                raise StoreError(f"job {job_id} does not exist")
+
+    async def refund(self, job_id: int) -> bool:
+        """Return the job's unit to the usage of the day it was charged (never below 0).
+
+        Idempotent: False when the job is not (or no longer) charged.
+        """
+        async with self._db.transaction() as conn:
+            state = await _job_state(conn, job_id)
+            return await _refund_in(conn, job_id, state["user_id"], state["charged_day"])
