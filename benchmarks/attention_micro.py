@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bot.engine import attention, inductor  # noqa: E402
-from cuda_timing import graph_us as bench  # noqa: E402  (same directory)
-from engine_bench import write_record  # noqa: E402
-from diffsynth.models import flux_dit  # noqa: E402
+from cuda_timing import graph_us as bench  # same directory
+from diffsynth.models import flux_dit
+from engine_bench import write_record  # same directory
+
+from bot.engine import attention, inductor
 
 HEADS, DIM, TEXT, IMAGE = 24, 128, 512, 4096
 
@@ -71,8 +72,9 @@ def main() -> None:
               flush=True)
     print(f"diffsynth_compiled: single block {results['diffsynth_compiled_single_us']:.1f} us with SDPA", flush=True)
     # The kernel alone on a single block's inputs (the engine leaves those to Inductor).
-    inputs = lambda: attention.attention_inputs([single_qkv], [None], [single.norm_q_a.weight], [single.norm_k_a.weight],
-                                                [single.norm_q_a.eps], freqs, HEADS)
+    def inputs():
+        return attention.attention_inputs([single_qkv], [None], [single.norm_q_a.weight], [single.norm_k_a.weight],
+                                          [single.norm_q_a.eps], freqs, HEADS)
     engine_tile = attention.BLOCK_TOKENS, attention.NUM_WARPS
     for block, warps in ((8, 4), (16, 4), (4, 4), (8, 2), (32, 8)):
         attention.BLOCK_TOKENS, attention.NUM_WARPS = block, warps

@@ -103,18 +103,19 @@ def load(system: str, budget: int | None, root: Path, device: str, preset: str):
             r = engine.generate(GenerationRequest(f"{PROMPT}, take {seed}", seed=seed, steps=steps, width=width, height=height))
             replays = engine.step_graph.replays if engine.step_graph is not None else 0
             return r.image, {**r.timings, "graph_replays": replays}
-        r, st, once = engine.placement["dit"]
+        dit = engine.placement.dit
         graphed = "replayed" if engine.step_graph is not None else "none"
         return run, (f"{engine.plan.describe()} step_graph={graphed} headroom={budget_mod.HEADROOM_GIB:g} "
                      f"window={engine.streamers['dit'].window / 2**20:g}MiB "
-                     f"dit_placed={r / GIB:.2f}+{st / GIB:.2f}streamed+{once / GIB:.2f}per_job "
+                     f"dit_placed={dit.resident / GIB:.2f}+{dit.streamed / GIB:.2f}streamed+{dit.per_job / GIB:.2f}per_job "
                      f"alloc_conf={os.environ.get('PYTORCH_CUDA_ALLOC_CONF', '')}")
 
     if system == "seed-diffsynth":
         from diffsynth.pipelines.flux_image import FluxImagePipeline, ModelConfig
+
         from bot.engine import weights
-        from bot.engine.pipeline import _ensure_cpu_empty_cache
-        _ensure_cpu_empty_cache()
+        from bot.engine.patches import ensure_cpu_empty_cache
+        ensure_cpu_empty_cache()
         files = weights.model_files(weights.preset_root(preset, root))
         if preset == "tiny-random":
             from bot.engine import tiny
@@ -174,12 +175,12 @@ def _fill_random(module: torch.nn.Module, device: str) -> None:
 
 def load_diffusers(budget, root: Path, device: str, preset: str):
     """FluxPipeline from components built in memory with full-size shapes and random weights."""
+    from diffsynth.models.flux_text_encoder_t5 import FluxTextEncoderT5
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from diffusers.hooks import apply_group_offloading
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
     from bot.engine import weights
-    from diffsynth.models.flux_text_encoder_t5 import FluxTextEncoderT5
 
     files = weights.model_files(weights.preset_root(preset, root))
     bf16 = torch.bfloat16

@@ -11,12 +11,15 @@ import sys
 from pathlib import Path
 
 import torch
+import torch._inductor.config as ic
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bot.engine.inductor import gelu_as_sigmoid  # noqa: E402
-from bot.engine.offload import _quantize_rowwise as quant  # noqa: E402  (the engine's quantizer, uncompiled)
-from cuda_timing import graph_us as bench  # noqa: E402  (same directory)
+from cuda_timing import graph_us as bench  # same directory
+
+from bot.engine.fp8 import quantize_rowwise as quant  # the engine's quantizer, uncompiled
+from bot.engine.inductor import gelu_as_sigmoid
 
 torch.manual_seed(0)
 dev = "cuda"
@@ -35,7 +38,6 @@ def make_double(gelu):
 attn = torch.randn(1, 4608, 3072, device=dev, dtype=torch.bfloat16)
 h = torch.randn(1, 4608, 21504, device=dev, dtype=torch.bfloat16)
 hd = torch.randn(1, 4096, 12288, device=dev, dtype=torch.bfloat16)
-import torch._inductor.config as ic
 for cd in (False, True):
     ic.coordinate_descent_tuning = cd
     for name, g in (("tanh", gelu_tanh), ("sigmoid", gelu_sig)):
@@ -50,17 +52,18 @@ print("gelu forms max diff (fp32):", (F.gelu(x, approximate="tanh") - gelu_sig(x
 # matmuls: rowwise vs tensorwise, fast accum
 shapes = {"single.l1": (4608, 3072, 21504), "single.l2": (4608, 15360, 3072), "dbl.qkv": (4096, 3072, 9216),
           "dbl.ff1": (4096, 3072, 12288), "dbl.ff2": (4096, 12288, 3072), "dbl.out": (4096, 3072, 3072), "txt.ff1": (512, 3072, 12288)}
+def scaled_mm(a, b, sa, sb):
+    return torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16, use_fast_accum=True)
 for nm, (m, k, n) in shapes.items():
     a = torch.randn(m, k, device=dev).to(torch.float8_e4m3fn)
     b = torch.randn(n, k, device=dev).to(torch.float8_e4m3fn)
     sa, sb = torch.rand(m, 1, device=dev) + 0.5, torch.ones(1, n, device=dev)
     one = torch.ones((), device=dev)
-    rw = bench(lambda: torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16, use_fast_accum=True))
-    tw = bench(lambda: torch._scaled_mm(a, b.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16, use_fast_accum=True))
+    rw = bench(scaled_mm, a, b, sa, sb)
+    tw = bench(scaled_mm, a, b, one, one)
     fl = 2 * m * k * n
     print(f"{nm} {m}x{k}x{n}: rowwise {rw:.1f} us ({fl / rw / 1e6:.0f} TF/s), tensorwise {tw:.1f} us ({fl / tw / 1e6:.0f} TF/s)", flush=True)
 # attention backends
-from torch.nn.attention import sdpa_kernel, SDPBackend
 q, k, v = (torch.randn(1, 24, 4608, 128, device=dev, dtype=torch.bfloat16) for _ in range(3))
 for be in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
     try:

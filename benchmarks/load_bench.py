@@ -43,6 +43,7 @@ for p in (ROOT, ROOT / "tests"):
 
 from fake_discord import FakeDiscord, discord  # noqa: E402  (first: silences discord.py's audioop warning)
 
+# isort: split
 from bot.config import default_settings  # noqa: E402
 from bot.discord.app import FluxBot  # noqa: E402
 

@@ -15,8 +15,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bot.engine.api import GenerationRequest  # noqa: E402
-from engine_bench import ours_engine  # noqa: E402  (same directory)
+from engine_bench import ours_engine  # same directory
+
+from bot.engine.api import GenerationRequest
 
 
 def _union(intervals: list[tuple[float, float]]) -> float:

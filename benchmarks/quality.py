@@ -20,9 +20,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bot.engine import attention  # noqa: E402
-from bot.engine.offload import fp8_linear  # noqa: E402
-from engine_bench import write_record  # noqa: E402  (same directory)
+from engine_bench import write_record  # same directory
+
+from bot.engine import attention
+from bot.engine.fp8 import fp8_linear
 
 
 class Fp8Linear(torch.nn.Module):

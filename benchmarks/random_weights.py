@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bot.engine import layouts, tiny, weights  # noqa: E402
+from bot.engine import layouts, tiny, weights
 
 
 @torch.no_grad()

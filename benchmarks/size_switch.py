@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bot.validation import size_presets  # noqa: E402
-from engine_bench import load, write_record  # noqa: E402  (same directory)
+from engine_bench import load, write_record  # same directory
+
+from bot.validation import size_presets
 
 
 def main() -> int:

@@ -19,6 +19,7 @@ from diffsynth.models import flux_dit
 from bot.engine import attention
 from bot.engine.api import GenerationRequest
 from bot.engine.pipeline import Engine
+
 from conftest import tiny_model_settings
 
 HEADS, HEAD_DIM = 2, 128
@@ -48,7 +49,7 @@ def test_the_attention_forward_returns_what_diffsynths_does(dtype):
     want = joint(image, text, freqs)
     joint.forward = types.MethodType(attention._joint_attention_forward, joint)
     got = joint(image, text, freqs)
-    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
 
 
 def test_masked_attention_still_runs_diffsynths_code(monkeypatch):
@@ -66,7 +67,7 @@ def test_masked_attention_still_runs_diffsynths_code(monkeypatch):
     monkeypatch.setattr(attention, "attention_inputs", lambda *a: calls.append(a) or real(*a))
     got = joint(image, text, freqs, mask)
     monkeypatch.undo()
-    assert all(torch.equal(g, w) for g, w in zip(got, want)) and calls == []
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True)) and calls == []
     assert not torch.equal(joint(image, text, freqs)[1], want[1])  # the mask mattered
 
 
@@ -196,5 +197,5 @@ def test_the_forward_hands_each_part_its_own_bias_and_norms(monkeypatch):
     got = joint(image, text, freqs)
     monkeypatch.undo()
     assert splits == [True, True]  # both biases went to the op
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert torch.allclose(g, w, atol=1e-4, rtol=1e-4), (g - w).abs().max()

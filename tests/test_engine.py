@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from bot.engine import layouts, offload, weights
+from bot.engine import fp8, layouts, weights
 from bot.engine.api import GenerationCancelled, GenerationRequest
 from bot.engine.pipeline import Engine
+
 from conftest import tiny_model_settings
 
 
@@ -176,10 +177,11 @@ def test_streamed_placement_paints_the_same_pixels(model_dir, tiny_engine):
     """A budget too small for the model streams most layers (prefetching the next ones); the
     image must not change."""
     streamed = Engine.load(tiny_model_settings(model_dir), plan=streaming_cpu_plan(0.0001))
-    resident, moved, per_job = streamed.placement["dit"]
+    dit = streamed.placement.dit
+    resident, moved, per_job = dit.resident, dit.streamed, dit.per_job
     assert moved > resident > 0
     assert per_job > 0  # the modulation layers: copied in once per job, not every step
-    assert streamed.placement["text_encoder_2"][1] > 0
+    assert streamed.placement.text_encoder_2.streamed > 0
     req = GenerationRequest("a streamed cat", seed=11, steps=3, width=128, height=128)
     a = pixels(streamed.generate(req))
     b = pixels(streamed.generate(req))
@@ -244,7 +246,7 @@ def test_blocks_with_streamed_layers_compile_too(model_dir, tiny_engine):
     for resident_gib in (0.0001, 0.0005):  # every block streams; one block fits, the other streams
         counters = fresh_dynamo()  # graphs compiled by earlier engines would be reused
         engine = Engine.load(tiny_model_settings(model_dir), plan=streaming_cpu_plan(resident_gib, compile="on"))
-        assert engine.compiled and engine.placement["dit"][1] > 0
+        assert engine.compiled and engine.placement.dit.streamed > 0
         a = pixels(engine.generate(req)).astype(int)
         graphs = counters["stats"]["unique_graphs"]
         assert graphs == 2 and not counters["graph_break"]  # one per block class
@@ -252,7 +254,7 @@ def test_blocks_with_streamed_layers_compile_too(model_dir, tiny_engine):
         assert counters["stats"]["unique_graphs"] == graphs  # no re-tracing on the next job
         assert np.abs(a - b).max() == 0
         assert np.abs(a - reference).max() <= 2  # fused kernels round differently, nothing more
-        assert engine.streamers["dit"].copied_bytes > 2 * engine.placement["dit"][1]  # it really streamed
+        assert engine.streamers["dit"].copied_bytes > 2 * engine.placement.dit.streamed  # it really streamed
 
 
 def test_resident_blocks_are_spread_between_streamed_ones():
@@ -408,7 +410,7 @@ def test_the_allocator_cap_never_rises_above_anothers(monkeypatch):
     """The engine lowers PyTorch's allocator fraction to its cap, never raises a lower one someone
     else set (a benchmark emulating a card), and an Engine without a cap, or a failed load, puts
     back what was there before."""
-    from bot.engine import pipeline
+    from bot.engine import budget
     from bot.engine.budget import GIB, Plan
     total = 85_017_624_576  # an H100's bytes: fractions of it do not come out whole
     card = {"allowed": total}
@@ -417,11 +419,11 @@ def test_the_allocator_cap_never_rises_above_anothers(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction",
                         lambda fraction, device=None: card.__setitem__("allowed", int(fraction * total)))
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(total_memory=total))
-    monkeypatch.setattr(pipeline, "_allocator_fractions", {})
+    monkeypatch.setattr(budget, "_allocator_fractions", {})
 
     def cap(gib):
-        return pipeline._cap_allocator(Plan(torch.device("cuda", 0), torch.bfloat16, 8.0, 4.75, False, True,
-                                            True, True, allocator_cap_gib=gib))
+        return budget.cap_allocator(Plan(torch.device("cuda", 0), torch.bfloat16, 8.0, 4.75, False, True,
+                                         True, True, allocator_cap_gib=gib))
 
     def allowed_gib():
         return pytest.approx(card["allowed"] / GIB, abs=1e-6)
@@ -494,7 +496,7 @@ def test_joined_modulation_weights_fill_the_table_in_one_float8_matmul(model_dir
     whole table is one float8 matmul: the same numbers as each layer's own float8 matmul."""
     engine = Engine.load(tiny_model_settings(model_dir))
     mods = engine.modulations
-    offload.configure_linears(engine.pipe.dit, fp8_matmul=True)  # as on an Ada or Hopper card
+    fp8.configure_linears(engine.pipe.dit, fp8_matmul=True)  # as on an Ada or Hopper card
     assert all(m.keep_fp8 for m in mods.layers)
     x = torch.nn.functional.silu(torch.randn(5, mods.layers[0].in_features, generator=torch.Generator().manual_seed(3)))
     want = torch.cat([m._direct_forward(x) for m in mods.layers], dim=-1)
@@ -542,6 +544,7 @@ def test_inductor_compiles_tanh_gelu_through_sigmoid(inductor_state):
     """The compiled DiT's GELU (bot/engine/inductor.py) is the same function as torch's, and
     Inductor's decomposition table really holds it after configure()."""
     from torch._inductor.decomposition import select_decomp_table
+
     from bot.engine import inductor
     x = torch.linspace(-12, 12, 100_001, dtype=torch.float64)
     for approximate in ("tanh", "none"):
@@ -561,6 +564,7 @@ def test_inductor_keeps_rows_up_to_16384_in_one_pass(inductor_state):
     from torch._inductor.choices import InductorChoices
     from torch._inductor.runtime.hints import ReductionHint
     from torch._inductor.virtualized import V
+
     from bot.engine import inductor
     inductor.configure()
     inductor.configure()

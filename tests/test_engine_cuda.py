@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from bot.engine.budget import Plan, fp8_matmul_supported
 from bot.engine.api import GenerationRequest
+from bot.engine.budget import Plan, fp8_matmul_supported
 from bot.engine.pipeline import Engine
+
 from conftest import tiny_model_settings
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -39,7 +40,7 @@ def test_streamed_compiled_engine_paints_what_the_resident_one_does(model_dir, k
     settings = tiny_model_settings(model_dir, device="cuda")
     reference = pixels(Engine.load(settings, plan=plan(resident_gib=None, fp8=fp8, compile="off")))
     engine = Engine.load(settings, plan=plan(resident_gib=0.0004, fp8=fp8, keep_resident=keep_resident))
-    resident, streamed, per_job = engine.placement["dit"]
+    streamed, per_job = engine.placement.dit.streamed, engine.placement.dit.per_job
     assert streamed > 0 and per_job > 0 and engine.compiled
     a, b = pixels(engine), pixels(engine)
     assert np.array_equal(a, b)  # same seed, same pixels, job after job
@@ -157,8 +158,9 @@ def test_small_tensors_reach_the_gpu_without_a_blocking_copy():
 def test_the_attention_kernel_in_bf16_eager_and_compiled(monkeypatch):
     """The Triton kernel against DiffSynth's arithmetic in bf16 (rounding to nearest, as on every
     GPU), called directly and from a compiled function (Inductor places the kernel in its graph)."""
-    from bot.engine import attention
     from diffsynth.models import flux_dit
+
+    from bot.engine import attention
     torch.manual_seed(3)
     heads, dim, dt = 24, 128, torch.bfloat16
     ids = torch.randint(0, 64, (1, 600, 3), device="cuda").float()

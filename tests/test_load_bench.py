@@ -6,8 +6,6 @@ import importlib.util
 import json
 from pathlib import Path
 
-
-
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "load_bench.py"
 
 

@@ -20,7 +20,6 @@ import contextlib
 import logging
 import os
 import types
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -110,9 +109,9 @@ def _rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
 
 def _reference(qkvs, biases, q_weights, k_weights, epss, freqs, heads) -> torch.Tensor:
     qs, ks, vs = [], [], []
-    for qkv, bias, wq, wk, eps in zip(qkvs, biases, q_weights, k_weights, epss):
+    for qkv, bias, wq, wk, eps in zip(qkvs, biases, q_weights, k_weights, epss, strict=True):
         if bias is not None:
-            qkv = qkv + bias.to(qkv.dtype)  # as offload.fp8_linear adds it
+            qkv = qkv + bias.to(qkv.dtype)  # as fp8.fp8_linear adds it
         batch = qkv.shape[0]
         q, k, v = qkv.view(batch, -1, 3 * heads, qkv.shape[-1] // (3 * heads)).transpose(1, 2).chunk(3, dim=1)
         qs.append(_rms_norm(q, wq, eps))
@@ -142,7 +141,7 @@ def _kernel_fits(qkvs, biases, q_weights, k_weights, freqs, heads) -> bool:
 
 
 @torch.library.triton_op("fluxbot::attention_inputs", mutates_args=())
-def attention_inputs(qkvs: list[torch.Tensor], biases: list[Optional[torch.Tensor]], q_weights: list[torch.Tensor],
+def attention_inputs(qkvs: list[torch.Tensor], biases: list[torch.Tensor | None], q_weights: list[torch.Tensor],
                      k_weights: list[torch.Tensor], epss: list[float], freqs: torch.Tensor, heads: int) -> torch.Tensor:
     """q, k and v for SDPA, stacked: [3, batch, heads, tokens, head_dim].
 
@@ -161,7 +160,7 @@ def attention_inputs(qkvs: list[torch.Tensor], biases: list[Optional[torch.Tenso
     offset = 0
     # Triton launches on the current device, not the tensors' (a bot on "cuda:1", uncompiled).
     on_device = torch.cuda.device(first.device) if first.is_cuda else contextlib.nullcontext()
-    for qkv, bias, wq, wk, eps in zip(qkvs, biases, q_weights, k_weights, epss):
+    for qkv, bias, wq, wk, eps in zip(qkvs, biases, q_weights, k_weights, epss, strict=True):
         qkv = qkv if qkv.stride(-1) == 1 else qkv.contiguous()
         part = qkv.shape[1]
         grid = (triton.cdiv(part, BLOCK_TOKENS), heads, batch)
@@ -175,7 +174,7 @@ def attention_inputs(qkvs: list[torch.Tensor], biases: list[Optional[torch.Tenso
     return out
 
 
-def _projection(layer, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _projection(layer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The layer's output before its bias, and the bias, for a float8 layer computing on the GPU
     from its resident weights: the kernel adds the bias as it reads the rows (on its own the add
     was a 50 us pass over a double block's image rows, gpu40). Any other layer (streamed, LoRA,

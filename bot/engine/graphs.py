@@ -15,7 +15,7 @@ at one address for the engine's life.
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -52,7 +52,7 @@ class StepGraph:
             return None
         if any(kwargs.get(name) for name in FEATURES):
             return None
-        key = [id(kwargs.get("dit"))]
+        key: list[object] = [id(kwargs.get("dit"))]
         for name, value in kwargs.items():
             if isinstance(value, torch.Tensor):
                 if name not in GRAPHED and name not in UNREAD:
@@ -76,11 +76,13 @@ class StepGraph:
                 return self.model_fn(**kwargs)
             if not self._capture(key, kwargs):
                 return self.model_fn(**kwargs)
+        graph, output = self.graph, self.output
+        assert graph is not None and output is not None  # captured for this key
         for name, buffer in self.inputs.items():
             buffer.copy_(kwargs[name])
-        self.graph.replay()
+        graph.replay()
         self.replays += 1
-        return self.output.clone()  # the next replay overwrites `output`
+        return output.clone()  # the next replay overwrites `output`
 
     def _capture(self, key: tuple, kwargs: dict) -> bool:
         self.reset()

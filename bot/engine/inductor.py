@@ -64,8 +64,8 @@ def _persistent_rows_up_to(limit: int) -> None:
                 and features.get_reduction_hint() == ReductionHint.INNER
                 and V.graph.sizevars.statically_known_leq(features.reduction_numel, limit))
 
-    should_use_persistent_reduction._fluxbot_limit = limit
-    should_use_persistent_reduction._fluxbot_default = inductor_default
+    # Tags the next configure() reads back (see above): installed already, and Inductor's own rule.
+    should_use_persistent_reduction.__dict__.update(_fluxbot_limit=limit, _fluxbot_default=inductor_default)
     InductorChoices.should_use_persistent_reduction = staticmethod(should_use_persistent_reduction)
 
 

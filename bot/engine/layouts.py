@@ -16,7 +16,6 @@ import inspect
 import re
 
 import torch
-
 from diffsynth.utils.state_dict_converters import flux_dit as _dit_conv
 from diffsynth.utils.state_dict_converters import flux_vae as _vae_conv
 

@@ -12,7 +12,6 @@ weights every step needs, which otherwise stream over PCIe at every step.
 from __future__ import annotations
 
 import types
-from typing import Optional
 
 import torch
 from diffsynth.core.vram.layers import AutoWrappedLinear
@@ -29,7 +28,7 @@ def modulation_layers(dit: torch.nn.Module) -> dict[str, AutoWrappedLinear]:
 
 
 @torch.library.custom_op("fluxbot::modulation", mutates_args=())
-def modulation(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def modulation(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """A modulation layer's forward as one opaque op: compiled blocks call it as it is, so the
     step's row can come from the table without dynamo seeing (and specialising on) the step."""
     layer = offload.layer_by_weight(weight)
@@ -128,6 +127,7 @@ class Modulations:
     def _joined_forward(self, x: torch.Tensor) -> torch.Tensor:
         """All layers' outputs side by side: one float8 matmul where the layers compute in float8,
         else layer by layer into the table (a whole bf16 copy of the weights would be 6 GB)."""
+        assert self.weight is not None, "join_weights first"
         template = self.layers[0]
         if all(getattr(layer, "keep_fp8", False) for layer in self.layers):
             return template.linear_forward(x, self.weight, self.bias)
@@ -171,6 +171,7 @@ class Modulations:
         prompt, say) computes its modulations directly."""
         self.step = step if self.ready and self.key == (id(pooled_prompt_emb), id(guidance)) else -1
         if self.step >= 0 and self.table is not None:
+            assert self.current is not None  # made with the table
             self.current.copy_(self.table[step:step + 1])
 
     def output(self, layer: AutoWrappedLinear, x: torch.Tensor) -> torch.Tensor:
@@ -178,7 +179,9 @@ class Modulations:
             return layer._direct_forward(x)
         # Copies: the compiled graph may reuse its outputs' memory.
         if self.table is None:
+            assert self.rows is not None  # step >= 0: the job's table is filled
             return self.rows[id(layer)][self.step:self.step + 1].clone()
+        assert self.current is not None  # made with the table
         offset, width = self.slices[id(layer)]
         return self.current[:, offset:offset + width].clone()
 

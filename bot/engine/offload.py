@@ -10,21 +10,46 @@ float8 from pinned memory and are cast on the GPU (half the bytes of bf16, no CP
 
 from __future__ import annotations
 
-import functools
 import logging
 import types
 import weakref
-from typing import Optional
+from dataclasses import dataclass, fields
 
 import torch
 from diffsynth.core.vram.layers import AutoTorchModule, AutoWrappedLinear, AutoWrappedModule
 
+from .budget import GIB
+from .fp8 import FP8
+
 log = logging.getLogger("fluxbot.engine")
 
-FP8 = (torch.float8_e4m3fn,)
-FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
 SMALL_BYTES = 1 << 20
-MIN_ROWS = 16  # torch._scaled_mm wants at least this many rows
+
+
+@dataclass(frozen=True)
+class ModelPlacement:
+    """Where one model's weights went, in bytes (as stored: float8 for the DiT)."""
+
+    resident: int  # on the GPU for good
+    streamed: int  # copied in at every use: every denoising step, for the DiT
+    per_job: int   # copied in once per job (the DiT's modulation layers, under a budget)
+
+    def describe(self) -> str:
+        return (f"{self.resident / GIB:.2f} GiB resident / {self.streamed / GIB:.2f} GiB streamed per step"
+                + (f" / {self.per_job / GIB:.2f} GiB copied per job" if self.per_job else ""))
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where each model of the pipeline went (`place` per model)."""
+
+    dit: ModelPlacement
+    text_encoder_1: ModelPlacement
+    text_encoder_2: ModelPlacement
+    vae_decoder: ModelPlacement
+
+    def describe(self) -> str:
+        return ", ".join(f"{f.name} {getattr(self, f.name).describe()}" for f in fields(self))
 
 
 def managed_modules(model: torch.nn.Module) -> list[AutoTorchModule]:
@@ -82,16 +107,6 @@ def pin(module: AutoTorchModule) -> None:
                 t.data = t.data.pin_memory()  # fallback: a pinned copy
 
 
-def _fast_cast_to(self, weight: torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor:
-    # Copy in the storage dtype (float8: half of bf16) from pinned memory without blocking,
-    # then cast on the GPU. DiffSynth casts on the CPU first and copies twice the bytes.
-    if weight.device != torch.device(device):
-        weight = weight.to(device, non_blocking=True)
-    if self.keep_fp8 and weight.dtype in FP8:
-        return weight
-    return weight.to(dtype)
-
-
 def to_device_nonblocking(t: torch.Tensor, device) -> torch.Tensor:
     """A small CPU tensor copied to a CUDA device without making the CPU wait for the GPU: from
     page-locked memory, queued behind the GPU's work. (A plain `.to(device)` waits for every kernel
@@ -100,58 +115,6 @@ def to_device_nonblocking(t: torch.Tensor, device) -> torch.Tensor:
     if device.type != "cuda" or t.device.type != "cpu":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
-
-
-def _quantize_rowwise(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    amax = x2.abs().amax(dim=-1, keepdim=True).float()
-    scale = (amax / FP8_MAX).clamp(min=1e-12)
-    xq = (x2.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return xq, scale
-
-
-# One fused kernel instead of five passes over the activations (they cost more than float8
-# saves). Compiled lazily, on first use; inside compiled blocks dynamo inlines it.
-_quantize = torch.compile(_quantize_rowwise, dynamic=True, fullgraph=True)
-
-
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *,
-               fast_accum: bool = False) -> torch.Tensor:
-    """x @ weight.T + bias with a real float8 matmul when the weight is stored in float8.
-    `fast_accum`: the tensor cores' fast float8 accumulation (fewer promotions to fp32)."""
-    if weight.dtype not in FP8:
-        return torch.nn.functional.linear(x, weight, bias)
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    rows = x2.shape[0]
-    if rows < MIN_ROWS:
-        # One row (the AdaLN modulation: 3 GB of weights a step) still goes through float8: padded,
-        # it reads the float8 weight once instead of casting a bf16 copy first (3x the traffic).
-        x2 = torch.nn.functional.pad(x2, (0, 0, 0, MIN_ROWS - rows))
-    # Row-wise activation scales; the stored weights are plain float8 (scale 1).
-    xq, scale_a = _quantize(x2)
-    scale_b = torch.ones((1, weight.shape[0]), device=x.device, dtype=torch.float32)
-    out = torch._scaled_mm(xq, weight.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=x.dtype,
-                           use_fast_accum=fast_accum)
-    if rows < MIN_ROWS:
-        out = out[:rows]
-    if bias is not None:
-        out = out + bias.to(x.dtype)  # row-wise scaling takes no fused bias in some torch releases
-    return out.reshape(*shape[:-1], out.shape[-1])
-
-
-def _fp8_ok(module: AutoWrappedLinear) -> bool:
-    # _scaled_mm wants both matrix dims divisible by 16.
-    return module.in_features % 16 == 0 and module.out_features % 16 == 0
-
-
-def configure_linears(model: torch.nn.Module, *, fp8_matmul: bool, fast_accum: bool = False) -> None:
-    for m in managed_modules(model):
-        if isinstance(m, AutoWrappedLinear):
-            m.keep_fp8 = fp8_matmul and _fp8_ok(m) and m.preparing_dtype in FP8
-            m.cast_to = types.MethodType(_fast_cast_to, m)
-            if m.keep_fp8:
-                # an instance attribute: called as linear_forward(x, w, b)
-                m.linear_forward = functools.partial(fp8_linear, fast_accum=fast_accum)
 
 
 def _run_streamed_linear(layer: AutoWrappedLinear, x: torch.Tensor) -> torch.Tensor:
@@ -184,7 +147,7 @@ def layer_by_weight(weight: torch.Tensor) -> AutoWrappedLinear:
 
 
 @torch.library.custom_op("fluxbot::streamed_linear", mutates_args=())
-def streamed_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def streamed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """A streamed layer's forward as one opaque op: torch.compile fuses everything around it
     in the block and calls it as it is, instead of tracing the streaming code (graph breaks)."""
     return _run_streamed_linear(layer_by_weight(weight), x)
@@ -205,11 +168,11 @@ def _streamed_module_forward(self, *args, **kwargs):
     tensors = self._streamer.fetch(self)
     saved = [t.data for t in self._stream_targets]
     try:
-        for target, t in zip(self._stream_targets, tensors):
+        for target, t in zip(self._stream_targets, tensors, strict=True):
             target.data = t.to(self.computation_dtype) if t.is_floating_point() else t
         return self.module(*args, **kwargs)
     finally:
-        for target, data in zip(self._stream_targets, saved):
+        for target, data in zip(self._stream_targets, saved, strict=True):
             target.data = data
 
 
@@ -264,12 +227,12 @@ def choose_resident(sizes: list[tuple[str, int, bool]], resident_bytes: int) -> 
 
 
 def place(model: torch.nn.Module, resident_bytes: int | None, streamer=None, *,
-          pinned: bool = False, per_job: frozenset[int] = frozenset()) -> tuple[int, int, int]:
+          pinned: bool = False, per_job: frozenset[int] = frozenset()) -> ModelPlacement:
     """Keep about `resident_bytes` of the model's layers on the GPU for good, in whole blocks spread
     through the model; stream the rest through `streamer` (from pinned host memory when `pinned`).
     `None` keeps everything resident. Layers in `per_job` (module ids) run once per job: under a
     budget they stay in host memory and are copied in when called, taking no resident space.
-    Returns (resident bytes, bytes streamed every step, bytes copied once per job).
+    Returns the bytes kept resident, streamed at every use and copied once per job.
     """
     layers = []
     for name, m in model.named_modules():
@@ -284,7 +247,7 @@ def place(model: torch.nn.Module, resident_bytes: int | None, streamer=None, *,
         layers.append((_group(name), m, size, small))
     always = sum(size for _, _, size, small in layers if small)
     limited = resident_bytes is not None and streamer is not None
-    if not limited:
+    if resident_bytes is None or streamer is None:
         keep = {group for group, *_ in layers}
     else:
         groups: dict[str, int] = {}
@@ -310,7 +273,7 @@ def place(model: torch.nn.Module, resident_bytes: int | None, streamer=None, *,
                 pin(m)
             _stream(m, streamer)
             streamed += size
-    return resident, streamed, once
+    return ModelPlacement(resident=resident, streamed=streamed, per_job=once)
 
 
 def release(model: torch.nn.Module) -> None:

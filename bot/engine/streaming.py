@@ -31,9 +31,9 @@ class Streamer:
         self.position: dict[int, int] = {}
         self.sizes: dict[int, int] = {}
         self.recording = True
-        self.pending: dict[int, tuple[list[torch.Tensor], object]] = {}
+        self.pending: dict[int, tuple[list[torch.Tensor], torch.cuda.Event | None]] = {}
         self.pending_bytes = 0
-        self.handed_out: deque[tuple[object, int]] = deque()  # (event after its use, bytes)
+        self.handed_out: deque[tuple[torch.cuda.Event, int]] = deque()  # (event after its use, bytes)
         self.handed_out_bytes = 0
         self.last_fetched = 0
         self.copied_bytes = 0
@@ -44,7 +44,7 @@ class Streamer:
             self.sizes[key] = sum(t.numel() * t.element_size() for t in layer._stream_sources)
         return self.sizes[key]
 
-    def _copy(self, layer) -> tuple[list[torch.Tensor], object]:
+    def _copy(self, layer) -> tuple[list[torch.Tensor], torch.cuda.Event | None]:
         self.copied_bytes += self._size(layer)
         sources = layer._stream_sources
         if not self.cuda:

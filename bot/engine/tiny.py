@@ -12,12 +12,11 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
-
 from diffsynth.models import flux_dit, flux_vae
 from diffsynth.models.flux_text_encoder_clip import CLIPEncoderLayer, FluxTextEncoderClip
 from diffsynth.models.flux_text_encoder_t5 import FluxTextEncoderT5
 from diffsynth.models.general_modules import TimestepEmbeddings
+from safetensors.torch import save_file
 from transformers import T5Config, T5EncoderModel
 
 from . import layouts

@@ -116,7 +116,8 @@ def download(model_dir: Path, *, snapshot_download=None) -> list[str]:
     Returns the files still missing afterwards (empty on success).
     """
     if snapshot_download is None:
-        from modelscope import snapshot_download
+        import modelscope
+        snapshot_download = modelscope.snapshot_download
     model_dir = Path(model_dir)
     for repo, patterns in DOWNLOADS.items():
         log.info("fetching %s (%s) into %s", repo, ", ".join(patterns), model_dir / repo)
