@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import os
 import platform
+import re
 import signal
 import sys
 import tempfile
@@ -15,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+from . import instance
 from .config import ConfigError, ModelSettings, Settings, load_settings
 from .logs import redact, setup_logging
 
@@ -39,38 +41,44 @@ def _fail(message: str, code: int = 2) -> int:
 
 
 # --------------------------------------------------------------------------- run
-def cmd_run(args) -> int:
-    import discord
-
-    from .discord.app import FluxBot
-    from .engine import weights
-    from .engine.pipeline import Engine
-
+def cmd_run(args: argparse.Namespace) -> int:
+    # The config first: a mistake in it is answered at once, not after seconds of importing torch.
     settings, path = _load(args.config, require_token=True)
     token = settings.discord.token.get()
     setup_logging(args.log_level, secrets=[token])
+    try:
+        with instance.exclusive(settings.storage.database):  # before anything reads or writes the ledger
+            return _run_bot(settings, path, token)
+    except instance.AlreadyRunning as exc:
+        return _fail(str(exc), 1)
+
+
+def _run_bot(settings: Settings, path: Path | None, token: str) -> int:
+    from .engine import weights
+
     # Before connecting to Discord: missing weights fail the start (main() prints which files).
     weights.require(settings.model.preset, settings.model.dir, str(path or ""))
 
-    def load_engine():
+    from .discord.serve import DiscordRefused, serve
+    from .engine.pipeline import Engine
+
+    def load_engine() -> Engine:
         engine = Engine.load(settings.model, config_hint=str(path or ""))
         if engine.compiled:  # compile now for the default size, not during a member's first image
             gen = settings.generation
             log.info("warming up the compiled model (%.0f s)", engine.warm_up(gen.width, gen.height))
         return engine
 
-    bot = FluxBot(settings, load_engine)
     # `docker stop` sends SIGTERM: shut down like Ctrl-C so the running job is left for the next start.
     # (signal handlers can only be set from the main thread; tests run `main` in another one)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        bot.run(token, log_handler=None)
-    except discord.LoginFailure:
-        return _fail("Discord rejected the bot token: check DISCORD_TOKEN or [discord] token "
-                     "(Developer Portal -> your application -> Bot -> Reset Token)", 1)
-    except discord.PrivilegedIntentsRequired as exc:
-        return _fail(f"Discord refused a privileged intent: {exc}", 1)
+        asyncio.run(serve(settings, load_engine, token))
+    except KeyboardInterrupt:
+        pass  # stopped on purpose: the bot closed itself on the way out
+    except DiscordRefused as exc:
+        return _fail(str(exc), 1)
     return 0
 
 
@@ -91,9 +99,8 @@ class _Bar:
         sys.stderr.flush()
 
 
-def cmd_generate(args) -> int:
+def cmd_generate(args: argparse.Namespace) -> int:
     from .engine.api import GenerationRequest
-    from .engine.pipeline import Engine
     from .images import png_metadata, save_png
     from .validation import ValidationError, check_prompt, check_seed, check_steps
 
@@ -112,6 +119,8 @@ def cmd_generate(args) -> int:
     width, height = args.width or gen.width, args.height or gen.height
     if width % 16 or height % 16 or not (64 <= width <= 2048 and 64 <= height <= 2048):
         return _fail("width and height must be multiples of 16 between 64 and 2048")
+    from .engine.pipeline import Engine  # torch and DiffSynth: seconds, so only once the input is known good
+
     engine = Engine.load(model, config_hint=str(path or ""))
     print(f"seed: {seed}" + (" (random)" if random_seed else ""))
     request = GenerationRequest(prompt, seed=seed, steps=steps, width=width, height=height, guidance=gen.guidance)
@@ -130,8 +139,8 @@ def cmd_doctor(args) -> int:
     import torch
 
     from .engine import weights
-    from .engine.budget import fp8_matmul_supported, kernel_build_missing
     from .engine.api import GenerationRequest
+    from .engine.budget import fp8_matmul_supported, kernel_build_missing
     from .engine.pipeline import Engine
 
     setup_logging("WARNING")
@@ -196,9 +205,10 @@ def cmd_doctor(args) -> int:
     width = max(len(r[0]) for r in rows)
     for name, ok, detail in rows:
         print(f"{name:<{width}}  {ok:<4}  {detail}")
-    failed = [r for r in rows if r[1] == "FAIL"]
-    print(f"\n{len(rows) - len(failed)} passed, {len(failed)} failed")
-    return 1 if failed else 0
+    counts = {status: sum(1 for r in rows if r[1] == status) for status in ("PASS", "INFO", "WARN", "FAIL")}
+    print(f"\n{counts['PASS']} passed, {counts['INFO']} for information, {counts['WARN']} warnings, "
+          f"{counts['FAIL']} failed")
+    return 1 if counts["FAIL"] else 0
 
 
 # --------------------------------------------------------------------------- download, db
@@ -209,17 +219,49 @@ def cmd_download(args) -> int:
     setup_logging(args.log_level)
     root = Path(settings.model.dir)
     print(f"fetching majicflus + FLUX.1-dev files into {root} (about 33 GB; safe to re-run, resumes)")
-    missing = weights.download(root)
+    try:
+        missing = weights.download(root)
+    except Exception as exc:
+        reason = _network_failure(exc)
+        if reason is None:
+            raise
+        return _fail(f"cannot reach ModelScope ({reason}): check this machine's network; files already "
+                     "fetched are kept, and running `fluxbot download` again resumes", 1)
     if missing:
         return _fail("still missing after download: " + ", ".join(missing), 1)
     print("all model files present")
     return 0
 
 
-def cmd_db_backup(args) -> int:
+_ERRNO = re.compile(r"\[Errno -?\d+\] [^\"')\]]+")
+
+
+def _network_failure(exc: BaseException) -> str | None:
+    """A short reason when `exc` comes from the network (an OSError anywhere in its chain: requests'
+    and urllib3's connection errors are OSErrors), or None when it is something else."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    network = [e for e in chain if isinstance(e, OSError) and not isinstance(e, FileNotFoundError | PermissionError)]
+    if not network:
+        return None
+    for error in chain:  # the operating system's words ("[Errno 111] Connection refused"), if any
+        found = _ERRNO.search(str(error))
+        if found:
+            return found.group(0).strip()
+    text = str(network[-1]).splitlines()[0] if str(network[-1]) else type(network[-1]).__name__
+    return text[:160]
+
+
+def cmd_db_backup(args: argparse.Namespace) -> int:
     from .store import Store
 
     settings, _ = _load(args.config)
+    if not Path(settings.storage.database).is_file():  # opening it would create an empty one
+        return _fail(f"no database at {settings.storage.database}: nothing to back up "
+                     "(check [storage] database, or --config)")
 
     async def backup():
         async with await Store.open(settings.storage.database, default_daily_limit=settings.quota.daily_limit) as store:
@@ -229,36 +271,63 @@ def cmd_db_backup(args) -> int:
     return 0
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _log_level(value: str) -> str:
+    level = value.strip().upper()
+    if level not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a log level; use one of {', '.join(LOG_LEVELS)}")
+    return level
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fluxbot", description=__doc__)
-    p.add_argument("--log-level", default=os.environ.get("FLUXBOT_LOG_LEVEL", "INFO"))
-    sub = p.add_subparsers(dest="command", required=True)
+    # --log-level and --config are accepted before or after the subcommand. The copy on each
+    # subcommand has no default of its own, so it never overwrites a value given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", type=_log_level, default=argparse.SUPPRESS,
+                        help=f"one of {', '.join(LOG_LEVELS)} (default: $FLUXBOT_LOG_LEVEL or INFO)")
+    common.add_argument("--config", default=argparse.SUPPRESS,
+                        help="TOML config file (default: ./config.toml if present, else built-in defaults)")
+    p = argparse.ArgumentParser(prog="fluxbot", description=__doc__, parents=[common])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do")
 
-    def with_config(sp):
-        sp.add_argument("--config", help="TOML config file (default: ./config.toml if present)")
-        return sp
+    def command(name: str, help_text: str, parent: argparse._SubParsersAction = sub) -> argparse.ArgumentParser:
+        return parent.add_parser(name, help=help_text, description=help_text, parents=[common])
 
-    with_config(sub.add_parser("run", help="start the Discord bot")).set_defaults(func=cmd_run)
-    g = with_config(sub.add_parser("generate", help="paint one image to a PNG"))
-    g.add_argument("prompt")
-    g.add_argument("--seed", type=int, default=None, help="-1 or omitted: random")
-    g.add_argument("--steps", type=int, default=None)
-    g.add_argument("--width", type=int, default=None)
-    g.add_argument("--height", type=int, default=None)
-    g.add_argument("-o", "--output", default=None)
-    g.add_argument("--preset", choices=["majicflus", "tiny-random"], default=None)
+    command("run", "start the Discord bot").set_defaults(func=cmd_run)
+    g = command("generate", "paint one image to a PNG")
+    g.add_argument("prompt", help="what to paint")
+    g.add_argument("--seed", type=int, default=None, help="the seed; -1 or omitted: a random one")
+    g.add_argument("--steps", type=int, default=None, help="denoising steps (omitted: [generation] default_steps)")
+    g.add_argument("--width", type=int, default=None, help="pixels, a multiple of 16 (omitted: [generation] width)")
+    g.add_argument("--height", type=int, default=None, help="pixels, a multiple of 16 (omitted: [generation] height)")
+    g.add_argument("-o", "--output", default=None, help="the PNG to write (omitted: fluxbot-SEED.png)")
+    g.add_argument("--preset", choices=["majicflus", "tiny-random"], default=None,
+                   help="the model (omitted: [model] preset); tiny-random needs no download")
     g.set_defaults(func=cmd_generate)
-    with_config(sub.add_parser("doctor", help="check this machine, the config and the weights")).set_defaults(func=cmd_doctor)
-    with_config(sub.add_parser("download", help="fetch the model weights through modelscope")).set_defaults(func=cmd_download)
-    db = sub.add_parser("db", help="database tools").add_subparsers(dest="db_command", required=True)
-    b = with_config(db.add_parser("backup", help="online backup of the SQLite database"))
-    b.add_argument("path")
+    command("doctor", "check this machine, the config and the weights").set_defaults(func=cmd_doctor)
+    command("download", "fetch the model weights through modelscope").set_defaults(func=cmd_download)
+    db = command("db", "database tools").add_subparsers(dest="db_command", required=True, metavar="DB_COMMAND",
+                                                               help="what to do with the database")
+    b = command("backup", "online backup of the SQLite database", db)
+    b.add_argument("path", help="the new file to write (must not exist)")
     b.set_defaults(func=cmd_db_backup)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # The shared options default to "not given" (argparse.SUPPRESS), so a subcommand's copy never
+    # overwrites the value given before it; fill in the real defaults here.
+    args.config = getattr(args, "config", None)
+    args.log_level = getattr(args, "log_level", None)
+    if args.log_level is None:  # not given: $FLUXBOT_LOG_LEVEL, checked like the option
+        try:
+            args.log_level = _log_level(os.environ.get("FLUXBOT_LOG_LEVEL") or "INFO")
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"FLUXBOT_LOG_LEVEL: {exc}")
     try:
         return args.func(args)
     except ConfigError as exc:

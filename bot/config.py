@@ -219,11 +219,25 @@ def _terms(section: str, key: str, value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def token_problem(text: str) -> str | None:
+    """What is wrong with a token's text, never quoting it; None when it can be a token.
+
+    A line break or space inside (a copy-paste slip) would otherwise fail deep in the HTTP client
+    with a traceback."""
+    if any(c.isspace() or not c.isprintable() for c in text):
+        return "contains a line break, space or control character: paste the token again as one line"
+    return None
+
+
 def _token(section: str, key: str, value: Any) -> Secret:
     # Never echo the value: it may be the token itself.
     if isinstance(value, Secret):
         return value
     if isinstance(value, str):
+        problem = token_problem(value.strip())
+        if problem:
+            name = f"[{section}] {key}"
+            raise ConfigError(f"{name}: {problem}", key=name)
         return Secret(value.strip())
     name = f"[{section}] {key}"
     raise ConfigError(f"{name}: must be a string, got a value of type {type(value).__name__}", key=name)
@@ -427,6 +441,9 @@ def _build(
         built[name] = _resolve(cls(**raw.get(name, {})), base)
     discord: DiscordSettings = built["discord"]
     if env_token:
+        problem = token_problem(env_token)
+        if problem:
+            raise ConfigError(f"{TOKEN_ENV}: {problem}", key=TOKEN_ENV)
         discord = dataclasses.replace(discord, token=Secret(env_token))
     if require_token and not discord.token:
         raise ConfigError(

@@ -132,6 +132,30 @@ class RedactingFilter(logging.Filter):
             record.stack_info = _redact_with(pattern, record.stack_info)
 
 
+_NETWORK_ERRORS = ("GatewayNotFound", "ConnectionClosed", "DiscordServerError")
+
+
+def _is_network_error(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):  # connection refused or reset, DNS, timeouts (asyncio's too)
+        return True
+    return any(cls.__module__.startswith("aiohttp") or cls.__name__ in _NETWORK_ERRORS for cls in type(exc).__mro__)
+
+
+class NetworkTracebackFilter(logging.Filter):
+    """A network failure that a library logs with its traceback (discord.py's "Attempting a
+    reconnect in 4s") becomes one line: the message and the error. The traceback says nothing a
+    self-hoster can act on; DEBUG keeps it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and _is_network_error(exc):
+            detail = str(exc).splitlines()[0] if str(exc) else ""
+            record.msg = f"{record.getMessage()} ({type(exc).__name__}{': ' + detail if detail else ''})"
+            record.args = None
+            record.exc_info = record.exc_text = None
+        return True
+
+
 def setup_logging(level: str = "INFO", *, secrets: Iterable[str] = ()) -> None:
     """One stderr handler on the root logger, with redaction; safe to call again.
 
@@ -151,7 +175,9 @@ def setup_logging(level: str = "INFO", *, secrets: Iterable[str] = ()) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler._fluxbot = True  # type: ignore[attr-defined]
     handler.setFormatter(logging.Formatter(FORMAT, DATE_FORMAT))
-    handler.addFilter(RedactingFilter())
+    if numeric > logging.DEBUG:
+        handler.addFilter(NetworkTracebackFilter())
+    handler.addFilter(RedactingFilter())  # last: it also sees the text the filter above made
     root.addHandler(handler)
     root.setLevel(numeric)
     logging.getLogger("discord").setLevel(logging.DEBUG if numeric <= logging.DEBUG else logging.WARNING)

@@ -151,7 +151,7 @@ class FakeDiscord:
         app.router.add_route("*", "/{tail:.*}", self._rest_handler)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port)  # 0 (default): any free port
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]
         self.base_url = f"http://127.0.0.1:{self.port}"

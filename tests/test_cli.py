@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
+import os
+import re
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from bot.cli import main
+
+from ceilings import START
 
 TOKEN = "MTIzNDU2Nzg5.fake-token-for-tests.abcdefghijklmnop"
 
@@ -131,3 +138,105 @@ def test_db_backup_copies_the_ledger(tmp_path, model_dir, capsys):
     assert main(["db", "backup", str(dest), "--config", str(cfg)]) == 0
     with sqlite3.connect(dest) as conn:
         assert conn.execute("select count(*) from jobs").fetchone()[0] == 1
+
+
+# ---------------------------------------------------------------- a newcomer's first minutes (#15)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_fluxbot(*args: str, env: dict | None = None) -> subprocess.CompletedProcess[str]:
+    """`python -m bot.cli ARGS` in a process of its own (what a newcomer types, minus the script)."""
+    full_env = {k: v for k, v in os.environ.items() if k != "DISCORD_TOKEN"} | (env or {})
+    return subprocess.run([sys.executable, "-m", "bot.cli", *args], cwd=ROOT, env=full_env, capture_output=True,
+                          text=True, timeout=START)
+
+
+def test_a_missing_config_is_answered_before_torch_or_discord_is_imported(tmp_path):
+    probe = ("import sys; from bot.cli import main; rc = main(['run', '--config', sys.argv[1]]); "
+             "print(rc, sorted(m for m in ('torch', 'diffsynth', 'discord') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "missing.toml")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=START)
+    assert done.stdout.split(None, 1) == ["2", "[]\n"], done.stdout + done.stderr
+    assert done.stderr.strip().splitlines() == [f"error: config file not found: {tmp_path / 'missing.toml'} "
+                                                "(copy config.example.toml)"]
+
+
+@pytest.mark.parametrize("token", ["MTIz.abc\ndef", "MTIz abc", "MTIz\x07abc"])
+def test_a_token_with_a_line_break_or_space_is_one_clear_line(tmp_path, model_dir, capsys, monkeypatch, token):
+    monkeypatch.setenv("DISCORD_TOKEN", token)
+    cfg = write_config(tmp_path, model_dir)
+    assert main(["run", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == ["error: DISCORD_TOKEN: contains a line break, space or control character: "
+                                        "paste the token again as one line"]
+    monkeypatch.delenv("DISCORD_TOKEN")
+    cfg.write_text(cfg.read_text() + f"[discord]\ntoken = {token!r}\n".replace("'", '"').replace("\\x07", "\\u0007"))
+    assert main(["run", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "[discord] token: contains a line break" in err and "abc" not in err
+
+
+def test_db_backup_without_a_database_creates_nothing(tmp_path, model_dir, capsys):
+    cfg = write_config(tmp_path, model_dir)
+    dest = tmp_path / "backup.db"
+    assert main(["db", "backup", str(dest), "--config", str(cfg)]) == 2
+    assert "no database at" in capsys.readouterr().err
+    assert not dest.exists() and not (tmp_path / "bot.db").exists()
+
+
+def test_log_level_goes_before_or_after_the_command_and_a_bad_one_is_one_line(tmp_path, model_dir, capsys,
+                                                                                monkeypatch):
+    from bot.cli import build_parser
+
+    assert build_parser().parse_args(["--log-level", "debug", "run"]).log_level == "DEBUG"
+    assert build_parser().parse_args(["run", "--log-level", "warning"]).log_level == "WARNING"
+    assert build_parser().parse_args(["--log-level", "error", "db", "backup", "x"]).log_level == "ERROR"
+    assert build_parser().parse_args(["--config", "a.toml", "doctor"]).config == "a.toml"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--log-level", "loud"])
+    assert exit_info.value.code == 2 and "'loud' is not a log level" in capsys.readouterr().err
+    monkeypatch.setenv("FLUXBOT_LOG_LEVEL", "chatty")
+    with pytest.raises(SystemExit):
+        main(["run"])
+    assert "FLUXBOT_LOG_LEVEL: 'chatty' is not a log level" in capsys.readouterr().err
+
+
+def test_every_option_says_what_it_does():
+    from bot.cli import build_parser
+
+    def parsers(parser):
+        yield parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for child in action.choices.values():
+                    yield from parsers(child)
+
+    for parser in parsers(build_parser()):
+        for action in parser._actions:
+            assert action.help, f"{parser.prog}: {action.option_strings or action.dest} has no help text"
+
+
+def test_doctor_counts_warnings_apart_from_passes(tmp_path, model_dir, capsys, monkeypatch, kernel_toolchain):
+    import torch
+
+    cfg = write_config(tmp_path, model_dir)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # no GPU: a WARN row
+    main(["doctor", "--config", str(cfg)])
+    out = capsys.readouterr().out
+    rows = [m.group(1) for m in re.finditer(r"^\S.*?  (PASS|INFO|WARN|FAIL)  ", out, re.MULTILINE)]
+    summary = out.strip().splitlines()[-1]
+    assert "WARN" in rows
+    assert summary == (f"{rows.count('PASS')} passed, {rows.count('INFO')} for information, "
+                       f"{rows.count('WARN')} warnings, {rows.count('FAIL')} failed")
+
+
+def test_download_without_network_is_one_clear_line(tmp_path, model_dir):
+    """ModelScope unreachable (its endpoint: a closed port on this machine): no traceback."""
+    cfg = write_config(tmp_path, tmp_path / "weights", preset="majicflus")
+    done = run_fluxbot("download", "--config", str(cfg),
+                       env={"MODELSCOPE_DOMAIN": "127.0.0.1:9", "MODELSCOPE_CACHE": str(tmp_path / "cache")})
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [errors[0]] and "cannot reach ModelScope" in errors[0] and "again resumes" in errors[0]

@@ -8,11 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import signal
 import sqlite3
-import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -22,9 +18,8 @@ from bot.store import JobStatus, Store
 
 from botkit import ALICE, BOB, CAROL, images_for, make_settings, running_bot
 from ceilings import START
-from fake_discord import FakeDiscord
+from processkit import BotProcess, until, write_config
 
-LAUNCHER = Path(__file__).with_name("bot_process.py")
 START_TIMEOUT = START  # import torch + diffsynth, load the tiny model, connect
 FINISH_TIMEOUT = START
 REQUESTS = [(ALICE, "a lighthouse at dusk"), (BOB, "a red cat"), (CAROL, "a quiet harbour"),
@@ -32,100 +27,6 @@ REQUESTS = [(ALICE, "a lighthouse at dusk"), (BOB, "a red cat"), (CAROL, "a quie
 # what the ledger must say about the interrupted job at the moment of the kill
 STATE_AT_KILL = {"before": "running", "during": "running", "after_generation": "generated",
                  "after_delivery": "generated"}
-
-
-def write_config(tmp_path: Path, model_dir: Path, fake: FakeDiscord) -> Path:
-    config = tmp_path / "config.toml"
-    config.write_text(f"""
-[discord]
-guild_ids = [{fake.guild_id}]
-
-[model]
-preset = "tiny-random"
-dir = "{model_dir.as_posix()}"
-device = "cpu"
-
-[generation]
-width = 256
-height = 256
-default_steps = 2
-
-[quota]
-daily_limit = 10
-
-[queue]
-max_size = 100
-max_per_user = 5
-
-[storage]
-database = "{(tmp_path / 'fluxbot.db').as_posix()}"
-results_dir = "{(tmp_path / 'results').as_posix()}"
-""")
-    return config
-
-
-class BotProcess:
-    """One `fluxbot run` child process; its output goes to a log file shown when a check fails."""
-
-    def __init__(self, fake: FakeDiscord, config: Path, log: Path):
-        self.fake, self.config, self.log = fake, config, log
-        self.proc: asyncio.subprocess.Process | None = None
-
-    async def start(self, kill_point: str | None = None, marker: Path | None = None,
-                    wait_for: Path | None = None) -> None:
-        args = [str(LAUNCHER), "--api-base", self.fake.api_base, "--gateway", self.fake.gateway_url,
-                "--config", str(self.config)]
-        if kill_point:
-            args += ["--kill-point", kill_point, "--marker", str(marker)]
-        if wait_for:
-            args += ["--wait-for", str(wait_for)]
-        env = {**os.environ, "DISCORD_TOKEN": self.fake.token, "FLUXBOT_LOG_LEVEL": "INFO",
-               "PYTHONUNBUFFERED": "1"}
-        with open(self.log, "ab") as out:
-            out.write(f"\n===== start (kill point: {kill_point}) =====\n".encode())
-            out.flush()
-            self.proc = await asyncio.create_subprocess_exec(sys.executable, *args, stdin=asyncio.subprocess.DEVNULL,
-                                                             stdout=out, stderr=out, env=env)
-
-    def log_tail(self, chars: int = 4000) -> str:
-        try:
-            return self.log.read_text(errors="replace")[-chars:]
-        except OSError:
-            return "(no log)"
-
-    def check_alive(self) -> None:
-        if self.proc is not None and self.proc.returncode is not None:
-            raise AssertionError(f"the bot process exited early with code {self.proc.returncode}:\n{self.log_tail()}")
-
-    async def kill(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.kill()  # SIGKILL: no cleanup of any kind runs in the bot
-            await self.proc.wait()
-
-    async def stop(self, timeout: float = 20.0) -> int:
-        """SIGTERM (what `docker stop` sends), then SIGKILL if it does not exit in time."""
-        assert self.proc is not None
-        if self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self.proc.wait(), timeout)
-            except asyncio.TimeoutError:
-                await self.kill()
-                raise AssertionError(f"the bot did not stop on SIGTERM within {timeout}s:\n{self.log_tail()}") from None
-        return self.proc.returncode
-
-
-async def until(check, proc: BotProcess, timeout: float, what: str):
-    """Poll `check` (and that the process is alive) until it returns something true."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        proc.check_alive()
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}; bot log:\n{proc.log_tail()}")
-        await asyncio.sleep(0.05)
 
 
 def read_jobs(db: Path) -> list[dict]:

@@ -272,3 +272,39 @@ def test_redaction_failure_hides_the_record_but_keeps_it(stderr: Stderr) -> None
     record = logging.LogRecord("x", logging.ERROR, __file__, 1, Evil(), None, None)
     assert RedactingFilter().filter(record) is True
     assert record.getMessage() == "[log record could not be redacted]"
+
+
+# --------------------------------------------------------------------------
+# network failures logged by libraries
+
+
+def _log_reconnect(exc: BaseException) -> None:
+    try:
+        raise exc
+    except BaseException:
+        logging.getLogger("discord.client").exception("Attempting a reconnect in %.2fs", 4.0)
+
+
+@pytest.mark.parametrize("exc", [
+    ConnectionResetError(104, "Connection reset by peer"),
+    OSError(-3, "Temporary failure in name resolution"),
+    TimeoutError(),
+])
+def test_a_network_failure_is_one_line_without_its_traceback(stderr: Stderr, exc: BaseException) -> None:
+    setup_logging("INFO")
+    _log_reconnect(exc)
+    lines = stderr.getvalue().strip().splitlines()
+    assert len(lines) == 1 and "Attempting a reconnect in 4.00s" in lines[0], lines
+    assert type(exc).__name__ in lines[0] and "Traceback" not in lines[0]
+
+
+def test_debug_keeps_network_tracebacks_and_other_errors_keep_theirs(stderr: Stderr) -> None:
+    setup_logging("DEBUG")
+    _log_reconnect(ConnectionResetError(104, "Connection reset by peer"))
+    assert "Traceback" in stderr.getvalue()
+    setup_logging("INFO")
+    try:
+        raise KeyError("not the network")
+    except KeyError:
+        logging.getLogger("fluxbot").exception("a bug")
+    assert stderr.getvalue().count("Traceback") == 2

@@ -59,8 +59,10 @@ class FluxBot(commands.Bot):
             self.tree.add_command(command)
         self.tree.error(on_tree_error)
         self.add_dynamic_items(*RESULT_BUTTONS)
-        await self._queue.start()
+        # Sync before the worker starts: if Discord cannot be reached here, the login is retried
+        # with a fresh bot, and closing this one must not wait for a model load under way.
         await self.sync_commands()
+        await self._queue.start()
 
     async def sync_commands(self) -> None:
         if self.settings.discord.guild_ids:

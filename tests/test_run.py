@@ -1,0 +1,111 @@
+"""`fluxbot run` as a process of its own, at its edges: Discord unreachable when the bot starts (it
+retries, then serves), Discord ending the session for good (one line, no traceback), and a second
+bot started on the same database (refused before it touches anything)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import sqlite3
+
+from botkit import ALICE, add_members, ephemeral_texts, has_image
+from ceilings import START
+from fake_discord import FakeDiscord
+from processkit import BotProcess, until, write_config
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_run_retries_until_discord_can_be_reached(tmp_path, model_dir):
+    fake = FakeDiscord()
+    fake.port = free_port()  # nothing listens there yet: the bot starts with Discord unreachable
+    fake.api_base = f"http://127.0.0.1:{fake.port}/api/v10"
+    fake.gateway_url = f"ws://127.0.0.1:{fake.port}/gateway"
+    proc = BotProcess(fake, write_config(tmp_path, model_dir, fake), tmp_path / "bot.log")
+    await proc.start()
+    try:
+        await until(lambda: proc.log_tail(100_000).count("cannot reach Discord") >= 2, proc, START,
+                    "two failed logins")
+        await fake.start()  # Discord is back (the same address)
+        add_members(fake)
+        await until(lambda: fake.gateway_connections > 0 and "imagine" in fake.synced_commands, proc, START,
+                    "the bot to log in, sync its commands and connect")
+        await fake.wait_ready()
+        quota = await fake.slash("quota", {}, user_id=ALICE)
+        await quota.response(timeout=START)
+        assert "images today" in ephemeral_texts(fake, quota)[0]
+        log = proc.log_tail(100_000)
+        assert "Traceback" not in log
+        assert "trying again in" in log
+        assert await proc.stop(timeout=START) == 0
+    finally:
+        await proc.kill()
+        await fake.stop()
+
+
+async def test_a_token_reset_while_running_ends_with_one_line(fake, tmp_path, model_dir):
+    proc = BotProcess(fake, write_config(tmp_path, model_dir, fake), tmp_path / "bot.log")
+    await proc.start()
+    try:
+        await until(lambda: fake.gateway_connections > 0, proc, START, "the bot to connect")
+        await fake.wait_ready()
+        await fake.drop_gateway(4004, wait=False)  # what Discord sends once the token was reset
+        assert proc.proc is not None
+        code = await asyncio.wait_for(proc.proc.wait(), START)
+        log = proc.log_tail(100_000)
+        assert code == 1, log
+        assert "Traceback" not in log
+        errors = [line for line in log.splitlines() if line.startswith("error:")]
+        assert errors == ["error: Discord closed the connection (code 4004): authentication failed: the token was "
+                          "reset or revoked; put the new one in DISCORD_TOKEN"], log
+    finally:
+        await proc.kill()
+
+
+def ledger(db) -> tuple[list[tuple], list[tuple]]:
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        return (conn.execute("SELECT id, status, attempts, charged_day FROM jobs ORDER BY id").fetchall(),
+                conn.execute("SELECT user_id, day, used FROM usage ORDER BY user_id").fetchall())
+
+
+async def test_a_second_bot_on_the_same_database_is_refused_and_changes_nothing(fake, tmp_path, model_dir):
+    config = write_config(tmp_path, model_dir, fake)
+    first = BotProcess(fake, config, tmp_path / "first.log")
+    others: list[BotProcess] = []
+    await first.start()
+    try:
+        await until(lambda: fake.gateway_connections > 0, first, START, "the first bot to connect")
+        await fake.wait_ready()
+        await (await fake.slash("imagine", {"prompt": "a lighthouse"}, user_id=ALICE)).wait_original(has_image, START)
+        await until(lambda: ledger(tmp_path / "fluxbot.db")[0][0][1] == "done", first, START, "the job to be done")
+        before, connections = ledger(tmp_path / "fluxbot.db"), fake.gateway_connections
+        assert before[0] and before[1]
+
+        second = BotProcess(fake, config, tmp_path / "second.log")
+        others.append(second)
+        await second.start()
+        assert second.proc is not None and first.proc is not None
+        code = await asyncio.wait_for(second.proc.wait(), START)
+        log = second.log_tail()
+        assert code == 1, log
+        assert f"another fluxbot is already running on {tmp_path / 'fluxbot.db'} (pid {first.proc.pid})" in log
+        assert "Traceback" not in log
+        assert fake.gateway_connections == connections  # it never reached Discord
+        assert ledger(tmp_path / "fluxbot.db") == before
+        quota = await fake.slash("quota", {}, user_id=ALICE)  # the first bot still answers
+        await quota.response(timeout=START)
+
+        await first.kill()  # SIGKILL: the kernel drops the lock with its holder
+        third = BotProcess(fake, config, tmp_path / "third.log")
+        others.append(third)
+        await third.start()
+        await until(lambda: fake.gateway_connections > connections, third, START, "the restarted bot to connect")
+        assert await third.stop(timeout=START) == 0
+    finally:
+        for proc in (first, *others):
+            await proc.kill()
