@@ -52,7 +52,7 @@ def main() -> None:
     dim = HEADS * DIM
     image_qkv = torch.randn(1, IMAGE, 3 * dim, device="cuda", dtype=dt)
     text_qkv = torch.randn(1, TEXT, 3 * dim, device="cuda", dtype=dt)
-    single_qkv = torch.randn(1, TEXT + IMAGE, 7 * dim, device="cuda", dtype=dt)[:, :, :3 * dim]
+    single_qkv = torch.randn(1, TEXT + IMAGE, 7 * dim, device="cuda", dtype=dt)[:, :, : 3 * dim]
     joint, single = modules(dt)
     q, k, v = (torch.randn(1, HEADS, TEXT + IMAGE, DIM, device="cuda", dtype=dt) for _ in range(3))
     results = {"sdpa_us": bench(lambda: F.scaled_dot_product_attention(q, k, v))}
@@ -68,20 +68,34 @@ def main() -> None:
         name = "kernel" if fused else "diffsynth_compiled"
         fj = torch.compile(lambda a, b: joint(a, b, freqs), fullgraph=True)
         results[f"{name}_double_us"] = bench(fj, image_qkv, text_qkv)
-        print(f"{name}: double block {results[f'{name}_double_us']:.1f} us with SDPA ({results['sdpa_us']:.1f} us)",
-              flush=True)
+        print(
+            f"{name}: double block {results[f'{name}_double_us']:.1f} us with SDPA ({results['sdpa_us']:.1f} us)",
+            flush=True,
+        )
     print(f"diffsynth_compiled: single block {results['diffsynth_compiled_single_us']:.1f} us with SDPA", flush=True)
+
     # The kernel alone on a single block's inputs (the engine leaves those to Inductor).
     def inputs():
-        return attention.attention_inputs([single_qkv], [None], [single.norm_q_a.weight], [single.norm_k_a.weight],
-                                          [single.norm_q_a.eps], freqs, HEADS)
+        return attention.attention_inputs(
+            [single_qkv],
+            [None],
+            [single.norm_q_a.weight],
+            [single.norm_k_a.weight],
+            [single.norm_q_a.eps],
+            freqs,
+            HEADS,
+        )
+
     engine_tile = attention.BLOCK_TOKENS, attention.NUM_WARPS
     for block, warps in ((8, 4), (16, 4), (4, 4), (8, 2), (32, 8)):
         attention.BLOCK_TOKENS, attention.NUM_WARPS = block, warps
         t = bench(inputs)
         results[f"kernel_alone_block{block}_warps{warps}_us"] = t
-        print(f"kernel alone, single block's inputs, {block} tokens x {warps} warps: {t:.1f} us, "
-              f"{moved / t / 1e3:.0f} GB/s", flush=True)
+        print(
+            f"kernel alone, single block's inputs, {block} tokens x {warps} warps: {t:.1f} us, "
+            f"{moved / t / 1e3:.0f} GB/s",
+            flush=True,
+        )
     attention.BLOCK_TOKENS, attention.NUM_WARPS = engine_tile
     saved = 19 * (results["diffsynth_compiled_double_us"] - results["kernel_double_us"])
     results["double_blocks_saved_ms_per_step"] = saved / 1000

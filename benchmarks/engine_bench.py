@@ -36,9 +36,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 GIB = 1024**3
-PROMPT = ("a weathered lighthouse on a rocky cliff at dusk, waves crashing below, warm light in the "
-          "windows, dramatic clouds lit orange and violet, gulls in the wind, fine film grain, "
-          "shot on a medium format camera, soft focus in the distance, high detail, calm mood")
+PROMPT = (
+    "a weathered lighthouse on a rocky cliff at dusk, waves crashing below, warm light in the "
+    "windows, dramatic clouds lit orange and violet, gulls in the wind, fine film grain, "
+    "shot on a medium format camera, soft focus in the distance, high detail, calm mood"
+)
 WHOLE_PROCESS_TARGET = {8: 7.0, 12: 11.0, 24: 22.5}
 
 
@@ -59,8 +61,13 @@ def context_gib(device) -> float:
 def nvidia_driver() -> str | None:
     """The NVIDIA driver version as nvidia-smi reports it (torch does not expose it)."""
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10, check=True).stdout
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     return out.splitlines()[0].strip() if out.strip() else None
@@ -81,12 +88,21 @@ def ours_engine(budget: float | None, root: Path, device: str, preset: str):
     from bot.config import ModelSettings
     from bot.engine import budget as budget_mod
     from bot.engine.pipeline import Engine
+
     if "HEADROOM_GIB" in os.environ:
         budget_mod.HEADROOM_GIB = float(os.environ["HEADROOM_GIB"])
-    engine = Engine.load(ModelSettings(
-        preset=preset, dir=root, vram_limit_gb=None if budget is None else float(budget), device=device,
-        **{name: os.environ.get(name.upper(), "auto")
-           for name in ("fp8_matmul", "compile", "fast_accum", "cuda_graphs", "fused_attention")}))
+    engine = Engine.load(
+        ModelSettings(
+            preset=preset,
+            dir=root,
+            vram_limit_gb=None if budget is None else float(budget),
+            device=device,
+            **{
+                name: os.environ.get(name.upper(), "auto")
+                for name in ("fp8_matmul", "compile", "fast_accum", "cuda_graphs", "fused_attention")
+            },
+        )
+    )
     if "STREAM_WINDOW_MIB" in os.environ:
         engine.streamers["dit"].window = int(float(os.environ["STREAM_WINDOW_MIB"]) * 2**20)
     return engine
@@ -95,40 +111,64 @@ def ours_engine(budget: float | None, root: Path, device: str, preset: str):
 def load(system: str, budget: int | None, root: Path, device: str, preset: str):
     if system == "ours":
         from bot.engine import budget as budget_mod
+
         engine = ours_engine(budget, root, device, preset)
 
         def run(seed, steps, width, height):
             from bot.engine.api import GenerationRequest
+
             # A new prompt per image: the prompt cache must not flatter the timings.
-            r = engine.generate(GenerationRequest(f"{PROMPT}, take {seed}", seed=seed, steps=steps, width=width, height=height))
+            r = engine.generate(
+                GenerationRequest(f"{PROMPT}, take {seed}", seed=seed, steps=steps, width=width, height=height)
+            )
             replays = engine.step_graph.replays if engine.step_graph is not None else 0
             return r.image, {**r.timings, "graph_replays": replays}
+
         dit = engine.placement.dit
         graphed = "replayed" if engine.step_graph is not None else "none"
-        return run, (f"{engine.plan.describe()} step_graph={graphed} headroom={budget_mod.HEADROOM_GIB:g} "
-                     f"window={engine.streamers['dit'].window / 2**20:g}MiB "
-                     f"dit_placed={dit.resident / GIB:.2f}+{dit.streamed / GIB:.2f}streamed+{dit.per_job / GIB:.2f}per_job "
-                     f"alloc_conf={os.environ.get('PYTORCH_CUDA_ALLOC_CONF', '')}")
+        return run, (
+            f"{engine.plan.describe()} step_graph={graphed} headroom={budget_mod.HEADROOM_GIB:g} "
+            f"window={engine.streamers['dit'].window / 2**20:g}MiB "
+            f"dit_placed={dit.resident / GIB:.2f}+{dit.streamed / GIB:.2f}streamed+{dit.per_job / GIB:.2f}per_job "
+            f"alloc_conf={os.environ.get('PYTORCH_CUDA_ALLOC_CONF', '')}"
+        )
 
     if system == "seed-diffsynth":
         from diffsynth.pipelines.flux_image import FluxImagePipeline, ModelConfig
 
         from bot.engine import weights
         from bot.engine.patches import ensure_cpu_empty_cache
+
         ensure_cpu_empty_cache()
         files = weights.model_files(weights.preset_root(preset, root))
         if preset == "tiny-random":
             from bot.engine import tiny
+
             tiny.write_tiny_model(files.root)
             tiny.register_with_diffsynth(files.root)
         fp8, bf16 = torch.float8_e4m3fn, (torch.bfloat16 if device != "cpu" else torch.float32)
-        off = lambda store: dict(offload_dtype=store, offload_device="cpu", onload_dtype=store, onload_device="cpu",  # noqa: E731
-                                 preparing_dtype=store, preparing_device=device, computation_dtype=bf16,
-                                 computation_device=device)
+
+        def off(store: torch.dtype) -> dict:
+            return dict(
+                offload_dtype=store,
+                offload_device="cpu",
+                onload_dtype=store,
+                onload_device="cpu",
+                preparing_dtype=store,
+                preparing_device=device,
+                computation_dtype=bf16,
+                computation_device=device,
+            )
+
         pipe = FluxImagePipeline.from_pretrained(
-            torch_dtype=bf16, device=device,
-            model_configs=[ModelConfig(path=str(files.dit), **off(fp8)), ModelConfig(path=str(files.clip), **off(bf16)),
-                           ModelConfig(path=[str(p) for p in files.t5], **off(bf16)), ModelConfig(path=str(files.vae), **off(bf16))],
+            torch_dtype=bf16,
+            device=device,
+            model_configs=[
+                ModelConfig(path=str(files.dit), **off(fp8)),
+                ModelConfig(path=str(files.clip), **off(bf16)),
+                ModelConfig(path=[str(p) for p in files.t5], **off(bf16)),
+                ModelConfig(path=str(files.vae), **off(bf16)),
+            ],
             tokenizer_1_config=ModelConfig(path=str(files.tokenizer)),
             tokenizer_2_config=ModelConfig(path=str(files.tokenizer_2)),
             vram_limit=None if (budget is None or device == "cpu") else budget - 1.0,
@@ -141,12 +181,23 @@ def load(system: str, budget: int | None, root: Path, device: str, preset: str):
                 marks["denoise"] = time.perf_counter()
                 yield from ts
                 marks["decode"] = time.perf_counter()
+
             t0 = time.perf_counter()
-            img = pipe(prompt=f"{PROMPT}, take {seed}", seed=seed, num_inference_steps=steps, width=width, height=height,
-                       progress_bar_cmd=bar)
+            img = pipe(
+                prompt=f"{PROMPT}, take {seed}",
+                seed=seed,
+                num_inference_steps=steps,
+                width=width,
+                height=height,
+                progress_bar_cmd=bar,
+            )
             end = time.perf_counter()
-            return img, {"text_encode_s": marks["denoise"] - t0, "denoise_s": marks["decode"] - marks["denoise"],
-                         "decode_s": end - marks["decode"]}
+            return img, {
+                "text_encode_s": marks["denoise"] - t0,
+                "denoise_s": marks["decode"] - marks["denoise"],
+                "decode_s": end - marks["decode"],
+            }
+
         return run, f"DiffSynth vram_limit={None if budget is None else budget - 1.0}"
     if system == "diffusers":
         return load_diffusers(budget, root, device, preset)
@@ -188,13 +239,31 @@ def load_diffusers(budget, root: Path, device: str, preset: str):
     home = device if resident else "cpu"
     with torch.device("meta"):
         transformer = FluxTransformer2DModel(guidance_embeds=True)
-        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16,
-                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                            block_out_channels=(128, 256, 512, 512), layers_per_block=2, scaling_factor=0.3611,
-                            shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
-        clip = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                            num_attention_heads=12, vocab_size=49408, max_position_embeddings=77,
-                                            projection_dim=768, hidden_act="quick_gelu"))
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=16,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            scaling_factor=0.3611,
+            shift_factor=0.1159,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        )
+        clip = CLIPTextModel(
+            CLIPTextConfig(
+                hidden_size=768,
+                intermediate_size=3072,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                vocab_size=49408,
+                max_position_embeddings=77,
+                projection_dim=768,
+                hidden_act="quick_gelu",
+            )
+        )
         t5 = T5EncoderModel(FluxTextEncoderT5().config)
     models = []
     for m in (transformer, vae, clip, t5):
@@ -202,12 +271,23 @@ def load_diffusers(budget, root: Path, device: str, preset: str):
         _fill_random(m, device)
         models.append(m.eval())
     transformer, vae, clip, t5 = models
-    sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                            base_image_seq_len=256, max_image_seq_len=4096)
-    pipe = FluxPipeline(scheduler=sched, vae=vae, text_encoder=clip,
-                        tokenizer=CLIPTokenizer.from_pretrained(str(files.tokenizer)),
-                        text_encoder_2=t5, tokenizer_2=T5TokenizerFast.from_pretrained(str(files.tokenizer_2)),
-                        transformer=transformer)
+    sched = FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    pipe = FluxPipeline(
+        scheduler=sched,
+        vae=vae,
+        text_encoder=clip,
+        tokenizer=CLIPTokenizer.from_pretrained(str(files.tokenizer)),
+        text_encoder_2=t5,
+        tokenizer_2=T5TokenizerFast.from_pretrained(str(files.tokenizer_2)),
+        transformer=transformer,
+    )
     if resident:
         setup = "bf16, everything on the GPU"
     elif budget >= 24:
@@ -220,19 +300,34 @@ def load_diffusers(budget, root: Path, device: str, preset: str):
         for m in (transformer, t5, clip, vae):
             # record_stream: weights copied on the side stream are released once used; without it
             # every onloaded group stayed on the GPU until the budget ran out (gpu6, gpu7).
-            apply_group_offloading(m, onload_device=torch.device(device), offload_device=torch.device("cpu"),
-                                   offload_type="leaf_level", use_stream=True, record_stream=True)
+            apply_group_offloading(
+                m,
+                onload_device=torch.device(device),
+                offload_device=torch.device("cpu"),
+                offload_type="leaf_level",
+                use_stream=True,
+                record_stream=True,
+            )
         setup = "fp8 layerwise casting + leaf-level group offload with a CUDA stream (record_stream)"
 
     def run(seed, steps, width, height):
         t0 = time.perf_counter()
         # text encoding timed separately: diffusers encodes inside __call__
-        pe, ppe, _ = pipe.encode_prompt(prompt=f"{PROMPT}, take {seed}", prompt_2=None, max_sequence_length=512,
-                                        device=torch.device(device))
+        pe, ppe, _ = pipe.encode_prompt(
+            prompt=f"{PROMPT}, take {seed}", prompt_2=None, max_sequence_length=512, device=torch.device(device)
+        )
         torch.cuda.synchronize()
         t1 = time.perf_counter()
-        out = pipe(prompt_embeds=pe, pooled_prompt_embeds=ppe, num_inference_steps=steps, width=width, height=height,
-                   guidance_scale=3.5, generator=torch.Generator("cpu").manual_seed(seed), output_type="latent")
+        out = pipe(
+            prompt_embeds=pe,
+            pooled_prompt_embeds=ppe,
+            num_inference_steps=steps,
+            width=width,
+            height=height,
+            guidance_scale=3.5,
+            generator=torch.Generator("cpu").manual_seed(seed),
+            output_type="latent",
+        )
         torch.cuda.synchronize()
         t2 = time.perf_counter()
         latents = pipe._unpack_latents(out.images, height, width, pipe.vae_scale_factor)
@@ -241,6 +336,7 @@ def load_diffusers(budget, root: Path, device: str, preset: str):
         torch.cuda.synchronize()
         t3 = time.perf_counter()
         return img, {"text_encode_s": t1 - t0, "denoise_s": t2 - t1, "decode_s": t3 - t2}
+
     return run, f"diffusers {__import__('diffusers').__version__}: {setup}"
 
 
@@ -256,17 +352,31 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--json", type=Path, required=True)
-    ap.add_argument("--no-cap", action="store_true",
-                    help="do not cap the allocator: measure the time of a setup that does not fit the budget")
+    ap.add_argument(
+        "--no-cap",
+        action="store_true",
+        help="do not cap the allocator: measure the time of a setup that does not fit the budget",
+    )
     a = ap.parse_args()
     budget = None if a.budget == "none" else int(a.budget)
     cuda = a.device.startswith("cuda")
-    rec = {"system": a.system, "budget_gb": budget, "ok": False, "allocator_capped": not a.no_cap, "steps": a.steps, "size": a.size,
-           "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-           "torch": torch.__version__, "card": torch.cuda.get_device_name() if cuda else "cpu"}
+    rec = {
+        "system": a.system,
+        "budget_gb": budget,
+        "ok": False,
+        "allocator_capped": not a.no_cap,
+        "steps": a.steps,
+        "size": a.size,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "card": torch.cuda.get_device_name() if cuda else "cpu",
+    }
     try:
         import diffsynth
-        rec["diffsynth"] = getattr(diffsynth, "__version__", None) or __import__("importlib.metadata").metadata.version("diffsynth")
+
+        rec["diffsynth"] = getattr(diffsynth, "__version__", None) or __import__("importlib.metadata").metadata.version(
+            "diffsynth"
+        )
     except Exception:
         pass
     ctx = 0.0
@@ -300,11 +410,14 @@ def main() -> int:
                 times.append(el)
                 steps_s.append(timing["denoise_s"] / a.steps)
                 details.append(timing)
-        rec.update(ok=True, sec_per_image=round(statistics.median(times), 3),
-                   sec_per_step=round(statistics.median(steps_s), 4),
-                   text_encode_s=round(statistics.median(d["text_encode_s"] for d in details), 3),
-                   vae_s=round(statistics.median(d["decode_s"] for d in details), 3),
-                   images=len(times))
+        rec.update(
+            ok=True,
+            sec_per_image=round(statistics.median(times), 3),
+            sec_per_step=round(statistics.median(steps_s), 4),
+            text_encode_s=round(statistics.median(d["text_encode_s"] for d in details), 3),
+            vae_s=round(statistics.median(d["decode_s"] for d in details), 3),
+            images=len(times),
+        )
         if all("step_s" in d for d in details):  # ours: GPU time of a step after the first
             rec["sec_per_step_steady"] = round(statistics.median(d["step_s"] for d in details), 4)
     except Exception as exc:  # a budget the setup cannot meet is a result, not a crash
@@ -320,7 +433,10 @@ def main() -> int:
         rec["alloc_retries"] = stats.get("num_alloc_retries", 0)
         if budget is not None and rec["peak_process_gib"] > WHOLE_PROCESS_TARGET[budget] + 1e-6:
             rec["ok"] = False
-            rec.setdefault("error", f"whole-process peak {rec['peak_process_gib']} GiB over the {WHOLE_PROCESS_TARGET[budget]} GiB target")
+            rec.setdefault(
+                "error",
+                f"whole-process peak {rec['peak_process_gib']} GiB over the {WHOLE_PROCESS_TARGET[budget]} GiB target",
+            )
     else:
         rec.update(peak_vram_gib=None, peak_reserved_gib=None, peak_process_gib=None)
     rec["peak_host_gib"] = round(host_peak_gib(), 3)

@@ -49,8 +49,8 @@ from bot.discord.app import FluxBot  # noqa: E402
 
 TARGETS = {"ack_p99_ms": 500.0, "loop_lag_p99_ms": 50.0}
 PROBE_INTERVAL = 0.010
-PAINTER = 5000          # the member whose long images keep the model busy
-FIRST_MEMBER = 6000     # burst members: 6000, 6001, ...
+PAINTER = 5000  # the member whose long images keep the model busy
+FIRST_MEMBER = 6000  # burst members: 6000, 6001, ...
 DEFAULT_OUT = ROOT / "docs" / "load_bench.json"
 
 
@@ -64,8 +64,16 @@ def stats_ms(values: list[float]) -> dict:
     def pct(q: float) -> float:
         k = max(0, min(len(xs) - 1, int(-(-q * len(xs) // 100)) - 1))  # ceil(q/100 * n) - 1
         return round(xs[k] * 1000, 2)
-    return {"n": len(xs), "min": round(xs[0] * 1000, 2), "p50": pct(50), "p90": pct(90), "p99": pct(99), "max": round(xs[-1] * 1000, 2),
-            "mean": round(sum(xs) / len(xs) * 1000, 2)}
+
+    return {
+        "n": len(xs),
+        "min": round(xs[0] * 1000, 2),
+        "p50": pct(50),
+        "p90": pct(90),
+        "p99": pct(99),
+        "max": round(xs[-1] * 1000, 2),
+        "mean": round(sum(xs) / len(xs) * 1000, 2),
+    }
 
 
 class FakeThread:
@@ -86,6 +94,7 @@ class FakeThread:
             fake = FakeDiscord()
             await fake.start()
             return fake
+
         self.fake = await self.call(make())
         return self.fake
 
@@ -112,7 +121,7 @@ class BusyEngine:
     def __init__(self, engine):
         self.engine = engine
         self.preset = engine.preset
-        self.intervals: list[list[float]] = []   # [start, end or None]
+        self.intervals: list[list[float]] = []  # [start, end or None]
         self._lock = threading.Lock()
 
     def generate(self, request, *, on_progress=None, should_cancel=None):
@@ -172,8 +181,9 @@ class LagProbe:
         return [lag for at, lag in self.samples if start <= at <= end]
 
 
-async def send_and_ack(fake: FakeDiscord, sends: list[tuple[str, dict, int]], spacing: float,
-                       timeout: float) -> list[dict]:
+async def send_and_ack(
+    fake: FakeDiscord, sends: list[tuple[str, dict, int]], spacing: float, timeout: float
+) -> list[dict]:
     """On the fake's loop: send each (command, options, user), `spacing` s apart; then wait for every
     callback. Returns one record per interaction: sent/acked times and the callback type."""
     inters = []
@@ -185,8 +195,14 @@ async def send_and_ack(fake: FakeDiscord, sends: list[tuple[str, dict, int]], sp
     for inter in inters:
         ev = await inter.response(timeout=timeout)
         data = (ev.json or {}).get("data") or {}
-        out.append({"sent": inter.sent_at, "acked": ev.received_at, "type": (ev.json or {}).get("type"),
-                    "content": data.get("content") or ""})
+        out.append(
+            {
+                "sent": inter.sent_at,
+                "acked": ev.received_at,
+                "type": (ev.json or {}).get("type"),
+                "content": data.get("content") or "",
+            }
+        )
     return out
 
 
@@ -239,8 +255,7 @@ async def run(args) -> dict:
         settings = default_settings(
             discord={"token": fake.token, "guild_ids": [fake.guild_id]},
             model={"preset": "tiny-random", "dir": str(model_dir), "device": "cpu"},
-            generation={"width": args.size, "height": args.size, "default_steps": args.burst_steps,
-                        "max_steps": 50},
+            generation={"width": args.size, "height": args.size, "default_steps": args.burst_steps, "max_steps": 50},
             quota={"daily_limit": args.quota},
             queue={"max_size": args.max_queue, "max_per_user": 3},
             storage={"database": str(Path(tmp.name) / "fluxbot.db"), "results_dir": str(Path(tmp.name) / "results")},
@@ -269,23 +284,29 @@ async def run(args) -> dict:
         # ---- phase 1: steady generation, spaced light commands
         started = engine.generations()
         for i in range(args.painter_jobs):
-            await fthread.call(send_and_ack(
-                fake, [("imagine", {"prompt": f"a long painting {i}", "steps": args.steps}, PAINTER)], 0, 60))
+            await fthread.call(
+                send_and_ack(
+                    fake, [("imagine", {"prompt": f"a long painting {i}", "steps": args.steps}, PAINTER)], 0, 60
+                )
+            )
         await wait_for(lambda: engine.generations() != started, "the model never started the painter's job")
         sends = [("quota" if i % 2 == 0 else "queue", {}, users[i % len(users)]) for i in range(args.commands)]
         start = time.monotonic()
         steady = await fthread.call(send_and_ack(fake, sends, args.spacing_ms / 1000, 60))
         end = max(r["acked"] for r in steady)
         phase1 = summarize(steady, probe, engine, start, end)
-        phase1["commands"] = {"quota": sum(1 for s in sends if s[0] == "quota"),
-                              "queue": sum(1 for s in sends if s[0] == "queue")}
+        phase1["commands"] = {
+            "quota": sum(1 for s in sends if s[0] == "quota"),
+            "queue": sum(1 for s in sends if s[0] == "queue"),
+        }
         phase1["spacing_ms"] = args.spacing_ms
 
         # ---- phase 2: a burst of /imagine while the model works
         # Keep the model busy through the burst too: one more long image, queued behind any still
         # running (checking "busy" first raced with a job that ended right after the check).
-        await fthread.call(send_and_ack(
-            fake, [("imagine", {"prompt": "a long painting, again", "steps": args.steps}, PAINTER)], 0, 60))
+        await fthread.call(
+            send_and_ack(fake, [("imagine", {"prompt": "a long painting, again", "steps": args.steps}, PAINTER)], 0, 60)
+        )
         await wait_for(engine.busy, "the model never started the painter's next job")
         sends = [("imagine", {"prompt": f"burst {i}"}, users[i % len(users)]) for i in range(args.burst)]
         start = time.monotonic()
@@ -313,23 +334,42 @@ async def run(args) -> dict:
     return {
         "benchmark": "load_bench",
         "when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "note": ("The 'GPU' was the CPU: the tiny random FLUX model (preset tiny-random, images are noise) ran "
-                 f"on the CPU ({os.cpu_count()} cores), in the bot's GPU worker thread, competing for the same "
-                 "cores and the GIL with the bot's event loop, SQLite and the fake Discord (own thread and event "
-                 "loop, same process, on 127.0.0.1). A real GPU frees the CPU while it paints; these numbers are "
-                 "a pessimistic stand-in, not a GPU measurement."),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                    "discord.py": discord.__version__, "device": "cpu"},
-        "config": {"image": f"{args.size}x{args.size}", "steady_steps": args.steps, "burst_steps": args.burst_steps,
-                   "painter_jobs": args.painter_jobs, "commands": args.commands, "spacing_ms": args.spacing_ms,
-                   "burst": args.burst, "users": args.users, "daily_quota": args.quota,
-                   "max_queue": args.max_queue, "torch_threads": torch.get_num_threads(),
-                   "probe_interval_ms": PROBE_INTERVAL * 1000},
-        "method": {"ack": "fake sends INTERACTION_CREATE -> fake receives the interaction callback POST "
-                          "(time.monotonic, same process)",
-                   "loop_lag": "a task on the bot's event loop sleeps 10 ms and records how late it wakes",
-                   "gpu_busy_fraction": "share of the phase during which engine.generate was running"},
+        "note": (
+            "The 'GPU' was the CPU: the tiny random FLUX model (preset tiny-random, images are noise) ran "
+            f"on the CPU ({os.cpu_count()} cores), in the bot's GPU worker thread, competing for the same "
+            "cores and the GIL with the bot's event loop, SQLite and the fake Discord (own thread and event "
+            "loop, same process, on 127.0.0.1). A real GPU frees the CPU while it paints; these numbers are "
+            "a pessimistic stand-in, not a GPU measurement."
+        ),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "discord.py": discord.__version__,
+            "device": "cpu",
+        },
+        "config": {
+            "image": f"{args.size}x{args.size}",
+            "steady_steps": args.steps,
+            "burst_steps": args.burst_steps,
+            "painter_jobs": args.painter_jobs,
+            "commands": args.commands,
+            "spacing_ms": args.spacing_ms,
+            "burst": args.burst,
+            "users": args.users,
+            "daily_quota": args.quota,
+            "max_queue": args.max_queue,
+            "torch_threads": torch.get_num_threads(),
+            "probe_interval_ms": PROBE_INTERVAL * 1000,
+        },
+        "method": {
+            "ack": "fake sends INTERACTION_CREATE -> fake receives the interaction callback POST "
+            "(time.monotonic, same process)",
+            "loop_lag": "a task on the bot's event loop sleeps 10 ms and records how late it wakes",
+            "gpu_busy_fraction": "share of the phase during which engine.generate was running",
+        },
         "targets": TARGETS,
         "phases": {"steady": phase1, "burst": phase2},
     }
@@ -341,12 +381,16 @@ def print_table(result: dict) -> None:
         for label, key, target in (("ack", "ack_ms", "ack_p99"), ("loop lag", "loop_lag_ms", "loop_lag_p99")):
             s = phase[key]
             ok = "ok" if phase["meets_targets"][target] else "MISS"
-            print(f"{name:<8} {label:<14} {s['n']:>5} {s['p50'] or 0:>9.1f} {s['p99'] or 0:>9.1f} {s['max'] or 0:>9.1f}"
-                  f"  {ok:<6}  {phase['gpu_busy_fraction']:.0%}")
+            print(
+                f"{name:<8} {label:<14} {s['n']:>5} {s['p50'] or 0:>9.1f} {s['p99'] or 0:>9.1f} {s['max'] or 0:>9.1f}"
+                f"  {ok:<6}  {phase['gpu_busy_fraction']:.0%}"
+            )
     burst = result["phases"]["burst"]
     print(f"burst: {burst['accepted']} accepted, {burst['refused']} refused {burst['refusals']}")
-    print(f"targets: ack p99 < {TARGETS['ack_p99_ms']:.0f} ms, loop lag p99 < {TARGETS['loop_lag_p99_ms']:.0f} ms "
-          "(the 'GPU' here is the CPU: see the JSON's note)")
+    print(
+        f"targets: ack p99 < {TARGETS['ack_p99_ms']:.0f} ms, loop lag p99 < {TARGETS['loop_lag_p99_ms']:.0f} ms "
+        "(the 'GPU' here is the CPU: see the JSON's note)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -362,9 +406,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--users", type=int, default=50, help="members sending the burst (default 50)")
     p.add_argument("--quota", type=int, default=2, help="daily quota of each member (default 2)")
     p.add_argument("--burst-steps", type=int, default=20, help="steps of each burst image (default 20)")
-    p.add_argument("--torch-threads", type=int, default=0,
-                   help="torch CPU threads for the model (default 0: torch's default, every core); 1 leaves "
-                        "the other core(s) to the bot, nearer to a GPU, which needs little CPU")
+    p.add_argument(
+        "--torch-threads",
+        type=int,
+        default=0,
+        help="torch CPU threads for the model (default 0: torch's default, every core); 1 leaves "
+        "the other core(s) to the bot, nearer to a GPU, which needs little CPU",
+    )
     p.add_argument("--max-queue", type=int, default=200, help="[queue] max_size (default 200)")
     return p
 

@@ -1,8 +1,8 @@
 """Where a denoising step's time goes: torch.profiler over two steps of a 1024x1024 image.
 
-    python benchmarks/profile_step.py --weights DIR --budget none --out OUT_DIR
-    python benchmarks/profile_step.py ... --first   # a job's start instead: prompt, first step, and
-                                                    # the GPU's idle gaps with what the CPU did in them
+python benchmarks/profile_step.py --weights DIR --budget none --out OUT_DIR
+python benchmarks/profile_step.py ... --first   # a job's start instead: prompt, first step, and
+                                                # the GPU's idle gaps with what the CPU did in them
 """
 
 from __future__ import annotations
@@ -43,8 +43,10 @@ def busy_summary(prof) -> str:
     spans = kernels + copies
     window = max(b for _, b in spans) - min(a for a, _ in spans)
     k, c = _union(kernels), _union(copies)
-    return (f"window {window / 1e3:.1f} ms: kernels busy {k / 1e3:.1f} ms ({100 * k / window:.0f}%), "
-            f"host->device copies busy {c / 1e3:.1f} ms ({100 * c / window:.0f}%)")
+    return (
+        f"window {window / 1e3:.1f} ms: kernels busy {k / 1e3:.1f} ms ({100 * k / window:.0f}%), "
+        f"host->device copies busy {c / 1e3:.1f} ms ({100 * c / window:.0f}%)"
+    )
 
 
 def idle_gaps(prof, min_ms: float = 0.5) -> str:
@@ -65,8 +67,10 @@ def idle_gaps(prof, min_ms: float = 0.5) -> str:
                 if overlap > 0:
                     inside[name] = inside.get(name, 0.0) + overlap
             top = sorted(inside.items(), key=lambda kv: -kv[1])[:12]
-            lines.append(f"gap {(a - end) / 1e3:.2f} ms at +{(end - t0) / 1e3:.1f} ms: "
-                         + ", ".join(f"{n} {v / 1e3:.2f}" for n, v in top))
+            lines.append(
+                f"gap {(a - end) / 1e3:.2f} ms at +{(end - t0) / 1e3:.1f} ms: "
+                + ", ".join(f"{n} {v / 1e3:.2f}" for n, v in top)
+            )
         end = b if end is None else max(end, b)
     return "\n".join(lines) or "no gaps"
 
@@ -82,8 +86,9 @@ def main() -> int:
     engine = ours_engine(budget, a.weights, "cuda", "majicflus")
     req = GenerationRequest("profile", seed=1, steps=4, width=1024, height=1024)
     engine.generate(req)  # warm-up: compiles the blocks (and captures the step graph)
-    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                              torch.profiler.ProfilerActivity.CUDA])
+    prof = torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    )
 
     start, stop = (None, 1) if a.first else (1, 3)  # --first: from the job's start
 
@@ -92,6 +97,7 @@ def main() -> int:
             prof.start()
         if i == stop:
             prof.stop()
+
     if a.first:
         prof.start()
     engine.generate(GenerationRequest("profile two", seed=2, steps=4, width=1024, height=1024), on_progress=on_progress)

@@ -68,8 +68,9 @@ def main() -> int:
     dit = dit.to_empty(device=dev)
     for name, p in dit.named_parameters():
         if p.dim() == 1:
-            p.fill_(1.0) if name.endswith(("norm_q_a.weight", "norm_k_a.weight", "norm_q_b.weight", "norm_k_b.weight")) \
-                else p.normal_(0, 0.02)
+            p.fill_(1.0) if name.endswith(
+                ("norm_q_a.weight", "norm_k_a.weight", "norm_q_b.weight", "norm_k_b.weight")
+            ) else p.normal_(0, 0.02)
         else:
             p.normal_(0, 1.0 / p[0].numel() ** 0.5)
     dit = dit.to(torch.bfloat16).eval()
@@ -114,17 +115,27 @@ def main() -> int:
     attention.install(dit)
     ours_step, ours_lat = run(dit)
     rec = {
-        "card": torch.cuda.get_device_name(), "torch": torch.__version__, "size": a.size, "steps": a.steps,
+        "card": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "size": a.size,
+        "steps": a.steps,
         "fp8_storage": {"one_step_rel_err": rel(st_step, ref_step), "final_latents_rel_err": rel(st_lat, ref_lat)},
         "fp8_compute": {"one_step_rel_err": rel(fc_step, ref_step), "final_latents_rel_err": rel(fc_lat, ref_lat)},
-        "fp8_compute_fast_accum": {"one_step_rel_err": rel(fa_step, ref_step),
-                                   "final_latents_rel_err": rel(fa_lat, ref_lat)},
-        "fp8_compute_fast_accum_fused_attention": {"one_step_rel_err": rel(ours_step, ref_step),
-                                                   "final_latents_rel_err": rel(ours_lat, ref_lat)},
+        "fp8_compute_fast_accum": {
+            "one_step_rel_err": rel(fa_step, ref_step),
+            "final_latents_rel_err": rel(fa_lat, ref_lat),
+        },
+        "fp8_compute_fast_accum_fused_attention": {
+            "one_step_rel_err": rel(ours_step, ref_step),
+            "final_latents_rel_err": rel(ours_lat, ref_lat),
+        },
     }
     # Each variant's error over float8 storage's alone (the target: at most 2).
-    for key, variant in (("", "fp8_compute"), ("_fast_accum", "fp8_compute_fast_accum"),
-                         ("_ours", "fp8_compute_fast_accum_fused_attention")):
+    for key, variant in (
+        ("", "fp8_compute"),
+        ("_fast_accum", "fp8_compute_fast_accum"),
+        ("_ours", "fp8_compute_fast_accum_fused_attention"),
+    ):
         for what, err in (("one_step", "one_step_rel_err"), ("final", "final_latents_rel_err")):
             rec[f"ratio_{what}{key}"] = rec[variant][err] / rec["fp8_storage"][err]
     # The target is for what the engine runs: fast accumulation and the attention kernel are its

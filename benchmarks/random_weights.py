@@ -68,8 +68,10 @@ def write_full_size(root: Path, device: str = "cuda") -> Path:
     _save({k: t5_sd[k] for k in keys[:half]}, flux / "text_encoder_2/model-00001-of-00002.safetensors")
     _save({k: t5_sd[k] for k in keys[half:]}, flux / "text_encoder_2/model-00002-of-00002.safetensors")
     del t5_sd
-    _save(layouts.vae_to_bfl(_random(enc, device, torch.bfloat16), _random(dec, device, torch.bfloat16)),
-          flux / "ae.safetensors")
+    _save(
+        layouts.vae_to_bfl(_random(enc, device, torch.bfloat16), _random(dec, device, torch.bfloat16)),
+        flux / "ae.safetensors",
+    )
     # tokenizers: the tiny ones
     tiny._write_clip_tokenizer(flux / "tokenizer")
     tiny._write_t5_tokenizer(flux / "tokenizer_2")

@@ -15,9 +15,30 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]
-FIELDS = ["system", "setup", "budget_gb", "allocator_capped", "card", "driver", "ok", "sec_per_image", "sec_per_step", "sec_per_step_steady", "text_encode_s", "vae_s",
-          "peak_vram_gib", "peak_reserved_gib", "peak_process_gib", "peak_host_gib", "date", "torch", "diffsynth",
-          "images", "warmup_s", "error"]
+FIELDS = [
+    "system",
+    "setup",
+    "budget_gb",
+    "allocator_capped",
+    "card",
+    "driver",
+    "ok",
+    "sec_per_image",
+    "sec_per_step",
+    "sec_per_step_steady",
+    "text_encode_s",
+    "vae_s",
+    "peak_vram_gib",
+    "peak_reserved_gib",
+    "peak_process_gib",
+    "peak_host_gib",
+    "date",
+    "torch",
+    "diffsynth",
+    "images",
+    "warmup_s",
+    "error",
+]
 COLORS = {"ours": (124, 92, 255), "seed-diffsynth": (230, 140, 60), "diffusers": (70, 160, 120)}
 
 
@@ -28,8 +49,15 @@ def load(paths: list[Path]) -> list[dict]:
         out.append({k: rec.get(k) for k in FIELDS if k in rec or k in ("error",)})
     order = {"ours": 0, "seed-diffsynth": 1, "diffusers": 2}
     # An uncapped run of a setup (its time where it does not fit) comes after the capped one.
-    return sorted(out, key=lambda r: (r["budget_gb"] is None, r["budget_gb"] or 0, order.get(r["system"], 9),
-                                      r.get("allocator_capped") is False))
+    return sorted(
+        out,
+        key=lambda r: (
+            r["budget_gb"] is None,
+            r["budget_gb"] or 0,
+            order.get(r["system"], 9),
+            r.get("allocator_capped") is False,
+        ),
+    )
 
 
 def chart_rows(records: list[dict]) -> list[tuple]:
@@ -50,12 +78,27 @@ def chart_rows(records: list[dict]) -> list[tuple]:
                 uncapped = next((r for r in mine if r.get("allocator_capped") is False and r["sec_per_image"]), None)
                 if uncapped is not None:
                     over = not uncapped["ok"]
-                    rows.append((b, s, uncapped["sec_per_image"],
-                                 f"{uncapped['sec_per_image']:.2f} s uncapped" + (", over the budget" if over else "")
-                                 + f" ({uncapped['peak_process_gib']} GiB)", over))
+                    rows.append(
+                        (
+                            b,
+                            s,
+                            uncapped["sec_per_image"],
+                            f"{uncapped['sec_per_image']:.2f} s uncapped"
+                            + (", over the budget" if over else "")
+                            + f" ({uncapped['peak_process_gib']} GiB)",
+                            over,
+                        )
+                    )
             else:
-                rows.append((b, s, rec["sec_per_image"], f"{rec['sec_per_image']:.2f} s  ({rec['peak_process_gib']} GiB)",
-                             False))
+                rows.append(
+                    (
+                        b,
+                        s,
+                        rec["sec_per_image"],
+                        f"{rec['sec_per_image']:.2f} s  ({rec['peak_process_gib']} GiB)",
+                        False,
+                    )
+                )
     return rows
 
 
@@ -66,8 +109,12 @@ def chart(records: list[dict], path: Path) -> None:
     left, width, bar_h = 170, 900, 20
     img = Image.new("RGB", (width, 60 + 26 * len(rows) + 24 * len(budgets) + 30), "white")
     d = ImageDraw.Draw(img)
-    d.text((10, 10), "Seconds per 1024x1024 image, 20 steps (lower is better); X = budget not met; "
-                     "outlined = run without the cap, over the budget", fill="black")
+    d.text(
+        (10, 10),
+        "Seconds per 1024x1024 image, 20 steps (lower is better); X = budget not met; "
+        "outlined = run without the cap, over the budget",
+        fill="black",
+    )
     y = 40
     for b in budgets:
         d.text((10, y + 4), "unlimited" if b is None else f"{b} GB card", fill="black")
@@ -88,6 +135,7 @@ def chart(records: list[dict], path: Path) -> None:
 
 def main(argv: list[str]) -> int:
     import argparse
+
     ap = argparse.ArgumentParser()
     ap.add_argument("records", nargs="+", type=Path)
     ap.add_argument("--out-dir", type=Path, default=ROOT / "docs")
@@ -96,9 +144,11 @@ def main(argv: list[str]) -> int:
     (a.out_dir / "benchmarks.json").write_text(json.dumps(records, indent=1) + "\n")
     chart(records, a.out_dir / "benchmarks.png")
     for r in records:
-        print(f"{r['system']:<15} {str(r['budget_gb']):>5}  ok={r['ok']!s:<5} "
-              f"{r.get('sec_per_image')} s/img  {r.get('sec_per_step')} s/step  "
-              f"process {r.get('peak_process_gib')} GiB  host {r.get('peak_host_gib')} GiB")
+        print(
+            f"{r['system']:<15} {str(r['budget_gb']):>5}  ok={r['ok']!s:<5} "
+            f"{r.get('sec_per_image')} s/img  {r.get('sec_per_step')} s/step  "
+            f"process {r.get('peak_process_gib')} GiB  host {r.get('peak_host_gib')} GiB"
+        )
     return 0
 
 

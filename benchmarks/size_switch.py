@@ -50,9 +50,14 @@ def main() -> int:
         _, timings = run(next(seed), a.steps, *size)
         return time.perf_counter() - t0, timings.get("step_s")  # GPU event time (none on the CPU)
 
-    rec = {"automatic_dynamic_shapes": torch._dynamo.config.automatic_dynamic_shapes, "setup": setup,
-           "card": torch.cuda.get_device_name(a.device) if a.device.startswith("cuda") else "cpu",
-           "torch": torch.__version__, "square": square, "portrait": portrait}
+    rec = {
+        "automatic_dynamic_shapes": torch._dynamo.config.automatic_dynamic_shapes,
+        "setup": setup,
+        "card": torch.cuda.get_device_name(a.device) if a.device.startswith("cuda") else "cpu",
+        "torch": torch.__version__,
+        "square": square,
+        "portrait": portrait,
+    }
     rec["first_square_s"] = job(square)[0]
     before = [job(square) for _ in range(a.images)]
     rec["first_portrait_s"] = job(portrait)[0]

@@ -153,18 +153,24 @@ def cmd_doctor(args) -> int:
     row("torch", "PASS", f"{torch.__version__} (CUDA build {torch.version.cuda or 'none'})")
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        row("gpu", "PASS", f"{props.name}, {props.total_memory / 1024**3:.1f} GiB, "
-                           f"compute {props.major}.{props.minor}")
+        row("gpu", "PASS", f"{props.name}, {props.total_memory / 1024**3:.1f} GiB, compute {props.major}.{props.minor}")
         fp8 = fp8_matmul_supported(torch.device("cuda", 0))
-        row("fp8 matmul", "PASS" if fp8 else "INFO",
-            "available (Ada/Hopper)" if fp8 else "not on this card: float8 storage with bf16 compute")
+        row(
+            "fp8 matmul",
+            "PASS" if fp8 else "INFO",
+            "available (Ada/Hopper)" if fp8 else "not on this card: float8 storage with bf16 compute",
+        )
     else:
         row("gpu", "WARN", "no CUDA GPU visible: the real model would run on the CPU (very slow)")
     missing = kernel_build_missing()
-    row("kernel build", "WARN" if missing and torch.cuda.is_available() else "INFO" if missing else "PASS",
+    row(
+        "kernel build",
+        "WARN" if missing and torch.cuda.is_available() else "INFO" if missing else "PASS",
         f"missing {' and '.join(missing)} (Debian/Ubuntu: apt install gcc python3-dev): on a GPU the bot runs "
-        "without torch.compile, float8 matmuls and the attention kernel, slower" if missing else
-        "a C compiler and Python's headers are here: GPU kernels can be built")
+        "without torch.compile, float8 matmuls and the attention kernel, slower"
+        if missing
+        else "a C compiler and Python's headers are here: GPU kernels can be built",
+    )
     settings = None
     try:
         settings, path = _load(args.config)
@@ -174,8 +180,13 @@ def cmd_doctor(args) -> int:
     if settings is not None:
         try:
             root = weights.require(settings.model.preset, settings.model.dir)
-            row("weights", "PASS", "tiny-random preset: built on first use, nothing to download"
-                if settings.model.preset == "tiny-random" else f"all present under {root}")
+            row(
+                "weights",
+                "PASS",
+                "tiny-random preset: built on first use, nothing to download"
+                if settings.model.preset == "tiny-random"
+                else f"all present under {root}",
+            )
         except weights.MissingWeightsError as exc:
             row("weights", "FAIL", f"missing under {exc.root}: {', '.join(exc.missing)}; run `fluxbot download`")
         db = Path(settings.storage.database)
@@ -186,8 +197,13 @@ def cmd_doctor(args) -> int:
                 async def check():
                     async with await Store.open(db, default_daily_limit=settings.quota.daily_limit) as store:
                         return await store.integrity_ok(), await store.schema_version()
+
                 ok, version = asyncio.run(check())
-                row("database", "PASS" if ok else "FAIL", f"{db} (schema v{version}, integrity {'ok' if ok else 'FAILED'})")
+                row(
+                    "database",
+                    "PASS" if ok else "FAIL",
+                    f"{db} (schema v{version}, integrity {'ok' if ok else 'FAILED'})",
+                )
             except Exception as exc:
                 row("database", "FAIL", f"{db}: {exc}")
         else:
@@ -198,16 +214,22 @@ def cmd_doctor(args) -> int:
             t0 = time.perf_counter()
             engine = Engine.load(tiny)
             res = engine.generate(GenerationRequest("doctor check", seed=1, steps=2, width=256, height=256))
-            row("tiny generation", "PASS", f"256x256, 2 steps on {engine.device} in {time.perf_counter() - t0:.1f} s "
-                                           f"(image std {np.asarray(res.image).std():.1f})")
+            row(
+                "tiny generation",
+                "PASS",
+                f"256x256, 2 steps on {engine.device} in {time.perf_counter() - t0:.1f} s "
+                f"(image std {np.asarray(res.image).std():.1f})",
+            )
     except Exception as exc:
         row("tiny generation", "FAIL", f"{type(exc).__name__}: {exc}")
     width = max(len(r[0]) for r in rows)
     for name, ok, detail in rows:
         print(f"{name:<{width}}  {ok:<4}  {detail}")
     counts = {status: sum(1 for r in rows if r[1] == status) for status in ("PASS", "INFO", "WARN", "FAIL")}
-    print(f"\n{counts['PASS']} passed, {counts['INFO']} for information, {counts['WARN']} warnings, "
-          f"{counts['FAIL']} failed")
+    print(
+        f"\n{counts['PASS']} passed, {counts['INFO']} for information, {counts['WARN']} warnings, "
+        f"{counts['FAIL']} failed"
+    )
     return 1 if counts["FAIL"] else 0
 
 
@@ -225,8 +247,11 @@ def cmd_download(args) -> int:
         reason = _network_failure(exc)
         if reason is None:
             raise
-        return _fail(f"cannot reach ModelScope ({reason}): check this machine's network; files already "
-                     "fetched are kept, and running `fluxbot download` again resumes", 1)
+        return _fail(
+            f"cannot reach ModelScope ({reason}): check this machine's network; files already "
+            "fetched are kept, and running `fluxbot download` again resumes",
+            1,
+        )
     if missing:
         return _fail("still missing after download: " + ", ".join(missing), 1)
     print("all model files present")
@@ -260,12 +285,14 @@ def cmd_db_backup(args: argparse.Namespace) -> int:
 
     settings, _ = _load(args.config)
     if not Path(settings.storage.database).is_file():  # opening it would create an empty one
-        return _fail(f"no database at {settings.storage.database}: nothing to back up "
-                     "(check [storage] database, or --config)")
+        return _fail(
+            f"no database at {settings.storage.database}: nothing to back up (check [storage] database, or --config)"
+        )
 
     async def backup():
         async with await Store.open(settings.storage.database, default_daily_limit=settings.quota.daily_limit) as store:
             await store.backup(args.path)
+
     asyncio.run(backup())
     print(f"backed up {settings.storage.database} to {args.path}")
     return 0
@@ -285,10 +312,17 @@ def build_parser() -> argparse.ArgumentParser:
     # --log-level and --config are accepted before or after the subcommand. The copy on each
     # subcommand has no default of its own, so it never overwrites a value given before it.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--log-level", type=_log_level, default=argparse.SUPPRESS,
-                        help=f"one of {', '.join(LOG_LEVELS)} (default: $FLUXBOT_LOG_LEVEL or INFO)")
-    common.add_argument("--config", default=argparse.SUPPRESS,
-                        help="TOML config file (default: ./config.toml if present, else built-in defaults)")
+    common.add_argument(
+        "--log-level",
+        type=_log_level,
+        default=argparse.SUPPRESS,
+        help=f"one of {', '.join(LOG_LEVELS)} (default: $FLUXBOT_LOG_LEVEL or INFO)",
+    )
+    common.add_argument(
+        "--config",
+        default=argparse.SUPPRESS,
+        help="TOML config file (default: ./config.toml if present, else built-in defaults)",
+    )
     p = argparse.ArgumentParser(prog="fluxbot", description=__doc__, parents=[common])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do")
 
@@ -303,13 +337,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=int, default=None, help="pixels, a multiple of 16 (omitted: [generation] width)")
     g.add_argument("--height", type=int, default=None, help="pixels, a multiple of 16 (omitted: [generation] height)")
     g.add_argument("-o", "--output", default=None, help="the PNG to write (omitted: fluxbot-SEED.png)")
-    g.add_argument("--preset", choices=["majicflus", "tiny-random"], default=None,
-                   help="the model (omitted: [model] preset); tiny-random needs no download")
+    g.add_argument(
+        "--preset",
+        choices=["majicflus", "tiny-random"],
+        default=None,
+        help="the model (omitted: [model] preset); tiny-random needs no download",
+    )
     g.set_defaults(func=cmd_generate)
     command("doctor", "check this machine, the config and the weights").set_defaults(func=cmd_doctor)
     command("download", "fetch the model weights through modelscope").set_defaults(func=cmd_download)
-    db = command("db", "database tools").add_subparsers(dest="db_command", required=True, metavar="DB_COMMAND",
-                                                               help="what to do with the database")
+    db = command("db", "database tools").add_subparsers(
+        dest="db_command", required=True, metavar="DB_COMMAND", help="what to do with the database"
+    )
     b = command("backup", "online backup of the SQLite database", db)
     b.add_argument("path", help="the new file to write (must not exist)")
     b.set_defaults(func=cmd_db_backup)
@@ -336,9 +375,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:
         from .engine.weights import MissingWeightsError
+
         if isinstance(exc, MissingWeightsError):
             return _fail(str(exc))
         from .store import StoreError
+
         if isinstance(exc, StoreError):
             return _fail(str(exc))
         raise

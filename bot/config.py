@@ -175,12 +175,7 @@ def _bool(section: str, key: str, value: Any) -> bool:
 def _vram(section: str, key: str, value: Any) -> float | None:
     if value is None or value == "auto":
         return None
-    if (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and value > 0
-    ):
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
         return float(value)
     raise _fail(section, key, "'auto' or a number of GiB > 0", value)
 
@@ -432,9 +427,7 @@ def _resolve(section: _Section, base: Path) -> _Section:
     return dataclasses.replace(section, **changes) if changes else section  # type: ignore[type-var]
 
 
-def _build(
-    raw: Mapping[str, Any], *, base: Path, source: Path | None, env_token: str, require_token: bool
-) -> Settings:
+def _build(raw: Mapping[str, Any], *, base: Path, source: Path | None, env_token: str, require_token: bool) -> Settings:
     _check_names(raw)
     built: dict[str, Any] = {}
     for name, cls in _SECTIONS.items():
@@ -446,9 +439,7 @@ def _build(
             raise ConfigError(f"{TOKEN_ENV}: {problem}", key=TOKEN_ENV)
         discord = dataclasses.replace(discord, token=Secret(env_token))
     if require_token and not discord.token:
-        raise ConfigError(
-            f"[discord] token: no bot token: set {TOKEN_ENV} or [discord] token", key="[discord] token"
-        )
+        raise ConfigError(f"[discord] token: no bot token: set {TOKEN_ENV} or [discord] token", key="[discord] token")
     built["discord"] = discord
     return Settings(**built, source=source)
 

@@ -46,13 +46,14 @@ class Delivery(Protocol):
     async def deliver(self, job: JobRecord, image_path: Path) -> int | None: ...
     async def find_delivered(self, job: JobRecord) -> int | None:
         """After a crash between sending and recording: the id of the result message if it already arrived."""
+
     async def failed(self, job: JobRecord, reason: str) -> None: ...
     async def cancelled(self, job: JobRecord) -> None: ...
 
 
 class CancelOutcome(enum.Enum):
-    CANCELLED = "cancelled"   # was waiting: removed and refunded
-    STOPPING = "stopping"     # is running: stops at the next step, then refunded
+    CANCELLED = "cancelled"  # was waiting: removed and refunded
+    STOPPING = "stopping"  # is running: stops at the next step, then refunded
     NOT_FOUND = "not_found"
 
 
@@ -65,8 +66,15 @@ class _Entry:
 
 
 class JobQueue:
-    def __init__(self, store: Store, settings: Settings, delivery: Delivery, engine_loader: Callable[[], ImageEngine],
-                 *, progress_interval: float = 1.5) -> None:
+    def __init__(
+        self,
+        store: Store,
+        settings: Settings,
+        delivery: Delivery,
+        engine_loader: Callable[[], ImageEngine],
+        *,
+        progress_interval: float = 1.5,
+    ) -> None:
         self.store = store
         self.settings = settings
         self.delivery = delivery
@@ -76,7 +84,7 @@ class JobQueue:
         self.progress_interval = progress_interval
         self._entries: dict[int, _Entry] = {}
         self._running: _Entry | None = None
-        self._served: dict[int, int] = {}      # user -> turn number when last served
+        self._served: dict[int, int] = {}  # user -> turn number when last served
         self._turn = 0
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
@@ -117,10 +125,12 @@ class JobQueue:
 
     async def wait_idle(self, timeout: float | None = None) -> None:
         """Until nothing waits or runs (for tests and graceful shutdown)."""
+
         async def idle() -> None:
             while self._entries or self._running is not None:
                 self._idle.clear()
                 await self._idle.wait()
+
         await asyncio.wait_for(idle(), timeout)
 
     # ------------------------------------------------------------------ admission
@@ -231,7 +241,9 @@ class JobQueue:
             self._engine = await loop.run_in_executor(self._gpu, self._engine_loader)
         except Exception as exc:
             log.exception("the model failed to load")
-            self._engine_error = f"the image model failed to load ({type(exc).__name__}); an admin must check the bot's log"
+            self._engine_error = (
+                f"the image model failed to load ({type(exc).__name__}); an admin must check the bot's log"
+            )
         self.engine_ready.set()
 
     async def _work(self) -> None:
@@ -323,12 +335,16 @@ class JobQueue:
             await self._safe("a cancel", self.delivery.cancelled(job))
         except GenerationOOM as exc:
             log.error("job %d: %s", job.id, exc)
-            await self._fail(job, str(exc), "the GPU ran out of memory; your quota was refunded. "
-                                            "Try fewer steps or a smaller size.")
+            await self._fail(
+                job, str(exc), "the GPU ran out of memory; your quota was refunded. Try fewer steps or a smaller size."
+            )
         except Exception as exc:
             log.exception("job %d: generation failed", job.id)
-            await self._fail(job, f"{type(exc).__name__}: {exc}",
-                             f"generation failed ({type(exc).__name__}); your quota was refunded")
+            await self._fail(
+                job,
+                f"{type(exc).__name__}: {exc}",
+                f"generation failed ({type(exc).__name__}); your quota was refunded",
+            )
         return None
 
     def _on_progress(self, entry: _Entry, step: int, total: int) -> None:
@@ -343,6 +359,7 @@ class JobQueue:
                 await self._safe("progress", self.delivery.progress(entry.job, step, total))
             finally:
                 entry.edit_in_flight = False
+
         self._spawn(edit())
 
     async def _deliver(self, job: JobRecord) -> None:

@@ -104,8 +104,14 @@ def check_steps(steps: object, *, default: int, maximum: int) -> int:
     return value
 
 
-def check_imagine(prompt: object, seed: object, steps: object, size: object,
-                  generation: GenerationSettings, moderation: ModerationSettings) -> JobParams:
+def check_imagine(
+    prompt: object,
+    seed: object,
+    steps: object,
+    size: object,
+    generation: GenerationSettings,
+    moderation: ModerationSettings,
+) -> JobParams:
     """Every /imagine option checked against this bot's generation and moderation settings."""
     text = check_prompt(prompt, max_chars=generation.max_prompt_chars, blocked_terms=moderation.blocked_terms)
     value, _ = check_seed(seed)

@@ -50,6 +50,7 @@ def _marker_writer(marker: Path):
         tmp.write_text(detail)
         tmp.replace(marker)
         return True
+
     return fire
 
 
@@ -61,15 +62,18 @@ def install_kill_point(point: str, marker: Path) -> None:
 
     if point == "before":
         from bot.jobs import JobQueue
+
         real_generate = JobQueue._generate
 
         async def generate(self, entry):
             if fire(str(entry.job.id)):
                 await hang_in_loop()
             return await real_generate(self, entry)
+
         JobQueue._generate = generate
     elif point == "during":
         from bot.engine.pipeline import Engine
+
         real_generate = Engine.generate
 
         def generate(self, request, *, on_progress=None, should_cancel=None):
@@ -78,25 +82,31 @@ def install_kill_point(point: str, marker: Path) -> None:
                     on_progress(step, total)
                 if step == 1 and fire(request.prompt):
                     time.sleep(3600)  # the GPU thread "hangs" mid-generation
+
             return real_generate(self, request, on_progress=progress, should_cancel=should_cancel)
+
         Engine.generate = generate
     elif point == "after_generation":
         from bot.discord.delivery import DiscordDelivery
+
         real_deliver = DiscordDelivery.deliver
 
         async def deliver(self, job, image_path):
             if fire(str(job.id)):
                 await hang_in_loop()
             return await real_deliver(self, job, image_path)
+
         DiscordDelivery.deliver = deliver
     elif point == "after_delivery":
         from bot.store import Store
+
         real_mark_done = Store.mark_done
 
         async def mark_done(self, job_id, result_message_id, now=None):
             if fire(str(job_id)):
                 await hang_in_loop()
             return await real_mark_done(self, job_id, result_message_id, now)
+
         Store.mark_done = mark_done
     else:
         raise SystemExit(f"unknown kill point {point!r}; one of {', '.join(KILL_POINTS)}")
@@ -116,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--kill-point needs --marker")
 
     import yarl
+
     with warnings.catch_warnings():  # discord.player imports audioop (deprecated on 3.11+)
         warnings.filterwarnings("ignore", "'audioop' is deprecated", DeprecationWarning)
         import discord
@@ -128,10 +139,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error("DISCORD_TOKEN must be set")
 
     from bot.cli import main as fluxbot_main
+
     if args.wait_for:
         import bot.discord.app
         import bot.engine.pipeline
         import bot.engine.tiny  # noqa: F401
+
         deadline = time.monotonic() + args.wait_timeout
         while not args.wait_for.exists():
             if time.monotonic() > deadline:

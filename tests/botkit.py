@@ -106,8 +106,11 @@ def has_image(message: dict) -> bool:
 
 def images_for(fake: FakeDiscord, job_id: int) -> list[dict]:
     """The messages that carry this job's result (its attachment is named fluxbot-<job id>-...)."""
-    return [m for m in fake.messages.values()
-            if any(a["filename"].startswith(f"fluxbot-{job_id}-") for a in m.get("attachments", []))]
+    return [
+        m
+        for m in fake.messages.values()
+        if any(a["filename"].startswith(f"fluxbot-{job_id}-") for a in m.get("attachments", []))
+    ]
 
 
 def ephemeral_texts(fake: FakeDiscord, interaction) -> list[str]:

@@ -21,4 +21,3 @@ START = 180.0 * SCALE
 
 COMPILE = 600.0 * SCALE
 """A first torch.compile of the tiny model with an empty Inductor cache on a busy 2-core machine."""
-

@@ -23,6 +23,7 @@ def pytest_sessionfinish(session, exitstatus):
     if _OWN_CACHE is not None:
         shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
+
 from bot.config import ModelSettings  # noqa: E402  (after the cache set-up)
 
 

@@ -20,6 +20,7 @@ Checked against discord.py 2.6.0 and 2.7.1. Usage::
   after restarting it, wait_connected(gateway_connections read before the restart).
 - Timing: Event.received_at and FakeInteraction.sent_at are time.monotonic() stamps (ack latency = their difference).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -91,6 +92,7 @@ class FakeInteraction:
         def check():
             msg = self.fake.messages.get(self.original_id)
             return msg is not None and predicate(msg)
+
         await self.fake._wait(check, timeout, f"original message of interaction {self.id}")
         return self.fake.messages[self.original_id]
 
@@ -99,8 +101,15 @@ class FakeInteraction:
 
 
 class FakeDiscord:
-    def __init__(self, *, token: str = "fake-token", application_id: int = 900, bot_user_id: int = 901,
-                 guild_id: int = 100, channel_id: int = 200):
+    def __init__(
+        self,
+        *,
+        token: str = "fake-token",
+        application_id: int = 900,
+        bot_user_id: int = 901,
+        guild_id: int = 100,
+        channel_id: int = 200,
+    ):
         self.token, self.application_id, self.bot_user_id = token, application_id, bot_user_id
         self.guild_id, self.channel_id = guild_id, channel_id
         self.owner_id = 902  # guild owner (owners get every permission in discord.py, so it is not the bot)
@@ -214,13 +223,15 @@ class FakeDiscord:
                 return await asyncio.wait_for(self._cond.wait_for(check), timeout)
             except asyncio.TimeoutError:
                 recent = "\n  ".join(f"{e.method} {e.path} -> {e.status}" for e in self.events[-15:])
-                raise AssertionError(f"timed out after {timeout}s waiting for {what}; last events:\n  {recent}") \
-                    from None
+                raise AssertionError(
+                    f"timed out after {timeout}s waiting for {what}; last events:\n  {recent}"
+                ) from None
 
     async def wait_for(self, predicate: Callable[[Event], bool], timeout: float = WAIT, *, since: int = 0) -> Event:
         """First recorded event (past or future) matching predicate, looking at events[since:] only."""
-        return await self._wait(lambda: next((e for e in self.events[since:] if predicate(e)), None), timeout,
-                                "matching event")
+        return await self._wait(
+            lambda: next((e for e in self.events[since:] if predicate(e)), None), timeout, "matching event"
+        )
 
     async def wait_ready(self, timeout: float = WAIT) -> None:
         await self._wait(lambda: self._ws is not None and self._ws_ready, timeout, "gateway READY")
@@ -228,29 +239,47 @@ class FakeDiscord:
     async def wait_connected(self, after: int, timeout: float = WAIT) -> None:
         """Until a bot that opened gateway connection number > `after` is READY (or RESUMED): e.g. a restarted
         bot process, with `after` = gateway_connections read before it started."""
-        await self._wait(lambda: self._ws is not None and self._ws_ready and self._ready_number > after,
-                         timeout, f"gateway connection #{after + 1} READY")
+        await self._wait(
+            lambda: self._ws is not None and self._ws_ready and self._ready_number > after,
+            timeout,
+            f"gateway connection #{after + 1} READY",
+        )
 
     async def wait_commands_synced(self, timeout: float = WAIT, names: Iterable[str] = ()) -> None:
         names = set(names)
-        await self._wait(lambda: self.commands_by_scope and names <= set(self.synced_commands), timeout,
-                         "command sync")
+        await self._wait(lambda: self.commands_by_scope and names <= set(self.synced_commands), timeout, "command sync")
 
     def messages_with_files(self) -> list[dict]:
         """Current messages with attachments; each copy has "files": [{"filename","content_type","data"}]."""
         out = []
         for msg in self.messages.values():
             if msg["attachments"]:
-                files = [{"filename": a["filename"], "content_type": a["content_type"],
-                          "data": self.attachment_data[int(a["id"])]} for a in msg["attachments"]]
+                files = [
+                    {
+                        "filename": a["filename"],
+                        "content_type": a["content_type"],
+                        "data": self.attachment_data[int(a["id"])],
+                    }
+                    for a in msg["attachments"]
+                ]
                 out.append({**msg, "files": files})
         return out
 
     # ---- guild model ----------------------------------------------------------------------------
     def add_role(self, role_id: int, name: str, permissions: int = 0, *, managed: bool = False) -> None:
-        self.roles[role_id] = {"id": str(role_id), "name": name, "permissions": str(permissions),
-                               "position": len(self.roles), "color": 0, "hoist": False, "managed": managed,
-                               "mentionable": False, "flags": 0, "icon": None, "unicode_emoji": None}
+        self.roles[role_id] = {
+            "id": str(role_id),
+            "name": name,
+            "permissions": str(permissions),
+            "position": len(self.roles),
+            "color": 0,
+            "hoist": False,
+            "managed": managed,
+            "mentionable": False,
+            "flags": 0,
+            "icon": None,
+            "unicode_emoji": None,
+        }
         if self._ws_ready:
             self._pending.append(("GUILD_ROLE_CREATE", {"guild_id": str(self.guild_id), "role": self.roles[role_id]}))
 
@@ -266,14 +295,36 @@ class FakeDiscord:
     def _user(self, user_id: int) -> dict:
         if user_id in self.members:
             return self.members[user_id]["user"]
-        return {"id": str(user_id), "username": f"user{user_id}", "discriminator": "0",
-                "global_name": None, "avatar": None}
+        return {
+            "id": str(user_id),
+            "username": f"user{user_id}",
+            "discriminator": "0",
+            "global_name": None,
+            "avatar": None,
+        }
 
     def _member(self, user_id: int, name: str, roles: list[int], bot: bool = False) -> dict:
-        user = {"id": str(user_id), "username": name, "discriminator": "0", "global_name": None if bot else name,
-                "avatar": None, "bot": bot, "flags": 0}
-        return {"user": user, "roles": [str(r) for r in roles], "flags": 0, "joined_at": _now(), "nick": None,
-                "avatar": None, "premium_since": None, "deaf": False, "mute": False, "pending": False}
+        user = {
+            "id": str(user_id),
+            "username": name,
+            "discriminator": "0",
+            "global_name": None if bot else name,
+            "avatar": None,
+            "bot": bot,
+            "flags": 0,
+        }
+        return {
+            "user": user,
+            "roles": [str(r) for r in roles],
+            "flags": 0,
+            "joined_at": _now(),
+            "nick": None,
+            "avatar": None,
+            "premium_since": None,
+            "deaf": False,
+            "mute": False,
+            "pending": False,
+        }
 
     def _member_payload(self, user_id: int) -> dict:
         member = self.members.get(user_id) or self._member(user_id, f"user{user_id}", [])
@@ -286,35 +337,87 @@ class FakeDiscord:
         return {**self.members[self.bot_user_id]["user"], "verified": True, "mfa_enabled": False}
 
     def _text_channel(self, cid: int, name: str) -> dict:
-        return {"id": str(cid), "type": 0, "guild_id": str(self.guild_id), "name": name, "position": 0,
-                "permission_overwrites": [], "nsfw": False, "topic": None, "last_message_id": None,
-                "rate_limit_per_user": 0, "parent_id": None, "flags": 0}
+        return {
+            "id": str(cid),
+            "type": 0,
+            "guild_id": str(self.guild_id),
+            "name": name,
+            "position": 0,
+            "permission_overwrites": [],
+            "nsfw": False,
+            "topic": None,
+            "last_message_id": None,
+            "rate_limit_per_user": 0,
+            "parent_id": None,
+            "flags": 0,
+        }
 
     def _guild(self) -> dict:
-        return {"id": str(self.guild_id), "name": "Fake Guild", "icon": None, "splash": None, "discovery_splash": None,
-                "banner": None, "owner_id": str(self.owner_id), "afk_channel_id": None, "afk_timeout": 300,
-                "verification_level": 0, "default_message_notifications": 0, "explicit_content_filter": 0,
-                "mfa_level": 0, "nsfw_level": 0, "premium_tier": 0, "premium_subscription_count": 0,
-                "features": [], "preferred_locale": "en-US", "system_channel_id": None, "system_channel_flags": 0,
-                "rules_channel_id": None, "public_updates_channel_id": None, "description": None,
-                "vanity_url_code": None, "max_members": 500000, "unavailable": False, "large": False,
-                "joined_at": _now(), "member_count": len(self.members), "roles": list(self.roles.values()),
-                "channels": list(self.channels.values()),
-                "members": list(self.members.values()), "threads": [], "emojis": [], "stickers": [],
-                "voice_states": [], "presences": [], "stage_instances": [], "guild_scheduled_events": [],
-                "soundboard_sounds": []}
+        return {
+            "id": str(self.guild_id),
+            "name": "Fake Guild",
+            "icon": None,
+            "splash": None,
+            "discovery_splash": None,
+            "banner": None,
+            "owner_id": str(self.owner_id),
+            "afk_channel_id": None,
+            "afk_timeout": 300,
+            "verification_level": 0,
+            "default_message_notifications": 0,
+            "explicit_content_filter": 0,
+            "mfa_level": 0,
+            "nsfw_level": 0,
+            "premium_tier": 0,
+            "premium_subscription_count": 0,
+            "features": [],
+            "preferred_locale": "en-US",
+            "system_channel_id": None,
+            "system_channel_flags": 0,
+            "rules_channel_id": None,
+            "public_updates_channel_id": None,
+            "description": None,
+            "vanity_url_code": None,
+            "max_members": 500000,
+            "unavailable": False,
+            "large": False,
+            "joined_at": _now(),
+            "member_count": len(self.members),
+            "roles": list(self.roles.values()),
+            "channels": list(self.channels.values()),
+            "members": list(self.members.values()),
+            "threads": [],
+            "emojis": [],
+            "stickers": [],
+            "voice_states": [],
+            "presences": [],
+            "stage_instances": [],
+            "guild_scheduled_events": [],
+            "soundboard_sounds": [],
+        }
 
     def _snowflake(self) -> int:
         self._last_id = max(self._last_id + 1, (int(time.time() * 1000) - DISCORD_EPOCH) << 22)
         return self._last_id
 
     # ---- fault injection --------------------------------------------------------------------------
-    def fail_next(self, method: str, path_regex: str, *, status: int, body: dict | None = None,
-                  headers: dict | None = None, times: int = 1) -> None:
+    def fail_next(
+        self,
+        method: str,
+        path_regex: str,
+        *,
+        status: int,
+        body: dict | None = None,
+        headers: dict | None = None,
+        times: int = 1,
+    ) -> None:
         """The next `times` requests matching method ("*" = any) and re.search(path_regex, path) get this answer."""
         if body is None:
-            body = ({"message": "You are being rate limited.", "retry_after": 0.05, "global": False}
-                    if status == 429 else {"code": 0, "message": f"{status}: injected failure"})
+            body = (
+                {"message": "You are being rate limited.", "retry_after": 0.05, "global": False}
+                if status == 429
+                else {"code": 0, "message": f"{status}: injected failure"}
+            )
         hdrs = {"Via": "1.1 google"} if status == 429 else {}
         hdrs.update(headers or {})
         self._fails.append([method.upper(), re.compile(path_regex), status, body, hdrs, times])
@@ -365,11 +468,21 @@ class FakeDiscord:
                         await ws.close(code=4004, message=b"Authentication failed.")
                         break
                     self._ws, self._seq, self.session_id = ws, 0, secrets.token_hex(8)
-                    await self._dispatch("READY", {
-                        "v": 10, "user": self._bot_user(), "guilds": [{"id": str(self.guild_id), "unavailable": True}],
-                        "session_id": self.session_id, "resume_gateway_url": self.gateway_url, "shard": [0, 1],
-                        "application": {"id": str(self.application_id), "flags": 0}, "private_channels": [],
-                        "relationships": [], "presences": []})
+                    await self._dispatch(
+                        "READY",
+                        {
+                            "v": 10,
+                            "user": self._bot_user(),
+                            "guilds": [{"id": str(self.guild_id), "unavailable": True}],
+                            "session_id": self.session_id,
+                            "resume_gateway_url": self.gateway_url,
+                            "shard": [0, 1],
+                            "application": {"id": str(self.application_id), "flags": 0},
+                            "private_channels": [],
+                            "relationships": [],
+                            "presences": [],
+                        },
+                    )
                     await self._dispatch("GUILD_CREATE", self._guild())
                     self._ws_ready, self._ready_number = True, number
                 elif op == 6:
@@ -387,8 +500,9 @@ class FakeDiscord:
             await self._notify()
         return ws
 
-    async def drop_gateway(self, code: int = 4000, *, resume: bool = True, wait: bool = True,
-                           timeout: float = WAIT) -> None:
+    async def drop_gateway(
+        self, code: int = 4000, *, resume: bool = True, wait: bool = True, timeout: float = WAIT
+    ) -> None:
         """Close the bot's websocket; by default wait until it has reconnected (RESUMED, or READY after a new
         IDENTIFY when resume=False: the RESUME is then refused with op 9). Pass wait=False for codes discord.py
         does not reconnect on (4004, 4010-4014)."""
@@ -400,8 +514,7 @@ class FakeDiscord:
             self.session_id = None
         await ws.close(code=code)
         if wait:
-            await self._wait(lambda: self.gateway_connections > before and self._ws_ready, timeout,
-                             "gateway reconnect")
+            await self._wait(lambda: self.gateway_connections > before and self._ws_ready, timeout, "gateway reconnect")
 
     # ---- interactions ---------------------------------------------------------------------------
     async def interact(self, itype: int, data: dict, *, user_id: int, extra: dict | None = None) -> FakeInteraction:
@@ -409,23 +522,43 @@ class FakeDiscord:
         await self.wait_ready()
         iid = self._snowflake()
         payload = {
-            "id": str(iid), "application_id": str(self.application_id), "type": itype, "data": data,
-            "token": f"itok{iid}{secrets.token_hex(4)}", "version": 1, "guild_id": str(self.guild_id),
+            "id": str(iid),
+            "application_id": str(self.application_id),
+            "type": itype,
+            "data": data,
+            "token": f"itok{iid}{secrets.token_hex(4)}",
+            "version": 1,
+            "guild_id": str(self.guild_id),
             "guild": {"id": str(self.guild_id), "locale": "en-US", "features": []},
-            "channel_id": str(self.channel_id), "channel": self.channels[self.channel_id],
-            "member": self._member_payload(user_id), "app_permissions": str(self.app_permissions),
-            "locale": "en-US", "guild_locale": "en-US", "attachment_size_limit": self.attachment_size_limit,
-            "entitlements": [], "authorizing_integration_owners": {"0": str(self.guild_id)}, "context": 0,
-            **(extra or {})}
+            "channel_id": str(self.channel_id),
+            "channel": self.channels[self.channel_id],
+            "member": self._member_payload(user_id),
+            "app_permissions": str(self.app_permissions),
+            "locale": "en-US",
+            "guild_locale": "en-US",
+            "attachment_size_limit": self.attachment_size_limit,
+            "entitlements": [],
+            "authorizing_integration_owners": {"0": str(self.guild_id)},
+            "context": 0,
+            **(extra or {}),
+        }
         inter = FakeInteraction(self, payload)
         self.interactions[iid] = inter
         inter.sent_at = time.monotonic()
         await self._dispatch("INTERACTION_CREATE", payload)
         return inter
 
-    async def slash(self, name: str, options: dict | None = None, *, user_id: int, subcommands: Iterable[str] = (),
-                    raw_options: list[dict] | None = None, resolved_users: Iterable[int] = (),
-                    extra: dict | None = None) -> FakeInteraction:
+    async def slash(
+        self,
+        name: str,
+        options: dict | None = None,
+        *,
+        user_id: int,
+        subcommands: Iterable[str] = (),
+        raw_options: list[dict] | None = None,
+        resolved_users: Iterable[int] = (),
+        extra: dict | None = None,
+    ) -> FakeInteraction:
         cmd = self.synced_commands.get(name)
         declared = (cmd or {}).get("options", [])
         subcommands = list(subcommands)
@@ -450,18 +583,27 @@ class FakeDiscord:
                 opts.append({"name": key, "type": otype, "value": value})
         for sub, otype in zip(reversed(subcommands), [1] + [2] * len(subcommands), strict=False):
             opts = [{"name": sub, "type": otype, "options": opts}]
-        data: dict[str, Any] = {"id": (cmd or {}).get("id", str(self._snowflake())), "name": name, "type": 1,
-                                "options": opts}
+        data: dict[str, Any] = {
+            "id": (cmd or {}).get("id", str(self._snowflake())),
+            "name": name,
+            "type": 1,
+            "options": opts,
+        }
         if cmd is None or cmd.get("guild_id"):
             data["guild_id"] = str(self.guild_id)
         resolved: dict[str, dict] = {}
         if resolved_ids:
             resolved["users"] = {str(u): self._user(u) for u in resolved_ids}
-            resolved["members"] = {str(u): {k: v for k, v in self._member_payload(u).items() if k != "user"}
-                                   for u in resolved_ids if u in self.members}
+            resolved["members"] = {
+                str(u): {k: v for k, v in self._member_payload(u).items() if k != "user"}
+                for u in resolved_ids
+                if u in self.members
+            }
         if roles:
-            resolved["roles"] = {str(r): self.roles.get(r) or {**self.roles[self.guild_id], "id": str(r),
-                                                                "name": f"role-{r}"} for r in roles}
+            resolved["roles"] = {
+                str(r): self.roles.get(r) or {**self.roles[self.guild_id], "id": str(r), "name": f"role-{r}"}
+                for r in roles
+            }
         if resolved:
             data["resolved"] = resolved
         return await self.interact(2, data, user_id=user_id, extra=extra)
@@ -471,20 +613,33 @@ class FakeDiscord:
         where `user_id` holds `permissions` (e.g. MANAGE_GUILD: that server's own admin)."""
         member = {**self._member(user_id, f"user{user_id}", []), "permissions": str(permissions)}
         channel = {**self._text_channel(guild_id + 1, "elsewhere"), "guild_id": str(guild_id)}
-        return {"guild_id": str(guild_id), "guild": {"id": str(guild_id), "locale": "en-US", "features": []},
-                "channel_id": channel["id"], "channel": channel, "member": member,
-                "authorizing_integration_owners": {"0": str(guild_id)}}
+        return {
+            "guild_id": str(guild_id),
+            "guild": {"id": str(guild_id), "locale": "en-US", "features": []},
+            "channel_id": channel["id"],
+            "channel": channel,
+            "member": member,
+            "authorizing_integration_owners": {"0": str(guild_id)},
+        }
 
-    async def click(self, message_id: int, custom_id: int | str, *, user_id: int, component_type: int = 2,
-                    values: list[str] | None = None) -> FakeInteraction:
+    async def click(
+        self,
+        message_id: int,
+        custom_id: int | str,
+        *,
+        user_id: int,
+        component_type: int = 2,
+        values: list[str] | None = None,
+    ) -> FakeInteraction:
         message = self.messages.get(int(message_id)) or self._message_stub(int(message_id))
         data: dict[str, Any] = {"custom_id": str(custom_id), "component_type": component_type}
         if values is not None:
             data["values"] = values
         return await self.interact(3, data, user_id=user_id, extra={"message": message})
 
-    async def submit_modal(self, custom_id: str, values: dict[str, str], *, user_id: int,
-                           message_id: int | None = None) -> FakeInteraction:
+    async def submit_modal(
+        self, custom_id: str, values: dict[str, str], *, user_id: int, message_id: int | None = None
+    ) -> FakeInteraction:
         """INTERACTION_CREATE type 5 (MODAL_SUBMIT); `values` maps text input custom_id -> text."""
         rows = [{"type": 1, "components": [{"type": 4, "custom_id": k, "value": v}]} for k, v in values.items()]
         extra = {"message": self.messages.get(message_id) or self._message_stub(message_id)} if message_id else None
@@ -493,20 +648,49 @@ class FakeDiscord:
     # ---- messages -------------------------------------------------------------------------------
     def _message_stub(self, mid: int, channel_id: int | None = None, mtype: int = 0) -> dict:
         cid = channel_id or self.channel_id
-        msg = {"id": str(mid), "type": mtype, "channel_id": str(cid), "author": self._bot_user(), "content": "",
-               "embeds": [], "components": [], "attachments": [], "mentions": [], "mention_roles": [],
-               "mention_everyone": False, "pinned": False, "tts": False, "timestamp": _now(),
-               "edited_timestamp": None, "flags": 0, "guild_id": str(self.guild_id)}
+        msg = {
+            "id": str(mid),
+            "type": mtype,
+            "channel_id": str(cid),
+            "author": self._bot_user(),
+            "content": "",
+            "embeds": [],
+            "components": [],
+            "attachments": [],
+            "mentions": [],
+            "mention_roles": [],
+            "mention_everyone": False,
+            "pinned": False,
+            "tts": False,
+            "timestamp": _now(),
+            "edited_timestamp": None,
+            "flags": 0,
+            "guild_id": str(self.guild_id),
+        }
         return msg
 
-    def add_message(self, content: str = "", *, components: list | None = None, embeds: list | None = None,
-                    channel_id: int | None = None) -> dict:
+    def add_message(
+        self,
+        content: str = "",
+        *,
+        components: list | None = None,
+        embeds: list | None = None,
+        channel_id: int | None = None,
+    ) -> dict:
         """A bot message that exists before the test (e.g. posted by an earlier run: persistent views)."""
         payload = {"content": content, "components": components or [], "embeds": embeds or []}
         return self._create_message(payload, [], channel_id=channel_id or self.channel_id)
 
-    def _create_message(self, payload: dict, files: list, *, channel_id: int, mtype: int = 0,
-                        flags: int = 0, interaction: FakeInteraction | None = None) -> dict:
+    def _create_message(
+        self,
+        payload: dict,
+        files: list,
+        *,
+        channel_id: int,
+        mtype: int = 0,
+        flags: int = 0,
+        interaction: FakeInteraction | None = None,
+    ) -> dict:
         msg = self._message_stub(self._snowflake(), channel_id, mtype)
         msg["flags"] = flags | (int(payload.get("flags") or 0) & ~LOADING)
         if interaction is not None:
@@ -521,8 +705,12 @@ class FakeDiscord:
         """What Discord puts on a message sent in answer to an interaction (discord.py 2.6 finds a
         command response's view by this id)."""
         p = interaction.payload
-        meta = {"id": str(interaction.id), "type": p["type"], "user": (p.get("member") or {}).get("user") or p["user"],
-                "authorizing_integration_owners": p.get("authorizing_integration_owners", {})}
+        meta = {
+            "id": str(interaction.id),
+            "type": p["type"],
+            "user": (p.get("member") or {}).get("user") or p["user"],
+            "authorizing_integration_owners": p.get("authorizing_integration_owners", {}),
+        }
         if interaction.original_id is not None:  # a followup
             meta["original_response_message_id"] = str(interaction.original_id)
         if "message" in p:  # a component's interaction
@@ -544,8 +732,11 @@ class FakeDiscord:
             if not msg["flags"] & LOADING:
                 msg["edited_timestamp"] = _now()
             keep = msg["flags"] & EPHEMERAL
-            msg["flags"] = keep | (int(payload["flags"] or 0) & ~(EPHEMERAL | LOADING)) if "flags" in payload \
+            msg["flags"] = (
+                keep | (int(payload["flags"] or 0) & ~(EPHEMERAL | LOADING))
+                if "flags" in payload
                 else msg["flags"] & ~LOADING
+            )
         new = dict(files)
         if "attachments" in payload:
             old = {a["id"]: a for a in msg["attachments"]}
@@ -565,8 +756,17 @@ class FakeDiscord:
         self.attachment_data[aid] = data = f["data"]
         url = f"{self.base_url}/attachments/{msg['channel_id']}/{aid}/{f['filename']}"
         ctype = mimetypes.guess_type(f["filename"])[0] or f["content_type"] or "application/octet-stream"
-        att = {"id": str(aid), "filename": f["filename"], "size": len(data), "url": url, "proxy_url": url,
-               "content_type": ctype, "height": None, "width": None, "ephemeral": bool(msg["flags"] & EPHEMERAL)}
+        att = {
+            "id": str(aid),
+            "filename": f["filename"],
+            "size": len(data),
+            "url": url,
+            "proxy_url": url,
+            "content_type": ctype,
+            "height": None,
+            "width": None,
+            "ephemeral": bool(msg["flags"] & EPHEMERAL),
+        }
         if description:
             att["description"] = description
         if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
@@ -585,7 +785,7 @@ class FakeDiscord:
     async def _rest_handler(self, request: web.Request) -> web.Response:
         received_at = time.monotonic()
         path = "/" + request.match_info["tail"]
-        path = path[len("/api/v10"):] if path.startswith("/api/v10/") else path
+        path = path[len("/api/v10") :] if path.startswith("/api/v10/") else path
         body, files = None, []
         if request.content_type.startswith("multipart/"):
             async for part in await request.multipart():
@@ -593,8 +793,16 @@ class FakeDiscord:
                 if part.name == "payload_json":
                     body = json.loads(raw)
                 elif part.name and part.name.startswith("files["):
-                    files.append((part.name[6:-1], {"filename": part.filename, "data": bytes(raw),
-                                                    "content_type": part.headers.get("Content-Type")}))
+                    files.append(
+                        (
+                            part.name[6:-1],
+                            {
+                                "filename": part.filename,
+                                "data": bytes(raw),
+                                "content_type": part.headers.get("Content-Type"),
+                            },
+                        )
+                    )
         elif request.can_read_body:
             raw = await request.read()
             try:
@@ -606,8 +814,10 @@ class FakeDiscord:
         headers = {}
         if fail is not None:
             status, result, headers = fail[2], fail[3], fail[4]
-        elif not path.startswith(("/webhooks/", "/interactions/")) and \
-                request.headers.get("Authorization") != f"Bot {self.token}":
+        elif (
+            not path.startswith(("/webhooks/", "/interactions/"))
+            and request.headers.get("Authorization") != f"Bot {self.token}"
+        ):
             status, result = _err(401, 0, "401: Unauthorized")
         else:
             status, result = _err(404, 0, "404: Not Found")
@@ -625,29 +835,51 @@ class FakeDiscord:
         await self._notify()
         if result is None:
             return web.Response(status=status, headers=headers)
-        return web.Response(status=status, body=json.dumps(result).encode(),
-                            headers={"Content-Type": "application/json", **headers})
+        return web.Response(
+            status=status, body=json.dumps(result).encode(), headers={"Content-Type": "application/json", **headers}
+        )
 
     async def _get_me(self, ev, files):
         return 200, self._bot_user()
 
     async def _get_app(self, ev, files):
-        return 200, {"id": str(self.application_id), "name": "FakeBot", "description": "", "icon": None,
-                     "bot_public": True, "bot_require_code_grant": False, "verify_key": "00", "flags": 0,
-                     "owner": self._user(self.owner_id), "team": None, "interactions_endpoint_url": None}
+        return 200, {
+            "id": str(self.application_id),
+            "name": "FakeBot",
+            "description": "",
+            "icon": None,
+            "bot_public": True,
+            "bot_require_code_grant": False,
+            "verify_key": "00",
+            "flags": 0,
+            "owner": self._user(self.owner_id),
+            "team": None,
+            "interactions_endpoint_url": None,
+        }
 
     async def _get_gateway(self, ev, files):
-        return 200, {"url": self.gateway_url, "shards": 1, "session_start_limit": {
-            "total": 1000, "remaining": 1000, "reset_after": 0, "max_concurrency": 1}}
+        return 200, {
+            "url": self.gateway_url,
+            "shards": 1,
+            "session_start_limit": {"total": 1000, "remaining": 1000, "reset_after": 0, "max_concurrency": 1},
+        }
 
     async def _put_commands(self, ev, files, app, guild=None):
         scope = int(guild) if guild else None
         old = {c["name"]: c for c in self.commands_by_scope.get(scope, [])}
         out = []
         for cmd in ev.json or []:
-            echo = {"type": 1, "description": "", "options": [], "default_member_permissions": None, "nsfw": False,
-                    **cmd, "id": old.get(cmd["name"], {}).get("id", str(self._snowflake())), "application_id": app,
-                    "version": str(self._snowflake())}
+            echo = {
+                "type": 1,
+                "description": "",
+                "options": [],
+                "default_member_permissions": None,
+                "nsfw": False,
+                **cmd,
+                "id": old.get(cmd["name"], {}).get("id", str(self._snowflake())),
+                "application_id": app,
+                "version": str(self._snowflake()),
+            }
             if scope:
                 echo["guild_id"] = str(scope)
             out.append(echo)
@@ -671,8 +903,14 @@ class FakeDiscord:
         msg = None
         if rtype in (4, 5):
             flags = (int(data.get("flags") or 0) & EPHEMERAL) | (LOADING if rtype == 5 else 0)
-            msg = self._create_message(data if rtype == 4 else {}, files, channel_id=self.channel_id,
-                                       mtype=20 if is_command else 0, flags=flags, interaction=inter)
+            msg = self._create_message(
+                data if rtype == 4 else {},
+                files,
+                channel_id=self.channel_id,
+                mtype=20 if is_command else 0,
+                flags=flags,
+                interaction=inter,
+            )
             inter.original_id = int(msg["id"])
         elif rtype in (6, 7) and "message" in inter.payload:
             mid = int(inter.payload["message"]["id"])
@@ -682,10 +920,17 @@ class FakeDiscord:
                 msg = self._apply(base, data, files)
         if "with_response" not in ev.query or ev.query["with_response"] in ("0", "false"):
             return 204, None
-        result: dict[str, Any] = {"interaction": {
-            "id": iid, "type": inter.payload["type"], "activity_instance_id": None,
-            "response_message_id": msg["id"] if msg else None, "response_message_loading": rtype == 5,
-            "response_message_ephemeral": bool(msg and msg["flags"] & EPHEMERAL)}, "resource": {"type": rtype}}
+        result: dict[str, Any] = {
+            "interaction": {
+                "id": iid,
+                "type": inter.payload["type"],
+                "activity_instance_id": None,
+                "response_message_id": msg["id"] if msg else None,
+                "response_message_loading": rtype == 5,
+                "response_message_ephemeral": bool(msg and msg["flags"] & EPHEMERAL),
+            },
+            "resource": {"type": rtype},
+        }
         if msg is not None and rtype in (4, 7):
             result["resource"]["message"] = msg
         return 200, result
@@ -724,8 +969,13 @@ class FakeDiscord:
         if original is not None and original["flags"] & LOADING:  # Discord: 1st followup replaces "thinking..."
             msg = self._apply(original, ev.json, files)
         else:
-            msg = self._create_message(ev.json or {}, files, channel_id=self.channel_id, interaction=inter,
-                                       mtype=20 if inter.payload["type"] == 2 else 0)
+            msg = self._create_message(
+                ev.json or {},
+                files,
+                channel_id=self.channel_id,
+                interaction=inter,
+                mtype=20 if inter.payload["type"] == 2 else 0,
+            )
         inter.followups.append(msg)
         return (200, msg) if ev.query.get("wait") in ("1", "true", "True") else (204, None)
 
@@ -758,8 +1008,9 @@ class FakeDiscord:
         if err:
             return err
         q = ev.query
-        ids = sorted((i for i, m in self.messages.items() if m["channel_id"] == cid and not m["flags"] & EPHEMERAL),
-                     reverse=True)
+        ids = sorted(
+            (i for i, m in self.messages.items() if m["channel_id"] == cid and not m["flags"] & EPHEMERAL), reverse=True
+        )
         ids = [i for i in ids if int(q.get("before", 1 << 64)) > i > int(q.get("after", 0))]
         return 200, [self.messages[i] for i in ids[: int(q.get("limit", 50))]]
 
@@ -793,16 +1044,23 @@ _CMDS = r"/applications/(?P<app>\d+)(?:/guilds/(?P<guild>\d+))?/commands"
 _WH_MSG = r"/webhooks/(?P<app>\d+)/(?P<token>[^/]+)/messages/(?P<mid>@original|\d+)"
 _CH_MSG = r"/channels/(?P<cid>\d+)/messages/(?P<mid>\d+)"
 ROUTES = [
-    ("GET", r"/users/@me", "_get_me"), ("GET", r"/oauth2/applications/@me", "_get_app"),
+    ("GET", r"/users/@me", "_get_me"),
+    ("GET", r"/oauth2/applications/@me", "_get_app"),
     ("GET", r"/gateway(?:/bot)?", "_get_gateway"),
-    ("PUT", _CMDS, "_put_commands"), ("GET", _CMDS, "_get_commands"),
+    ("PUT", _CMDS, "_put_commands"),
+    ("GET", _CMDS, "_get_commands"),
     ("POST", r"/interactions/(?P<iid>\d+)/(?P<token>[^/]+)/callback", "_callback"),
-    ("GET", _WH_MSG, "_wh_get"), ("PATCH", _WH_MSG, "_wh_edit"), ("DELETE", _WH_MSG, "_wh_delete"),
+    ("GET", _WH_MSG, "_wh_get"),
+    ("PATCH", _WH_MSG, "_wh_edit"),
+    ("DELETE", _WH_MSG, "_wh_delete"),
     ("POST", r"/webhooks/(?P<app>\d+)/(?P<token>[^/]+)", "_wh_followup"),
     ("POST", r"/channels/(?P<cid>\d+)/messages", "_ch_post"),
     ("GET", r"/channels/(?P<cid>\d+)/messages", "_ch_list"),
-    ("GET", _CH_MSG, "_ch_get"), ("PATCH", _CH_MSG, "_ch_edit"), ("DELETE", _CH_MSG, "_ch_delete"),
-    ("GET", r"/channels/(?P<cid>\d+)", "_get_channel"), ("POST", r"/channels/\d+/typing", "_no_content"),
+    ("GET", _CH_MSG, "_ch_get"),
+    ("PATCH", _CH_MSG, "_ch_edit"),
+    ("DELETE", _CH_MSG, "_ch_delete"),
+    ("GET", r"/channels/(?P<cid>\d+)", "_get_channel"),
+    ("POST", r"/channels/\d+/typing", "_no_content"),
     ("PUT", _CH_MSG + r"/reactions/[^/]+/@me", "_no_content"),
     ("DELETE", _CH_MSG + r"/reactions/[^/]+/@me", "_no_content"),
     ("GET", r"/guilds/(?P<gid>\d+)/members/(?P<uid>\d+)", "_get_member"),

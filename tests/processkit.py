@@ -39,8 +39,8 @@ max_size = 100
 max_per_user = 5
 
 [storage]
-database = "{(tmp_path / 'fluxbot.db').as_posix()}"
-results_dir = "{(tmp_path / 'results').as_posix()}"
+database = "{(tmp_path / "fluxbot.db").as_posix()}"
+results_dir = "{(tmp_path / "results").as_posix()}"
 """)
     return config
 
@@ -52,21 +52,29 @@ class BotProcess:
         self.fake, self.config, self.log = fake, config, log
         self.proc: asyncio.subprocess.Process | None = None
 
-    async def start(self, kill_point: str | None = None, marker: Path | None = None,
-                    wait_for: Path | None = None) -> None:
-        args = [str(LAUNCHER), "--api-base", self.fake.api_base, "--gateway", self.fake.gateway_url,
-                "--config", str(self.config)]
+    async def start(
+        self, kill_point: str | None = None, marker: Path | None = None, wait_for: Path | None = None
+    ) -> None:
+        args = [
+            str(LAUNCHER),
+            "--api-base",
+            self.fake.api_base,
+            "--gateway",
+            self.fake.gateway_url,
+            "--config",
+            str(self.config),
+        ]
         if kill_point:
             args += ["--kill-point", kill_point, "--marker", str(marker)]
         if wait_for:
             args += ["--wait-for", str(wait_for)]
-        env = {**os.environ, "DISCORD_TOKEN": self.fake.token, "FLUXBOT_LOG_LEVEL": "INFO",
-               "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "DISCORD_TOKEN": self.fake.token, "FLUXBOT_LOG_LEVEL": "INFO", "PYTHONUNBUFFERED": "1"}
         with open(self.log, "ab") as out:
             out.write(f"\n===== start (kill point: {kill_point}) =====\n".encode())
             out.flush()
-            self.proc = await asyncio.create_subprocess_exec(sys.executable, *args, stdin=asyncio.subprocess.DEVNULL,
-                                                             stdout=out, stderr=out, env=env)
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, *args, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, env=env
+            )
 
     def log_tail(self, chars: int = 4000) -> str:
         try:
@@ -107,5 +115,3 @@ async def until(check, proc: BotProcess, timeout: float, what: str):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}; bot log:\n{proc.log_tail()}")
         await asyncio.sleep(0.05)
-
-

@@ -112,8 +112,9 @@ def test_the_kernel_computes_diffsynths_values():
     bfloat16 by truncating, a GPU rounds to nearest (bf16 is checked on a GPU in test_engine_cuda.py)."""
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{root}{os.pathsep}{root / 'tests'}"}
-    done = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, cwd=root, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", INTERPRETED], env=env, cwd=root, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "kernel matches 2" in done.stdout
 
@@ -133,9 +134,17 @@ def wrapped_linear(linear: torch.nn.Linear, *, keep_fp8: bool = True):
     configure_linears marks a float8 layer (the arithmetic here stays plain) and prepared."""
     from diffsynth.core.vram.layers import AutoWrappedLinear
 
-    layer = AutoWrappedLinear(linear, offload_dtype=torch.float32, offload_device="cpu", onload_dtype=torch.float32,
-                              onload_device="cpu", preparing_dtype=torch.float32, preparing_device="cpu",
-                              computation_dtype=torch.float32, computation_device="cpu")
+    layer = AutoWrappedLinear(
+        linear,
+        offload_dtype=torch.float32,
+        offload_device="cpu",
+        onload_dtype=torch.float32,
+        onload_device="cpu",
+        preparing_dtype=torch.float32,
+        preparing_device="cpu",
+        computation_dtype=torch.float32,
+        computation_device="cpu",
+    )
     layer.keep_fp8 = keep_fp8
     layer.onload()
     return layer

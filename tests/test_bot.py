@@ -13,8 +13,6 @@ from bot.engine.api import GenerationOOM
 from bot.store import JobStatus, Store
 from bot.validation import size_presets
 
-from fake_discord import MANAGE_GUILD
-
 from botkit import (
     ADMIN,
     ALICE,
@@ -31,6 +29,7 @@ from botkit import (
 )
 from ceilings import COMPILE, WAIT
 from conftest import tiny_model_settings
+from fake_discord import MANAGE_GUILD
 
 
 @pytest.fixture
@@ -72,8 +71,11 @@ async def test_imagine_end_to_end(fake, settings, engine):
         assert first.json["type"] == 5  # deferred at once
         final = await inter.wait_original(has_image)
         # progress went through the same message: queue position / painting / step i/N
-        edits = [e.json.get("content") for e in fake.events
-                 if e.method == "PATCH" and "/messages/" in e.path and e.json and e.json.get("content")]
+        edits = [
+            e.json.get("content")
+            for e in fake.events
+            if e.method == "PATCH" and "/messages/" in e.path and e.json and e.json.get("content")
+        ]
         assert any("step 1/4" in c for c in edits), edits
         assert embed_field(final, "Seed") == "42"
         assert embed_field(final, "Steps") == "4"
@@ -97,6 +99,7 @@ async def test_the_first_image_at_a_size_says_it_prepares_the_model(fake, settin
     the job starts at once, and in the worker's start edit when it waited in the queue. Landscape
     has portrait's token count, so it compiles nothing. The tiny model really compiles here."""
     from bot.engine.pipeline import Engine
+
     compiled = ControlledEngine(Engine.load(tiny_model_settings(model_dir, compile="on")))
     assert compiled.engine.compiled
 
@@ -208,22 +211,25 @@ async def test_admin_override_then_success(fake, tmp_path, model_dir, engine):
     settings = make_settings(tmp_path, model_dir, fake, quota={"daily_limit": 1})
     async with running_bot(fake, settings, engine) as bot:
         await (await imagine(fake, ALICE)).wait_original(has_image)
-        cmd = await fake.slash("admin", {"user": ALICE, "limit": 3}, user_id=ADMIN,
-                               subcommands=["quota", "set"], resolved_users=[ALICE])
+        cmd = await fake.slash(
+            "admin", {"user": ALICE, "limit": 3}, user_id=ADMIN, subcommands=["quota", "set"], resolved_users=[ALICE]
+        )
         await cmd.response()
         assert "used 1 of 3" in ephemeral_texts(fake, cmd)[0]
         await (await imagine(fake, ALICE)).wait_original(has_image)
         assert (await bot.store.quota_status(ALICE)).used == 2
         # reset, show and default
-        cmd = await fake.slash("admin", {"user": ALICE}, user_id=MOD, subcommands=["quota", "reset"],
-                               resolved_users=[ALICE])
+        cmd = await fake.slash(
+            "admin", {"user": ALICE}, user_id=MOD, subcommands=["quota", "reset"], resolved_users=[ALICE]
+        )
         await cmd.response()
         assert (await bot.store.quota_status(ALICE)).used == 0
         cmd = await fake.slash("admin", {"limit": 9}, user_id=ADMIN, subcommands=["quota", "default"])
         await cmd.response()
         assert (await bot.store.quota_status(BOB)).limit == 9
-        cmd = await fake.slash("admin", {"user": BOB}, user_id=ADMIN, subcommands=["quota", "show"],
-                               resolved_users=[BOB])
+        cmd = await fake.slash(
+            "admin", {"user": BOB}, user_id=ADMIN, subcommands=["quota", "show"], resolved_users=[BOB]
+        )
         await cmd.response()
         assert "used 0 of 9" in ephemeral_texts(fake, cmd)[0]
 
@@ -231,29 +237,47 @@ async def test_admin_override_then_success(fake, tmp_path, model_dir, engine):
 OTHER_GUILD = 300  # a server that invited the bot, with commands registered globally
 
 
-@pytest.mark.parametrize("sub,options", [
-    (["quota", "set"], {"user": CAROL, "limit": 100_000}),
-    (["quota", "default"], {"limit": 0}),
-    (["quota", "reset"], {"user": CAROL}),
-])
+@pytest.mark.parametrize(
+    "sub,options",
+    [
+        (["quota", "set"], {"user": CAROL, "limit": 100_000}),
+        (["quota", "default"], {"limit": 0}),
+        (["quota", "reset"], {"user": CAROL}),
+    ],
+)
 async def test_another_servers_admin_cannot_change_quotas(fake, tmp_path, model_dir, engine, sub, options):
     """Commands registered globally: Manage Server in a server other than the home one is no right."""
-    settings = make_settings(tmp_path, model_dir, fake, quota={"daily_limit": 1},
-                             discord={"guild_ids": [], "admin_guild_ids": [fake.guild_id]})
+    settings = make_settings(
+        tmp_path,
+        model_dir,
+        fake,
+        quota={"daily_limit": 1},
+        discord={"guild_ids": [], "admin_guild_ids": [fake.guild_id]},
+    )
     async with running_bot(fake, settings, engine) as bot:
         await (await imagine(fake, CAROL)).wait_original(has_image)
-        cmd = await fake.slash("admin", options, user_id=CAROL, subcommands=sub,
-                               resolved_users=[CAROL] if "user" in options else [],
-                               extra=fake.other_guild(OTHER_GUILD, CAROL, MANAGE_GUILD))
+        cmd = await fake.slash(
+            "admin",
+            options,
+            user_id=CAROL,
+            subcommands=sub,
+            resolved_users=[CAROL] if "user" in options else [],
+            extra=fake.other_guild(OTHER_GUILD, CAROL, MANAGE_GUILD),
+        )
         await cmd.response()
-        assert "home servers" in ephemeral_texts(fake, cmd)[0] and "Nothing was changed" in ephemeral_texts(fake, cmd)[0]
+        assert (
+            "home servers" in ephemeral_texts(fake, cmd)[0] and "Nothing was changed" in ephemeral_texts(fake, cmd)[0]
+        )
         for member in (CAROL, BOB):
             status = await bot.store.quota_status(member)
-            assert (status.used, status.limit, status.has_override) == ((1, 1, False) if member == CAROL else (0, 1, False))
+            assert (status.used, status.limit, status.has_override) == (
+                (1, 1, False) if member == CAROL else (0, 1, False)
+            )
         assert await bot.store.default_limit() == 1
         # the home server's Manage Server still counts (MOD holds it there)
-        cmd = await fake.slash("admin", {"user": CAROL}, user_id=MOD, subcommands=["quota", "reset"],
-                               resolved_users=[CAROL])
+        cmd = await fake.slash(
+            "admin", {"user": CAROL}, user_id=MOD, subcommands=["quota", "reset"], resolved_users=[CAROL]
+        )
         await cmd.response()
         assert (await bot.store.quota_status(CAROL)).used == 0
 
@@ -265,23 +289,32 @@ async def test_without_home_servers_only_listed_users_are_admins(fake, tmp_path,
         await cmd.response()
         assert "Nothing was changed" in ephemeral_texts(fake, cmd)[0]
         assert await bot.store.default_limit() == settings.quota.daily_limit
-        cmd = await fake.slash("admin", {"limit": 7}, user_id=ADMIN, subcommands=["quota", "default"],
-                               extra=fake.other_guild(OTHER_GUILD, ADMIN))
+        cmd = await fake.slash(
+            "admin",
+            {"limit": 7},
+            user_id=ADMIN,
+            subcommands=["quota", "default"],
+            extra=fake.other_guild(OTHER_GUILD, ADMIN),
+        )
         await cmd.response()
         assert await bot.store.default_limit() == 7  # admin_user_ids: from any server
 
 
-@pytest.mark.parametrize("sub,options", [
-    (["quota", "set"], {"user": BOB, "limit": 100}),
-    (["quota", "reset"], {"user": BOB}),
-    (["quota", "show"], {"user": BOB}),
-    (["quota", "default"], {"limit": 100}),
-])
+@pytest.mark.parametrize(
+    "sub,options",
+    [
+        (["quota", "set"], {"user": BOB, "limit": 100}),
+        (["quota", "reset"], {"user": BOB}),
+        (["quota", "show"], {"user": BOB}),
+        (["quota", "default"], {"limit": 100}),
+    ],
+)
 async def test_non_admin_is_refused_on_admin_commands(fake, settings, engine, sub, options):
     async with running_bot(fake, settings, engine) as bot:
         before = await bot.store.quota_status(BOB)
-        cmd = await fake.slash("admin", options, user_id=ALICE, subcommands=sub,
-                               resolved_users=[BOB] if "user" in options else [])
+        cmd = await fake.slash(
+            "admin", options, user_id=ALICE, subcommands=sub, resolved_users=[BOB] if "user" in options else []
+        )
         await cmd.response()
         texts = ephemeral_texts(fake, cmd)
         assert texts and "Manage Server" in texts[0]
@@ -370,6 +403,7 @@ async def test_cancel_while_the_job_is_starting_stops_it(fake, settings, engine,
             started.set()
             await release.wait()
             return job
+
         bot.store.mark_running = mark_running_then_wait
         await imagine(fake, ALICE, prompt="a slow start")
         await asyncio.wait_for(started.wait(), 10)
@@ -404,9 +438,14 @@ async def test_failure_refunds_and_the_next_job_still_runs(fake, settings, engin
 
 
 async def test_thirty_concurrent_requests_three_users_limit_five(fake, tmp_path, model_dir, engine):
-    settings = make_settings(tmp_path, model_dir, fake, quota={"daily_limit": 5},
-                             queue={"max_size": 100, "max_per_user": 10},
-                             generation={"default_steps": 1, "width": 256, "height": 256})
+    settings = make_settings(
+        tmp_path,
+        model_dir,
+        fake,
+        quota={"daily_limit": 5},
+        queue={"max_size": 100, "max_per_user": 10},
+        generation={"default_steps": 1, "width": 256, "height": 256},
+    )
     async with running_bot(fake, settings, engine, progress_interval=5) as bot:
         users = [ALICE, BOB, CAROL] * 10
         inters = await asyncio.gather(*(imagine(fake, u, prompt=f"burst {i}") for i, u in enumerate(users)))
@@ -450,15 +489,18 @@ async def test_job_survives_a_gateway_drop(fake, settings, engine):
         assert ephemeral_texts(fake, q)
 
 
-@pytest.mark.parametrize("options,expected", [
-    ({"prompt": "   "}, "prompt is empty"),
-    ({"prompt": "x" * 1001}, "prompt is too long"),
-    ({"prompt": "a cat", "steps": 0}, "steps must be between 1 and 50"),
-    ({"prompt": "a cat", "steps": 51}, "steps must be between 1 and 50"),
-    ({"prompt": "a cat", "seed": 2**32}, "seed must be between 0 and 4294967295"),
-    ({"prompt": "a cat", "seed": -2}, "seed must be between"),
-    ({"prompt": "a cat", "size": "huge"}, "size must be one of"),
-])
+@pytest.mark.parametrize(
+    "options,expected",
+    [
+        ({"prompt": "   "}, "prompt is empty"),
+        ({"prompt": "x" * 1001}, "prompt is too long"),
+        ({"prompt": "a cat", "steps": 0}, "steps must be between 1 and 50"),
+        ({"prompt": "a cat", "steps": 51}, "steps must be between 1 and 50"),
+        ({"prompt": "a cat", "seed": 2**32}, "seed must be between 0 and 4294967295"),
+        ({"prompt": "a cat", "seed": -2}, "seed must be between"),
+        ({"prompt": "a cat", "size": "huge"}, "size must be one of"),
+    ],
+)
 async def test_bad_imagine_input_is_refused_and_changes_nothing(fake, settings, engine, options, expected):
     async with running_bot(fake, settings, engine) as bot:
         inter = await fake.slash("imagine", options, user_id=ALICE)
@@ -495,8 +537,13 @@ async def test_every_message_disables_mentions(fake, settings, engine):
         await (await fake.slash("quota", {}, user_id=BOB)).response()
         await bot.queue.wait_idle(10)
         job = (await bot.store.recent_jobs(5))[-1]
-    sent = [e for e in fake.events if e.method in ("POST", "PATCH") and isinstance(e.json, dict)
-            and ("content" in e.json or "embeds" in e.json or "data" in e.json)]
+    sent = [
+        e
+        for e in fake.events
+        if e.method in ("POST", "PATCH")
+        and isinstance(e.json, dict)
+        and ("content" in e.json or "embeds" in e.json or "data" in e.json)
+    ]
     assert sent
     for ev in sent:
         body = ev.json.get("data", ev.json) if "/callback" in ev.path else ev.json
@@ -514,6 +561,7 @@ async def test_every_message_disables_mentions(fake, settings, engine):
 
 async def test_result_goes_to_the_channel_once_the_token_is_stale(fake, settings, engine, monkeypatch):
     from bot.discord import delivery
+
     engine.gate.clear()
     async with running_bot(fake, settings, engine) as bot:
         inter = await imagine(fake, ALICE, prompt="a slow painting")
@@ -525,8 +573,9 @@ async def test_result_goes_to_the_channel_once_the_token_is_stale(fake, settings
         assert job.status is JobStatus.DONE
         post = next(e for e in fake.events if e.method == "POST" and e.path == f"/channels/{fake.channel_id}/messages")
         assert post.json["content"].startswith(f"<@{ALICE}>")
-        assert post.json["allowed_mentions"]["users"] == [str(ALICE)] or \
-            post.json["allowed_mentions"]["users"] == [ALICE]
+        assert post.json["allowed_mentions"]["users"] == [str(ALICE)] or post.json["allowed_mentions"]["users"] == [
+            ALICE
+        ]
         assert post.json["allowed_mentions"].get("parse", []) == []
         assert post.json["nonce"] == f"fluxbot-{job.id}" and post.json["enforce_nonce"] is True
         assert fake.messages[job.result_message_id]["attachments"]
@@ -535,11 +584,14 @@ async def test_result_goes_to_the_channel_once_the_token_is_stale(fake, settings
 
 async def test_run_with_a_rejected_token_is_one_clear_line(fake, tmp_path, model_dir, monkeypatch, capsys):
     from bot.cli import main
+
     bad = "bad-token-" + "x" * 50
     monkeypatch.setenv("DISCORD_TOKEN", bad)
     cfg = tmp_path / "config.toml"
-    cfg.write_text(f'[model]\npreset = "tiny-random"\ndir = "{model_dir}"\ndevice = "cpu"\n'
-                   f'[storage]\ndatabase = "{tmp_path / "b.db"}"\n[discord]\nguild_ids = [{fake.guild_id}]\n')
+    cfg.write_text(
+        f'[model]\npreset = "tiny-random"\ndir = "{model_dir}"\ndevice = "cpu"\n'
+        f'[storage]\ndatabase = "{tmp_path / "b.db"}"\n[discord]\nguild_ids = [{fake.guild_id}]\n'
+    )
     rc = await asyncio.to_thread(main, ["run", "--config", str(cfg)])
     captured = capsys.readouterr()
     assert rc == 1

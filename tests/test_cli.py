@@ -33,8 +33,27 @@ def write_config(tmp_path: Path, model_dir: Path, body: str = "", preset: str = 
 def test_generate_writes_a_png_with_its_parameters(tmp_path, model_dir, capsys):
     cfg = write_config(tmp_path, model_dir)
     out = tmp_path / "cat.png"
-    assert main(["generate", "a cat in the sun", "--seed", "99", "--steps", "2", "--width", "256",
-                 "--height", "192", "-o", str(out), "--config", str(cfg)]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "a cat in the sun",
+                "--seed",
+                "99",
+                "--steps",
+                "2",
+                "--width",
+                "256",
+                "--height",
+                "192",
+                "-o",
+                str(out),
+                "--config",
+                str(cfg),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "seed: 99" in printed and "time:" in printed and "peak VRAM: n/a (CPU)" in printed
     img = Image.open(out)
@@ -46,8 +65,12 @@ def test_generate_writes_a_png_with_its_parameters(tmp_path, model_dir, capsys):
 def test_generate_random_seed_is_printed(tmp_path, model_dir, capsys):
     cfg = write_config(tmp_path, model_dir)
     out = tmp_path / "r.png"
-    assert main(["generate", "x", "--steps", "1", "--width", "128", "--height", "128", "-o", str(out),
-                 "--config", str(cfg)]) == 0
+    assert (
+        main(
+            ["generate", "x", "--steps", "1", "--width", "128", "--height", "128", "-o", str(out), "--config", str(cfg)]
+        )
+        == 0
+    )
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("seed:"))
     seed = line.split()[1]
     assert seed.isdigit() and Image.open(out).text["seed"] == seed
@@ -61,10 +84,13 @@ def test_generate_without_weights_names_the_files(tmp_path, capsys):
     assert "fluxbot download" in err
 
 
-@pytest.mark.parametrize("args,expected", [
-    (["--steps", "0"], "steps must be between 1 and 50"),
-    (["--seed", "-5"], "seed must be between"),
-])
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["--steps", "0"], "steps must be between 1 and 50"),
+        (["--seed", "-5"], "seed must be between"),
+    ],
+)
 def test_generate_rejects_bad_values(tmp_path, model_dir, capsys, args, expected):
     cfg = write_config(tmp_path, model_dir)
     assert main(["generate", "x", *args, "--config", str(cfg)]) == 2
@@ -106,6 +132,7 @@ def test_doctor_says_what_gpu_kernels_lack(tmp_path, model_dir, capsys, monkeypa
     """No C compiler: the doctor names it and the fix; on a machine without a GPU that is only
     information, and nothing fails."""
     import shutil
+
     cfg = write_config(tmp_path, model_dir)
     monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)
     assert main(["doctor", "--config", str(cfg)]) == 0
@@ -125,7 +152,11 @@ async def _make_db(path: Path) -> None:
     from bot.store import NewJob, Store
 
     store = await Store.open(path, default_daily_limit=5)
-    await store.admit(NewJob(user_id=1, guild_id=2, channel_id=3, prompt="p", seed=1, steps=2, width=64, height=64), max_queue=10, max_per_user=10)
+    await store.admit(
+        NewJob(user_id=1, guild_id=2, channel_id=3, prompt="p", seed=1, steps=2, width=64, height=64),
+        max_queue=10,
+        max_per_user=10,
+    )
     await store.close()
 
 
@@ -148,18 +179,27 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_fluxbot(*args: str, env: dict | None = None) -> subprocess.CompletedProcess[str]:
     """`python -m bot.cli ARGS` in a process of its own (what a newcomer types, minus the script)."""
     full_env = {k: v for k, v in os.environ.items() if k != "DISCORD_TOKEN"} | (env or {})
-    return subprocess.run([sys.executable, "-m", "bot.cli", *args], cwd=ROOT, env=full_env, capture_output=True,
-                          text=True, timeout=START)
+    return subprocess.run(
+        [sys.executable, "-m", "bot.cli", *args], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=START
+    )
 
 
 def test_a_missing_config_is_answered_before_torch_or_discord_is_imported(tmp_path):
-    probe = ("import sys; from bot.cli import main; rc = main(['run', '--config', sys.argv[1]]); "
-             "print(rc, sorted(m for m in ('torch', 'diffsynth', 'discord') if m in sys.modules))")
-    done = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "missing.toml")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=START)
+    probe = (
+        "import sys; from bot.cli import main; rc = main(['run', '--config', sys.argv[1]]); "
+        "print(rc, sorted(m for m in ('torch', 'diffsynth', 'discord') if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, str(tmp_path / "missing.toml")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=START,
+    )
     assert done.stdout.split(None, 1) == ["2", "[]\n"], done.stdout + done.stderr
-    assert done.stderr.strip().splitlines() == [f"error: config file not found: {tmp_path / 'missing.toml'} "
-                                                "(copy config.example.toml)"]
+    assert done.stderr.strip().splitlines() == [
+        f"error: config file not found: {tmp_path / 'missing.toml'} (copy config.example.toml)"
+    ]
 
 
 @pytest.mark.parametrize("token", ["MTIz.abc\ndef", "MTIz abc", "MTIz\x07abc"])
@@ -168,8 +208,9 @@ def test_a_token_with_a_line_break_or_space_is_one_clear_line(tmp_path, model_di
     cfg = write_config(tmp_path, model_dir)
     assert main(["run", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err
-    assert err.strip().splitlines() == ["error: DISCORD_TOKEN: contains a line break, space or control character: "
-                                        "paste the token again as one line"]
+    assert err.strip().splitlines() == [
+        "error: DISCORD_TOKEN: contains a line break, space or control character: paste the token again as one line"
+    ]
     monkeypatch.delenv("DISCORD_TOKEN")
     cfg.write_text(cfg.read_text() + f"[discord]\ntoken = {token!r}\n".replace("'", '"').replace("\\x07", "\\u0007"))
     assert main(["run", "--config", str(cfg)]) == 2
@@ -185,8 +226,7 @@ def test_db_backup_without_a_database_creates_nothing(tmp_path, model_dir, capsy
     assert not dest.exists() and not (tmp_path / "bot.db").exists()
 
 
-def test_log_level_goes_before_or_after_the_command_and_a_bad_one_is_one_line(tmp_path, model_dir, capsys,
-                                                                                monkeypatch):
+def test_log_level_goes_before_or_after_the_command_and_a_bad_one_is_one_line(tmp_path, model_dir, capsys, monkeypatch):
     from bot.cli import build_parser
 
     assert build_parser().parse_args(["--log-level", "debug", "run"]).log_level == "DEBUG"
@@ -227,15 +267,21 @@ def test_doctor_counts_warnings_apart_from_passes(tmp_path, model_dir, capsys, m
     rows = [m.group(1) for m in re.finditer(r"^\S.*?  (PASS|INFO|WARN|FAIL)  ", out, re.MULTILINE)]
     summary = out.strip().splitlines()[-1]
     assert "WARN" in rows
-    assert summary == (f"{rows.count('PASS')} passed, {rows.count('INFO')} for information, "
-                       f"{rows.count('WARN')} warnings, {rows.count('FAIL')} failed")
+    assert summary == (
+        f"{rows.count('PASS')} passed, {rows.count('INFO')} for information, "
+        f"{rows.count('WARN')} warnings, {rows.count('FAIL')} failed"
+    )
 
 
 def test_download_without_network_is_one_clear_line(tmp_path, model_dir):
     """ModelScope unreachable (its endpoint: a closed port on this machine): no traceback."""
     cfg = write_config(tmp_path, tmp_path / "weights", preset="majicflus")
-    done = run_fluxbot("download", "--config", str(cfg),
-                       env={"MODELSCOPE_DOMAIN": "127.0.0.1:9", "MODELSCOPE_CACHE": str(tmp_path / "cache")})
+    done = run_fluxbot(
+        "download",
+        "--config",
+        str(cfg),
+        env={"MODELSCOPE_DOMAIN": "127.0.0.1:9", "MODELSCOPE_CACHE": str(tmp_path / "cache")},
+    )
     assert done.returncode == 1, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]

@@ -58,8 +58,15 @@ def test_defaults_without_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert s.model == ModelSettings(dir=tmp_path / "models")
     assert s.model.preset == "majicflus"
     assert s.model.vram_limit_gb == 8.0
-    assert (s.model.device, s.model.fp8_matmul, s.model.fast_accum, s.model.keep_resident, s.model.compile,
-            s.model.cuda_graphs, s.model.fused_attention) == ("auto",) * 7
+    assert (
+        s.model.device,
+        s.model.fp8_matmul,
+        s.model.fast_accum,
+        s.model.keep_resident,
+        s.model.compile,
+        s.model.cuda_graphs,
+        s.model.fused_attention,
+    ) == ("auto",) * 7
     assert s.model.t5_fp8 is False
     assert s.generation == GenerationSettings(
         default_steps=20, max_steps=50, width=1024, height=1024, max_prompt_chars=1000, guidance=3.5
@@ -196,9 +203,21 @@ def test_dotted_keys_work(tmp_path: Path) -> None:
 
 BAD = [
     # (id, file text, fragments the message must contain)
-    ("unknown section", "[modle]\npreset = 'tiny-random'\n", ["[modle]", "unknown section", "did you mean 'model'", "discord, model, generation"]),
-    ("unknown key", "[queue]\nmax_sise = 5\n", ["[queue] max_sise", "unknown key", "did you mean 'max_size'", "max_size, max_per_user"]),
-    ("unknown key in discord", "[discord]\nbot_token = 'x'\n", ["[discord] bot_token", "token, guild_ids, admin_user_ids"]),
+    (
+        "unknown section",
+        "[modle]\npreset = 'tiny-random'\n",
+        ["[modle]", "unknown section", "did you mean 'model'", "discord, model, generation"],
+    ),
+    (
+        "unknown key",
+        "[queue]\nmax_sise = 5\n",
+        ["[queue] max_sise", "unknown key", "did you mean 'max_size'", "max_size, max_per_user"],
+    ),
+    (
+        "unknown key in discord",
+        "[discord]\nbot_token = 'x'\n",
+        ["[discord] bot_token", "token, guild_ids, admin_user_ids"],
+    ),
     ("top-level key", "max_size = 5\n", ["max_size", "inside a section", "[queue] max_size"]),
     ("section not a table", "queue = 5\n", ["[queue]", "must be a table", "int"]),
     ("string for int", "[queue]\nmax_size = 'ten'\n", ["[queue] max_size: must be an integer >= 1, got 'ten'"]),
@@ -206,19 +225,43 @@ BAD = [
     ("bool for int", "[quota]\ndaily_limit = true\n", ["[quota] daily_limit", "integer >= 0", "got True"]),
     ("string for bool", "[model]\nt5_fp8 = 'yes'\n", ["[model] t5_fp8", "true or false", "got 'yes'"]),
     ("int for bool", "[model]\nt5_fp8 = 1\n", ["[model] t5_fp8", "true or false", "got 1"]),
-    ("string for float", "[generation]\nguidance = 'high'\n", ["[generation] guidance", "number from 0 to 20", "got 'high'"]),
+    (
+        "string for float",
+        "[generation]\nguidance = 'high'\n",
+        ["[generation] guidance", "number from 0 to 20", "got 'high'"],
+    ),
     ("bool for float", "[generation]\nguidance = false\n", ["[generation] guidance", "got False"]),
     ("nan float", "[generation]\nguidance = nan\n", ["[generation] guidance", "got nan"]),
     ("int for path", "[storage]\ndatabase = 5\n", ["[storage] database", "path", "got 5"]),
     ("empty path", "[model]\ndir = ''\n", ["[model] dir", "non-empty path", "got ''"]),
-    ("scalar for list", "[moderation]\nblocked_terms = 'gore'\n", ["[moderation] blocked_terms", "list of strings", "got 'gore'"]),
-    ("bad list item", "[moderation]\nblocked_terms = ['gore', 3]\n", ["[moderation] blocked_terms[1]", "non-empty string", "got 3"]),
-    ("blank list item", "[moderation]\nblocked_terms = ['  ']\n", ["[moderation] blocked_terms[0]", "non-empty string"]),
+    (
+        "scalar for list",
+        "[moderation]\nblocked_terms = 'gore'\n",
+        ["[moderation] blocked_terms", "list of strings", "got 'gore'"],
+    ),
+    (
+        "bad list item",
+        "[moderation]\nblocked_terms = ['gore', 3]\n",
+        ["[moderation] blocked_terms[1]", "non-empty string", "got 3"],
+    ),
+    (
+        "blank list item",
+        "[moderation]\nblocked_terms = ['  ']\n",
+        ["[moderation] blocked_terms[0]", "non-empty string"],
+    ),
     ("scalar for ids", "[discord]\nguild_ids = 123\n", ["[discord] guild_ids", "list of Discord ids", "got 123"]),
-    ("non-digit id", "[discord]\nadmin_user_ids = ['12ab']\n", ["[discord] admin_user_ids[0]", "Discord id", "got '12ab'"]),
+    (
+        "non-digit id",
+        "[discord]\nadmin_user_ids = ['12ab']\n",
+        ["[discord] admin_user_ids[0]", "Discord id", "got '12ab'"],
+    ),
     ("negative id", "[discord]\nguild_ids = [1, -5]\n", ["[discord] guild_ids[1]", "positive integer", "got -5"]),
     ("float id", "[discord]\nguild_ids = [1.5]\n", ["[discord] guild_ids[0]", "got 1.5"]),
-    ("bad enum preset", "[model]\npreset = 'flux-dev'\n", ["[model] preset", "one of 'majicflus', 'tiny-random'", "got 'flux-dev'"]),
+    (
+        "bad enum preset",
+        "[model]\npreset = 'flux-dev'\n",
+        ["[model] preset", "one of 'majicflus', 'tiny-random'", "got 'flux-dev'"],
+    ),
     ("bad enum lever", "[model]\ncompile = true\n", ["[model] compile", "one of 'auto', 'on', 'off'", "got True"]),
     ("bad enum fp8", "[model]\nfp8_matmul = 'yes'\n", ["[model] fp8_matmul", "'auto', 'on', 'off'"]),
     ("bad enum fast accum", "[model]\nfast_accum = true\n", ["[model] fast_accum", "'auto', 'on', 'off'"]),
@@ -228,16 +271,36 @@ BAD = [
     ("vram word", "[model]\nvram_limit_gb = 'max'\n", ["[model] vram_limit_gb", "'auto'", "got 'max'"]),
     ("vram bool", "[model]\nvram_limit_gb = true\n", ["[model] vram_limit_gb", "got True"]),
     ("max_steps too high", "[generation]\nmax_steps = 51\n", ["[generation] max_steps", "from 1 to 50", "got 51"]),
-    ("default_steps zero", "[generation]\ndefault_steps = 0\n", ["[generation] default_steps", "from 1 to 50", "got 0"]),
-    ("default over max", "[generation]\nmax_steps = 10\ndefault_steps = 20\n", ["[generation] default_steps", "from 1 to max_steps (10)", "got 20"]),
-    ("width not multiple of 16", "[generation]\nwidth = 1000\n", ["[generation] width", "multiple of 16 from 256 to 2048", "got 1000"]),
+    (
+        "default_steps zero",
+        "[generation]\ndefault_steps = 0\n",
+        ["[generation] default_steps", "from 1 to 50", "got 0"],
+    ),
+    (
+        "default over max",
+        "[generation]\nmax_steps = 10\ndefault_steps = 20\n",
+        ["[generation] default_steps", "from 1 to max_steps (10)", "got 20"],
+    ),
+    (
+        "width not multiple of 16",
+        "[generation]\nwidth = 1000\n",
+        ["[generation] width", "multiple of 16 from 256 to 2048", "got 1000"],
+    ),
     ("height too small", "[generation]\nheight = 128\n", ["[generation] height", "from 256 to 2048", "got 128"]),
     ("height too big", "[generation]\nheight = 2064\n", ["[generation] height", "got 2064"]),
-    ("prompt chars too big", "[generation]\nmax_prompt_chars = 4001\n", ["[generation] max_prompt_chars", "from 1 to 4000", "got 4001"]),
+    (
+        "prompt chars too big",
+        "[generation]\nmax_prompt_chars = 4001\n",
+        ["[generation] max_prompt_chars", "from 1 to 4000", "got 4001"],
+    ),
     ("guidance negative", "[generation]\nguidance = -1.0\n", ["[generation] guidance", "from 0 to 20", "got -1.0"]),
     ("quota negative", "[quota]\ndaily_limit = -1\n", ["[quota] daily_limit", ">= 0", "got -1"]),
     ("queue zero", "[queue]\nmax_size = 0\n", ["[queue] max_size", ">= 1", "got 0"]),
-    ("per user over size", "[queue]\nmax_size = 2\nmax_per_user = 3\n", ["[queue] max_per_user", "max_size (2)", "got 3"]),
+    (
+        "per user over size",
+        "[queue]\nmax_size = 2\nmax_per_user = 3\n",
+        ["[queue] max_per_user", "max_size (2)", "got 3"],
+    ),
     ("attempts zero", "[jobs]\nmax_attempts = 0\n", ["[jobs] max_attempts", ">= 1", "got 0"]),
     ("token not a string", "[discord]\ntoken = 12345678901\n", ["[discord] token", "must be a string", "int"]),
 ]
@@ -367,7 +430,7 @@ def test_token_never_in_error_messages(tmp_path: Path, bad: str, from_env: bool)
     head = "" if from_env else f'[discord]\ntoken = "{TOKEN}"\n'
     body = bad.format(token=TOKEN)
     if not from_env and body.startswith("[discord]\n"):
-        body = body[len("[discord]\n"):]
+        body = body[len("[discord]\n") :]
     path = write(tmp_path, head + body)
     env = {"DISCORD_TOKEN": TOKEN} if from_env else {}
     with pytest.raises(ConfigError) as info:
@@ -432,7 +495,11 @@ def test_readable_file_with_token_warns(tmp_path: Path, caplog: pytest.LogCaptur
 @pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
 @pytest.mark.parametrize(
     ("text", "mode"),
-    [(f'[discord]\ntoken = "{TOKEN}"\n', 0o600), ('[discord]\ntoken = ""\n', 0o644), ("[queue]\nmax_size = 3\n", 0o644)],
+    [
+        (f'[discord]\ntoken = "{TOKEN}"\n', 0o600),
+        ('[discord]\ntoken = ""\n', 0o644),
+        ("[queue]\nmax_size = 3\n", 0o644),
+    ],
     ids=["private-with-token", "readable-empty-token", "readable-no-token"],
 )
 def test_no_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture, text: str, mode: int) -> None:

@@ -22,11 +22,20 @@ from processkit import BotProcess, until, write_config
 
 START_TIMEOUT = START  # import torch + diffsynth, load the tiny model, connect
 FINISH_TIMEOUT = START
-REQUESTS = [(ALICE, "a lighthouse at dusk"), (BOB, "a red cat"), (CAROL, "a quiet harbour"),
-            (ALICE, "a second lighthouse"), (BOB, "a second cat")]
+REQUESTS = [
+    (ALICE, "a lighthouse at dusk"),
+    (BOB, "a red cat"),
+    (CAROL, "a quiet harbour"),
+    (ALICE, "a second lighthouse"),
+    (BOB, "a second cat"),
+]
 # what the ledger must say about the interrupted job at the moment of the kill
-STATE_AT_KILL = {"before": "running", "during": "running", "after_generation": "generated",
-                 "after_delivery": "generated"}
+STATE_AT_KILL = {
+    "before": "running",
+    "during": "running",
+    "after_generation": "generated",
+    "after_delivery": "generated",
+}
 
 
 def read_jobs(db: Path) -> list[dict]:
@@ -35,8 +44,12 @@ def read_jobs(db: Path) -> list[dict]:
         return []
     with contextlib.closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True, timeout=5)) as conn:
         conn.row_factory = sqlite3.Row
-        return [dict(r) for r in conn.execute(
-            "SELECT id, user_id, status, attempts, charged_day, result_message_id FROM jobs ORDER BY id")]
+        return [
+            dict(r)
+            for r in conn.execute(
+                "SELECT id, user_id, status, attempts, charged_day, result_message_id FROM jobs ORDER BY id"
+            )
+        ]
 
 
 def read_usage(db: Path) -> dict[tuple[int, str], int]:
@@ -77,8 +90,12 @@ async def test_sigkill_loses_nothing_and_sends_nothing_twice(fake, tmp_path, mod
         # ---- second life: no kill point; every job must finish
         connections = fake.gateway_connections
         go.touch()
-        await until(lambda: [j["status"] for j in read_jobs(db)] == ["done"] * len(REQUESTS), bot,
-                    START_TIMEOUT + FINISH_TIMEOUT, "every job to be done")
+        await until(
+            lambda: [j["status"] for j in read_jobs(db)] == ["done"] * len(REQUESTS),
+            bot,
+            START_TIMEOUT + FINISH_TIMEOUT,
+            "every job to be done",
+        )
         await until(lambda: fake.gateway_connections > connections, bot, START, "the restarted bot to connect")
         await fake.wait_connected(connections, timeout=START)
         assert await bot.stop() == 0, bot.log_tail()
@@ -117,8 +134,7 @@ async def test_sigkill_loses_nothing_and_sends_nothing_twice(fake, tmp_path, mod
 
 
 @pytest.mark.parametrize("progress_message", ["deleted", "never_recorded"])
-async def test_result_sent_as_a_new_message_is_found_after_a_crash(fake, tmp_path, model_dir, engine,
-                                                                    progress_message):
+async def test_result_sent_as_a_new_message_is_found_after_a_crash(fake, tmp_path, model_dir, engine, progress_message):
     """The result went out as a message of its own (its progress message was deleted by a moderator, or
     its id never reached the ledger), then the bot died before recording it: the restart must find that
     message in the channel instead of sending the image twice. In-process (the kill point is the same
@@ -132,6 +148,7 @@ async def test_result_sent_as_a_new_message_is_found_after_a_crash(fake, tmp_pat
         async def die_before_recording(job_id, message_id, now=None):
             stuck.set()
             await asyncio.Event().wait()
+
         bot.store.mark_done = die_before_recording
         inter = await fake.slash("imagine", {"prompt": "a message of its own"}, user_id=ALICE)
         original = await inter.wait_original(lambda m: m["content"])

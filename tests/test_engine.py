@@ -43,23 +43,28 @@ def test_same_seed_same_pixels_other_seed_differs(tiny_engine):
 
 def test_prompt_changes_the_image(tiny_engine):
     a = pixels(tiny_engine.generate(GenerationRequest("a photo of a cat", seed=5, steps=2, width=128, height=128)))
-    b = pixels(tiny_engine.generate(GenerationRequest("mountains forest river", seed=5, steps=2, width=128, height=128)))
+    b = pixels(
+        tiny_engine.generate(GenerationRequest("mountains forest river", seed=5, steps=2, width=128, height=128))
+    )
     assert not np.array_equal(a, b)
 
 
 def test_progress_reported_once_per_step(tiny_engine):
     seen = []
-    tiny_engine.generate(GenerationRequest("x", seed=1, steps=5, width=128, height=128),
-                         on_progress=lambda i, n: seen.append((i, n)))
+    tiny_engine.generate(
+        GenerationRequest("x", seed=1, steps=5, width=128, height=128), on_progress=lambda i, n: seen.append((i, n))
+    )
     assert seen == [(i, 5) for i in range(1, 6)]
 
 
 def test_cancel_stops_between_steps(tiny_engine):
     seen = []
     with pytest.raises(GenerationCancelled):
-        tiny_engine.generate(GenerationRequest("x", seed=1, steps=10, width=128, height=128),
-                             on_progress=lambda i, n: seen.append(i),
-                             should_cancel=lambda: len(seen) >= 2)
+        tiny_engine.generate(
+            GenerationRequest("x", seed=1, steps=10, width=128, height=128),
+            on_progress=lambda i, n: seen.append(i),
+            should_cancel=lambda: len(seen) >= 2,
+        )
     assert seen == [1, 2]
     # the engine is still usable afterwards
     assert pixels(tiny_engine.generate(GenerationRequest("x", seed=1, steps=1, width=128, height=128))).std() > 0
@@ -129,8 +134,9 @@ def _hash(state_dict) -> str:
 def _registered(name: str) -> set[str]:
     from diffsynth.configs import MODEL_CONFIGS
 
-    return {c["model_hash"] for c in MODEL_CONFIGS if c["model_name"] == name
-            and c["model_class"].startswith("diffsynth.")}
+    return {
+        c["model_hash"] for c in MODEL_CONFIGS if c["model_name"] == name and c["model_class"].startswith("diffsynth.")
+    }
 
 
 def test_full_size_layouts_match_diffsynth_registry():
@@ -159,8 +165,11 @@ def test_download_asks_modelscope_for_exactly_the_needed_files(tmp_path):
     missing = weights.download(tmp_path, snapshot_download=fake_snapshot_download)
     assert calls == [
         ("MAILAND/majicflus_v1", str(tmp_path / "MAILAND/majicflus_v1"), ["majicflus_v134.safetensors"]),
-        ("black-forest-labs/FLUX.1-dev", str(tmp_path / "black-forest-labs/FLUX.1-dev"),
-         ["ae.safetensors", "text_encoder/model.safetensors", "text_encoder_2/*", "tokenizer/*", "tokenizer_2/*"]),
+        (
+            "black-forest-labs/FLUX.1-dev",
+            str(tmp_path / "black-forest-labs/FLUX.1-dev"),
+            ["ae.safetensors", "text_encoder/model.safetensors", "text_encoder_2/*", "tokenizer/*", "tokenizer_2/*"],
+        ),
     ]
     assert "MAILAND/majicflus_v1/majicflus_v134.safetensors" in missing  # nothing was really fetched
 
@@ -168,9 +177,18 @@ def test_download_asks_modelscope_for_exactly_the_needed_files(tmp_path):
 def streaming_cpu_plan(resident_gib: float, compile: str = "off"):
     """A CPU plan with a budget far too small for the tiny model: most layers stream."""
     from bot.engine.budget import Plan
-    return Plan(device=torch.device("cpu"), compute_dtype=torch.float32, budget_gib=0.01,
-                dit_resident_gib=resident_gib, text_encoders_resident=False, keep_resident=True,
-                fp8_matmul=False, pinned=False, compile=compile)
+
+    return Plan(
+        device=torch.device("cpu"),
+        compute_dtype=torch.float32,
+        budget_gib=0.01,
+        dit_resident_gib=resident_gib,
+        text_encoders_resident=False,
+        keep_resident=True,
+        fp8_matmul=False,
+        pinned=False,
+        compile=compile,
+    )
 
 
 def test_streamed_placement_paints_the_same_pixels(model_dir, tiny_engine):
@@ -210,6 +228,7 @@ def test_compiled_blocks_paint_the_same_image(model_dir, tiny_engine, fused_atte
     compiled = Engine.load(tiny_model_settings(model_dir, compile="on", fused_attention=fused_attention))
     assert compiled.compiled
     from bot.engine import attention
+
     installed = {b.attn.forward.__func__ is attention._joint_attention_forward for b in compiled.pipe.dit.blocks}
     assert installed == {fused_attention == "on"}
     req = GenerationRequest("compiled cat", seed=4, steps=2, width=128, height=128)
@@ -332,9 +351,13 @@ def card_plan(monkeypatch, capability, total_gib, **settings):
     """The plan `make_plan` makes for a CUDA card of this compute capability and memory (the card
     faked, the rest of the machine as it is); settings default to an 8 GB budget."""
     from bot.engine import budget
+
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    monkeypatch.setattr(torch.cuda, "get_device_properties",
-                        lambda device=None: SimpleNamespace(total_memory=int(total_gib * budget.GIB)))
+    monkeypatch.setattr(
+        torch.cuda,
+        "get_device_properties",
+        lambda device=None: SimpleNamespace(total_memory=int(total_gib * budget.GIB)),
+    )
     model = tiny_model_settings(Path("unused"), **{"vram_limit_gb": 8.0, **settings})
     return budget.make_plan(model, torch.device("cuda", 0))
 
@@ -344,6 +367,7 @@ def test_plan_follows_the_card(monkeypatch):
     and Hopper only, the DiT share that fits the budget, T5 streamed below 30 GB."""
 
     from bot.engine import budget
+
     monkeypatch.setattr(budget, "kernel_build_missing", lambda: [])  # a machine that builds GPU kernels
 
     def plan_for(capability, total_gib, **settings):
@@ -374,6 +398,7 @@ def test_plan_follows_the_card(monkeypatch):
     # The one-kernel attention inputs: on Ampere and newer wherever Triton is (every budget), unless
     # switched off; not on Turing (no bf16 in hardware), even when asked for.
     from bot.engine import attention
+
     assert hopper.fused_attention == plan_for((8, 6), 12).fused_attention == attention.kernel_available()
     assert not turing.fused_attention and not plan_for((7, 5), 11, fused_attention="on").fused_attention
     assert not plan_for((9, 0), 80, fused_attention="off").fused_attention
@@ -388,6 +413,7 @@ def test_without_a_c_compiler_the_gpu_runs_plain_kernels(monkeypatch, caplog, ke
     import shutil
 
     from bot.engine import budget
+
     settings = dict(compile="on", fp8_matmul="on", fused_attention="auto")
     assert budget.kernel_build_missing() == []
     assert card_plan(monkeypatch, (9, 0), 80, **settings).compile == "on"
@@ -412,21 +438,27 @@ def test_the_allocator_cap_never_rises_above_anothers(monkeypatch):
     back what was there before."""
     from bot.engine import budget
     from bot.engine.budget import GIB, Plan
+
     total = 85_017_624_576  # an H100's bytes: fractions of it do not come out whole
     card = {"allowed": total}
     # As PyTorch does: it keeps the allowed bytes and reads back bytes / total, not the fraction set.
     monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: card["allowed"] / total)
-    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction",
-                        lambda fraction, device=None: card.__setitem__("allowed", int(fraction * total)))
+    monkeypatch.setattr(
+        torch.cuda,
+        "set_per_process_memory_fraction",
+        lambda fraction, device=None: card.__setitem__("allowed", int(fraction * total)),
+    )
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(total_memory=total))
     monkeypatch.setattr(budget, "_allocator_fractions", {})
 
     def cap(gib):
-        return budget.cap_allocator(Plan(torch.device("cuda", 0), torch.bfloat16, 8.0, 4.75, False, True,
-                                         True, True, allocator_cap_gib=gib))
+        return budget.cap_allocator(
+            Plan(torch.device("cuda", 0), torch.bfloat16, 8.0, 4.75, False, True, True, True, allocator_cap_gib=gib)
+        )
 
     def allowed_gib():
         return pytest.approx(card["allowed"] / GIB, abs=1e-6)
+
     cap(6.25)
     assert allowed_gib() == 6.25
     cap(None)
@@ -513,6 +545,7 @@ def test_guidance_is_made_on_the_device_with_diffsynths_values(tiny_engine):
     """The engine's guidance unit (no blocking copy) gives the tensor DiffSynth's own unit gives:
     the same values, dtype and device, for guidance values that do and do not round."""
     from diffsynth.pipelines.flux_image import FluxImageUnit_EmbeddedGuidanceEmbedder
+
     ours = [u for u in tiny_engine.pipe.units if isinstance(u, FluxImageUnit_EmbeddedGuidanceEmbedder)]
     assert len(ours) == 1 and type(ours[0]) is not FluxImageUnit_EmbeddedGuidanceEmbedder
     for dtype in (torch.float32, torch.bfloat16):
@@ -530,12 +563,18 @@ def inductor_state(monkeypatch):
     import torch._inductor.config as config
     from torch._inductor import decomposition
     from torch._inductor.choices import InductorChoices
-    monkeypatch.setattr(InductorChoices, "should_use_persistent_reduction",
-                        InductorChoices.__dict__["should_use_persistent_reduction"])
-    monkeypatch.setitem(decomposition.decompositions, torch.ops.aten.gelu.default,
-                        decomposition.decompositions[torch.ops.aten.gelu.default])
-    with config.patch(split_reductions=config.split_reductions,
-                      coordinate_descent_tuning=config.coordinate_descent_tuning):
+
+    monkeypatch.setattr(
+        InductorChoices, "should_use_persistent_reduction", InductorChoices.__dict__["should_use_persistent_reduction"]
+    )
+    monkeypatch.setitem(
+        decomposition.decompositions,
+        torch.ops.aten.gelu.default,
+        decomposition.decompositions[torch.ops.aten.gelu.default],
+    )
+    with config.patch(
+        split_reductions=config.split_reductions, coordinate_descent_tuning=config.coordinate_descent_tuning
+    ):
         yield
     decomposition.fast_random_decomps.cache_clear()
 
@@ -546,6 +585,7 @@ def test_inductor_compiles_tanh_gelu_through_sigmoid(inductor_state):
     from torch._inductor.decomposition import select_decomp_table
 
     from bot.engine import inductor
+
     x = torch.linspace(-12, 12, 100_001, dtype=torch.float64)
     for approximate in ("tanh", "none"):
         want = torch.nn.functional.gelu(x, approximate=approximate)
@@ -566,6 +606,7 @@ def test_inductor_keeps_rows_up_to_16384_in_one_pass(inductor_state):
     from torch._inductor.virtualized import V
 
     from bot.engine import inductor
+
     inductor.configure()
     inductor.configure()
     rule = InductorChoices.should_use_persistent_reduction
@@ -587,8 +628,11 @@ def test_inductor_keeps_rows_up_to_16384_in_one_pass(inductor_state):
         def has_strict_sum_multirow_reduction(self):
             return False
 
-    sizevars = SimpleNamespace(statically_known_leq=lambda a, b: a <= b, statically_known_geq=lambda a, b: a >= b,
-                               optimization_hint=lambda expr: int(expr))
+    sizevars = SimpleNamespace(
+        statically_known_leq=lambda a, b: a <= b,
+        statically_known_geq=lambda a, b: a >= b,
+        optimization_hint=lambda expr: int(expr),
+    )
     with V.set_graph_handler(SimpleNamespace(sizevars=sizevars)):
         persistent = {n: rule(Kernel(n, ReductionHint.INNER), False) for n in (128, 3072, 12288, 15360, 16384, 16385)}
         outer = rule(Kernel(15360, ReductionHint.OUTER), False)

@@ -24,10 +24,21 @@ REQ = GenerationRequest("a cat on a GPU", seed=21, steps=3, width=256, height=25
 
 
 def plan(*, resident_gib, fp8, compile="on", keep_resident=True, cuda_graphs=False, fused_attention=False) -> Plan:
-    return Plan(device=torch.device("cuda", 0), compute_dtype=torch.bfloat16, budget_gib=None if resident_gib is None else 1.0,
-                dit_resident_gib=resident_gib, text_encoders_resident=resident_gib is None, keep_resident=keep_resident,
-                fp8_matmul=fp8, pinned=True, tiled_vae=False, compile=compile, fast_accum=fp8,
-                cuda_graphs=cuda_graphs, fused_attention=fused_attention)
+    return Plan(
+        device=torch.device("cuda", 0),
+        compute_dtype=torch.bfloat16,
+        budget_gib=None if resident_gib is None else 1.0,
+        dit_resident_gib=resident_gib,
+        text_encoders_resident=resident_gib is None,
+        keep_resident=keep_resident,
+        fp8_matmul=fp8,
+        pinned=True,
+        tiled_vae=False,
+        compile=compile,
+        fast_accum=fp8,
+        cuda_graphs=cuda_graphs,
+        fused_attention=fused_attention,
+    )
 
 
 def pixels(engine: Engine, req: GenerationRequest = REQ) -> np.ndarray:
@@ -143,6 +154,7 @@ def test_small_tensors_reach_the_gpu_without_a_blocking_copy():
     """`to_device_nonblocking` queues the copy behind the GPU's work instead of waiting for it, and
     back-to-back copies keep their own values (the page-locked buffer is not reused too early)."""
     from bot.engine import offload
+
     a = torch.randn(4096, 4096, device="cuda")
     torch.cuda.synchronize()
     for _ in range(50):
@@ -161,12 +173,15 @@ def test_the_attention_kernel_in_bf16_eager_and_compiled(monkeypatch):
     from diffsynth.models import flux_dit
 
     from bot.engine import attention
+
     torch.manual_seed(3)
     heads, dim, dt = 24, 128, torch.bfloat16
     ids = torch.randint(0, 64, (1, 600, 3), device="cuda").float()
     freqs = flux_dit.RoPEEmbedding(dim, 10000, [16, 56, 56])(ids)
-    qkvs = [torch.randn(1, 88, 3 * heads * dim, device="cuda", dtype=dt),
-            torch.randn(1, 512, 7 * heads * dim, device="cuda", dtype=dt)[:, :, :3 * heads * dim]]
+    qkvs = [
+        torch.randn(1, 88, 3 * heads * dim, device="cuda", dtype=dt),
+        torch.randn(1, 512, 7 * heads * dim, device="cuda", dtype=dt)[:, :, : 3 * heads * dim],
+    ]
     wq = [torch.rand(dim, device="cuda", dtype=dt) + 0.5 for _ in qkvs]
     wk = [torch.rand(dim, device="cuda", dtype=dt) + 0.5 for _ in qkvs]
     # A float8 bias, as float8 layers keep theirs (converted through fp32 in the kernel).
@@ -200,6 +215,7 @@ def test_fused_attention_engine_paints_what_diffsynths_attention_does(model_dir,
     """The whole tiny model with the kernel, compiled and replayed as a CUDA graph, against the
     same engine with DiffSynth's attention code."""
     from bot.engine import attention
+
     fp8 = fp8_matmul_supported(torch.device("cuda", 0))
     settings = tiny_model_settings(model_dir, device="cuda")
     plain = Engine.load(settings, plan=plan(resident_gib=None, fp8=fp8, cuda_graphs=True))
@@ -231,12 +247,21 @@ def test_page_locked_weights_are_released_with_their_memory():
     from diffsynth.core.vram.layers import AutoWrappedLinear
 
     from bot.engine import offload
+
     cudart = torch.cuda.cudart()
 
     def pinned_layer(memory):
-        layer = AutoWrappedLinear(torch.nn.Linear(4096, 4096), offload_dtype=torch.bfloat16, offload_device="cpu",
-                                  onload_dtype=torch.bfloat16, onload_device="cpu", preparing_dtype=torch.bfloat16,
-                                  preparing_device="cuda", computation_dtype=torch.bfloat16, computation_device="cuda")
+        layer = AutoWrappedLinear(
+            torch.nn.Linear(4096, 4096),
+            offload_dtype=torch.bfloat16,
+            offload_device="cpu",
+            onload_dtype=torch.bfloat16,
+            onload_device="cpu",
+            preparing_dtype=torch.bfloat16,
+            preparing_device="cuda",
+            computation_dtype=torch.bfloat16,
+            computation_device="cuda",
+        )
         layer.to(torch.bfloat16)
         layer.weight.data = torch.from_numpy(memory).view(torch.bfloat16)
         offload.pin(layer)

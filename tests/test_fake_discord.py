@@ -1,4 +1,5 @@
 """Tests of the fake Discord: the real discord.py Bot logs in, syncs, and answers interactions against it."""
+
 from __future__ import annotations
 
 import asyncio
@@ -19,9 +20,14 @@ ADMIN, OTHER = 11, 12
 def png_bytes() -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     ihdr = struct.pack(">IIBBBBB", 2, 1, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" + b"\xff" * 6)) + \
-        chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" + b"\xff" * 6))
+        + chunk(b"IEND", b"")
+    )
 
 
 class PersistentView(discord.ui.View):
@@ -44,14 +50,23 @@ def make_bot(fake: FakeDiscord, seen: dict) -> commands.Bot:
     @bot.tree.command(name="paint", description="paint something", guild=guild)
     @app_commands.describe(steps="number of steps", who="for whom")
     async def paint(interaction: discord.Interaction, steps: int, who: discord.Member, prompt: str = "cat"):
-        seen["paint"] = {"steps": steps, "who": who, "prompt": prompt, "user": interaction.user,
-                         "perms": interaction.permissions}
+        seen["paint"] = {
+            "steps": steps,
+            "who": who,
+            "prompt": prompt,
+            "user": interaction.user,
+            "perms": interaction.permissions,
+        }
         await interaction.response.defer()
         await interaction.edit_original_response(content=f"painting {prompt} ({steps} steps)")
         embed = discord.Embed(title="Done", description=prompt)
         msg = await interaction.followup.send(
-            embed=embed, file=discord.File(io.BytesIO(png_bytes()), filename="out.png"),
-            view=PersistentView(seen["clicks"]), allowed_mentions=discord.AllowedMentions.none(), wait=True)
+            embed=embed,
+            file=discord.File(io.BytesIO(png_bytes()), filename="out.png"),
+            view=PersistentView(seen["clicks"]),
+            allowed_mentions=discord.AllowedMentions.none(),
+            wait=True,
+        )
         seen["followup"] = msg
 
     quota = app_commands.Group(name="quota", description="quota admin", guild_ids=[fake.guild_id])
@@ -176,8 +191,12 @@ async def test_persistent_view_click(bot_env):
 
 async def test_429_on_followup_is_retried(bot_env):
     fake, bot, seen = bot_env
-    fake.fail_next("POST", r"^/webhooks/\d+/[^/]+$", status=429, body={"retry_after": 0.05, "global": False,
-                                                                       "message": "You are being rate limited."})
+    fake.fail_next(
+        "POST",
+        r"^/webhooks/\d+/[^/]+$",
+        status=429,
+        body={"retry_after": 0.05, "global": False, "message": "You are being rate limited."},
+    )
     inter = await fake.slash("paint", {"steps": 2, "who": OTHER}, user_id=ADMIN)
     ok = await fake.wait_for(lambda e: e.path.startswith("/webhooks/") and e.method == "POST" and e.status == 200)
     limited = [e for e in fake.events if e.status == 429]
@@ -289,8 +308,9 @@ async def test_global_command_view_update_modal_and_channel_ops(fake):
         ask = await fake.click(mid, "ask", user_id=OTHER)
         modal = (await ask.response()).json
         assert modal["type"] == 9
-        submit = await fake.submit_modal(modal["data"]["custom_id"], {"question": "why?"}, user_id=OTHER,
-                                         message_id=mid)
+        submit = await fake.submit_modal(
+            modal["data"]["custom_id"], {"question": "why?"}, user_id=OTHER, message_id=mid
+        )
         assert (await submit.original())["content"] == "asked: why?"
 
         # hostile options: a string where an integer is declared is sent as given
@@ -311,8 +331,9 @@ async def test_global_command_view_update_modal_and_channel_ops(fake):
         assert msg.id in fake.deleted_message_ids and msg.id not in fake.messages
         with pytest.raises(discord.NotFound):
             await channel.fetch_message(msg.id)
-        fake.fail_next("POST", r"/channels/\d+/messages$", status=403,
-                       body={"code": 50013, "message": "Missing Permissions"})
+        fake.fail_next(
+            "POST", r"/channels/\d+/messages$", status=403, body={"code": 50013, "message": "Missing Permissions"}
+        )
         with pytest.raises(discord.Forbidden):
             await channel.send("nope")
         async with channel.typing():

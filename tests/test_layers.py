@@ -30,8 +30,7 @@ WITHOUT_ML = textwrap.dedent("""
 
 
 def test_the_discord_side_and_the_queue_import_without_torch_or_diffsynth():
-    done = subprocess.run([sys.executable, "-c", WITHOUT_ML], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run([sys.executable, "-c", WITHOUT_ML], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "loaded: []" in done.stdout
 

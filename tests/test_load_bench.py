@@ -28,9 +28,32 @@ def check_stats(stats: dict, n: int | None = None) -> None:
 def test_load_bench_smoke(tmp_path, model_dir, capsys):
     bench = load_bench_module()
     out = tmp_path / "load_bench.json"
-    result = bench.main(["--out", str(out), "--model-dir", str(model_dir), "--size", "256", "--steps", "6",
-                         "--painter-jobs", "2", "--commands", "10", "--spacing-ms", "20", "--burst", "20",
-                         "--users", "5", "--quota", "2", "--burst-steps", "2"])
+    result = bench.main(
+        [
+            "--out",
+            str(out),
+            "--model-dir",
+            str(model_dir),
+            "--size",
+            "256",
+            "--steps",
+            "6",
+            "--painter-jobs",
+            "2",
+            "--commands",
+            "10",
+            "--spacing-ms",
+            "20",
+            "--burst",
+            "20",
+            "--users",
+            "5",
+            "--quota",
+            "2",
+            "--burst-steps",
+            "2",
+        ]
+    )
     assert json.loads(out.read_text()) == result
     assert "CPU" in result["note"] and result["machine"]["device"] == "cpu"
     assert result["targets"] == {"ack_p99_ms": 500.0, "loop_lag_p99_ms": 50.0}

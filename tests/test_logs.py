@@ -285,11 +285,14 @@ def _log_reconnect(exc: BaseException) -> None:
         logging.getLogger("discord.client").exception("Attempting a reconnect in %.2fs", 4.0)
 
 
-@pytest.mark.parametrize("exc", [
-    ConnectionResetError(104, "Connection reset by peer"),
-    OSError(-3, "Temporary failure in name resolution"),
-    TimeoutError(),
-])
+@pytest.mark.parametrize(
+    "exc",
+    [
+        ConnectionResetError(104, "Connection reset by peer"),
+        OSError(-3, "Temporary failure in name resolution"),
+        TimeoutError(),
+    ],
+)
 def test_a_network_failure_is_one_line_without_its_traceback(stderr: Stderr, exc: BaseException) -> None:
     setup_logging("INFO")
     _log_reconnect(exc)

@@ -13,8 +13,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_ci_runs_exactly_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     quickstart = readme.split("## Quickstart", 1)[1].split("##", 1)[0]
-    commands = [ln.strip() for ln in re.findall(r"```sh\n(.*?)```", quickstart, re.S)[0].splitlines()
-                if ln.strip() and not ln.strip().startswith("#")]
+    commands = [
+        ln.strip()
+        for ln in re.findall(r"```sh\n(.*?)```", quickstart, re.S)[0].splitlines()
+        if ln.strip() and not ln.strip().startswith("#")
+    ]
     assert len(commands) == 2, commands
     assert "fluxbot run" in commands[0]
     ci = [ln.strip() for ln in (ROOT / ".ci/run").read_text().splitlines()]

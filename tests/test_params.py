@@ -25,8 +25,15 @@ def test_the_ledger_insert_and_png_metadata_name_every_parameter():
     for name in PARAM_FIELDS:
         assert f":{name}" in SQL_INSERT_JOB
     meta = png_metadata(JobParams("a cat", 7, 3, 64, 48), "tiny", job=5)
-    assert meta == {"prompt": "a cat", "seed": 7, "steps": 3, "size": "64x48", "model": "tiny", "job": 5,
-                    "generator": "fluxbot"}
+    assert meta == {
+        "prompt": "a cat",
+        "seed": 7,
+        "steps": 3,
+        "size": "64x48",
+        "model": "tiny",
+        "job": 5,
+        "generator": "fluxbot",
+    }
 
 
 def test_request_and_params_round_trip():

@@ -67,6 +67,7 @@ async def test_crash_between_sending_and_recording_sends_nothing_twice(fake, set
         async def crash_before_recording(job_id, message_id, now=None):
             stuck.set()
             await asyncio.Event().wait()  # the process "dies" here
+
         bot.store.mark_done = crash_before_recording
         inter = await fake.slash("imagine", {"prompt": "once only", "seed": 5}, user_id=ALICE)
         await asyncio.wait_for(stuck.wait(), 30)
@@ -96,6 +97,7 @@ async def test_generated_but_unsent_result_is_sent_after_restart(fake, settings,
         async def crash_before_sending(job, path):
             stuck.set()
             await asyncio.Event().wait()
+
         bot.queue.delivery.deliver = crash_before_sending
         await fake.slash("imagine", {"prompt": "late delivery"}, user_id=ALICE)
         await asyncio.wait_for(stuck.wait(), 30)
@@ -170,8 +172,13 @@ async def test_missing_permissions_is_a_logged_failure_and_a_refund(fake, settin
         await eventually(engine.busy.is_set, what="GPU busy")
         unknown_webhook = {"code": 10015, "message": "Unknown Webhook"}
         fake.fail_next("*", r"/webhooks/", status=404, body=unknown_webhook, times=20)
-        fake.fail_next("POST", r"/channels/\d+/messages", status=403,
-                       body={"code": 50013, "message": "Missing Permissions"}, times=5)
+        fake.fail_next(
+            "POST",
+            r"/channels/\d+/messages",
+            status=403,
+            body={"code": 50013, "message": "Missing Permissions"},
+            times=5,
+        )
         engine.gate.set()
         await bot.queue.wait_idle(30)
         job = (await bot.store.recent_jobs(1))[0]
@@ -216,12 +223,24 @@ HOSTILE = [
     ("imagine", {"prompt": "a cat", "steps": 51}, (), "steps must be between 1 and 50"),
     ("imagine", {"prompt": "a cat", "steps": -3}, (), "steps must be between 1 and 50"),
     ("imagine", {"prompt": "a cat", "size": "poster"}, (), "size must be one of: square, portrait, landscape"),
-    ("imagine", [{"name": "prompt", "type": 3, "value": "a cat"}, {"name": "seed", "type": 4, "value": "abc"}],
-     (), "seed must be a whole number"),
-    ("imagine", [{"name": "prompt", "type": 3, "value": "a cat"}, {"name": "steps", "type": 4, "value": "ten"}],
-     (), "steps must be a whole number"),
-    ("imagine", [{"name": "prompt", "type": 3, "value": "a cat"}, {"name": "steps", "type": 4, "value": 2.5}],
-     (), "steps must be a whole number"),
+    (
+        "imagine",
+        [{"name": "prompt", "type": 3, "value": "a cat"}, {"name": "seed", "type": 4, "value": "abc"}],
+        (),
+        "seed must be a whole number",
+    ),
+    (
+        "imagine",
+        [{"name": "prompt", "type": 3, "value": "a cat"}, {"name": "steps", "type": 4, "value": "ten"}],
+        (),
+        "steps must be a whole number",
+    ),
+    (
+        "imagine",
+        [{"name": "prompt", "type": 3, "value": "a cat"}, {"name": "steps", "type": 4, "value": 2.5}],
+        (),
+        "steps must be a whole number",
+    ),
     ("imagine", [{"name": "prompt", "type": 3, "value": 12345}], (), "prompt must be text"),
     ("imagine", {"prompt": "a lot of GORE here"}, (), "term this server does not allow"),
     ("imagine", {"prompt": "so much góre"}, (), "term this server does not allow"),
@@ -232,16 +251,23 @@ HOSTILE = [
 ]
 
 
-@pytest.mark.parametrize("command,options,subcommands,expected", HOSTILE,
-                         ids=[f"{i}-{row[0]}" for i, row in enumerate(HOSTILE)])
+@pytest.mark.parametrize(
+    "command,options,subcommands,expected", HOSTILE, ids=[f"{i}-{row[0]}" for i, row in enumerate(HOSTILE)]
+)
 async def test_hostile_input_gets_a_clear_message_and_changes_nothing(
-        fake, tmp_path, model_dir, engine, command, options, subcommands, expected):
+    fake, tmp_path, model_dir, engine, command, options, subcommands, expected
+):
     settings = make_settings(tmp_path, model_dir, fake, moderation={"blocked_terms": ["gore"]})
     async with running_bot(fake, settings, engine) as bot:
         raw = options if isinstance(options, list) else None
-        inter = await fake.slash(command, None if raw else options, raw_options=raw, user_id=ADMIN,
-                                 subcommands=list(subcommands),
-                                 resolved_users=[BOB] if isinstance(options, dict) and "user" in options else [])
+        inter = await fake.slash(
+            command,
+            None if raw else options,
+            raw_options=raw,
+            user_id=ADMIN,
+            subcommands=list(subcommands),
+            resolved_users=[BOB] if isinstance(options, dict) and "user" in options else [],
+        )
         await inter.response()
         texts = ephemeral_texts(fake, inter)
         assert texts and expected in texts[0], texts
@@ -253,32 +279,44 @@ async def test_hostile_input_gets_a_clear_message_and_changes_nothing(
         assert not [m for m in fake.messages.values() if has_image(m)]
 
 
-@pytest.mark.parametrize("custom_id,clicker,on_own_message,expected", [
-    ("fluxbot:reroll:999999", ALICE, True, "no longer know that image"),   # job unknown to this database
-    ("fluxbot:delete:999999", ALICE, True, "no longer know that image"),
-    ("fluxbot:reroll:999999", ALICE, False, "no longer active"),           # forged: not on the message
-    ("fluxbot:delete:{job}", BOB, False, "Only"),                          # someone else's image
-    ("fluxbot:frobnicate:{job}", ALICE, True, "no longer active"),
-    ("fluxbot:", ALICE, True, "no longer active"),
-])
-async def test_hostile_button_clicks_get_an_answer_and_change_nothing(fake, settings, engine, custom_id,
-                                                                        clicker, on_own_message, expected):
+@pytest.mark.parametrize(
+    "custom_id,clicker,on_own_message,expected",
+    [
+        ("fluxbot:reroll:999999", ALICE, True, "no longer know that image"),  # job unknown to this database
+        ("fluxbot:delete:999999", ALICE, True, "no longer know that image"),
+        ("fluxbot:reroll:999999", ALICE, False, "no longer active"),  # forged: not on the message
+        ("fluxbot:delete:{job}", BOB, False, "Only"),  # someone else's image
+        ("fluxbot:frobnicate:{job}", ALICE, True, "no longer active"),
+        ("fluxbot:", ALICE, True, "no longer active"),
+    ],
+)
+async def test_hostile_button_clicks_get_an_answer_and_change_nothing(
+    fake, settings, engine, custom_id, clicker, on_own_message, expected
+):
     async with running_bot(fake, settings, engine) as bot:
         final = await (await fake.slash("imagine", {"prompt": "a pear"}, user_id=ALICE)).wait_original(has_image)
         job = (await bot.store.recent_jobs(1))[0]
         custom_id = custom_id.format(job=job.id)
         target = final
         if on_own_message:  # a message (e.g. from an older database) that carries exactly this button
-            target = fake.add_message("old result", components=[{"type": 1, "components": [
-                {"type": 2, "style": 1, "label": "x", "custom_id": custom_id}]}])
-        before = (await bot.store.recent_jobs(10), await bot.store.quota_status(ALICE),
-                  await bot.store.quota_status(BOB))
+            target = fake.add_message(
+                "old result",
+                components=[{"type": 1, "components": [{"type": 2, "style": 1, "label": "x", "custom_id": custom_id}]}],
+            )
+        before = (
+            await bot.store.recent_jobs(10),
+            await bot.store.quota_status(ALICE),
+            await bot.store.quota_status(BOB),
+        )
         click = await fake.click(int(target["id"]), custom_id, user_id=clicker)
         await click.response()
         texts = ephemeral_texts(fake, click)
         assert texts and expected in texts[0], texts
-        after = (await bot.store.recent_jobs(10), await bot.store.quota_status(ALICE),
-                 await bot.store.quota_status(BOB))
+        after = (
+            await bot.store.recent_jobs(10),
+            await bot.store.quota_status(ALICE),
+            await bot.store.quota_status(BOB),
+        )
         assert after == before
         assert int(final["id"]) in fake.messages
 

@@ -29,12 +29,15 @@ async def test_run_retries_until_discord_can_be_reached(tmp_path, model_dir):
     proc = BotProcess(fake, write_config(tmp_path, model_dir, fake), tmp_path / "bot.log")
     await proc.start()
     try:
-        await until(lambda: proc.log_tail(100_000).count("cannot reach Discord") >= 2, proc, START,
-                    "two failed logins")
+        await until(lambda: proc.log_tail(100_000).count("cannot reach Discord") >= 2, proc, START, "two failed logins")
         await fake.start()  # Discord is back (the same address)
         add_members(fake)
-        await until(lambda: fake.gateway_connections > 0 and "imagine" in fake.synced_commands, proc, START,
-                    "the bot to log in, sync its commands and connect")
+        await until(
+            lambda: fake.gateway_connections > 0 and "imagine" in fake.synced_commands,
+            proc,
+            START,
+            "the bot to log in, sync its commands and connect",
+        )
         await fake.wait_ready()
         quota = await fake.slash("quota", {}, user_id=ALICE)
         await quota.response(timeout=START)
@@ -61,16 +64,20 @@ async def test_a_token_reset_while_running_ends_with_one_line(fake, tmp_path, mo
         assert code == 1, log
         assert "Traceback" not in log
         errors = [line for line in log.splitlines() if line.startswith("error:")]
-        assert errors == ["error: Discord closed the connection (code 4004): authentication failed: the token was "
-                          "reset or revoked; put the new one in DISCORD_TOKEN"], log
+        assert errors == [
+            "error: Discord closed the connection (code 4004): authentication failed: the token was "
+            "reset or revoked; put the new one in DISCORD_TOKEN"
+        ], log
     finally:
         await proc.kill()
 
 
 def ledger(db) -> tuple[list[tuple], list[tuple]]:
     with contextlib.closing(sqlite3.connect(db)) as conn:
-        return (conn.execute("SELECT id, status, attempts, charged_day FROM jobs ORDER BY id").fetchall(),
-                conn.execute("SELECT user_id, day, used FROM usage ORDER BY user_id").fetchall())
+        return (
+            conn.execute("SELECT id, status, attempts, charged_day FROM jobs ORDER BY id").fetchall(),
+            conn.execute("SELECT user_id, day, used FROM usage ORDER BY user_id").fetchall(),
+        )
 
 
 async def test_a_second_bot_on_the_same_database_is_refused_and_changes_nothing(fake, tmp_path, model_dir):

@@ -843,8 +843,9 @@ async def test_backup_copies_committed_data_only(store: Store, db_path: Path, tm
         other.execute("COMMIT")
     assert (99, "2001-01-01") not in usage_rows(tmp_path / "open.db")
     assert usage_rows(db_path)[(99, "2001-01-01")] == 7
-    await asyncio.gather(*(admit(store, 1) for _ in range(3)), store.backup(tmp_path / "mid.db"),
-                         *(admit(store, 1) for _ in range(3)))
+    await asyncio.gather(
+        *(admit(store, 1) for _ in range(3)), store.backup(tmp_path / "mid.db"), *(admit(store, 1) for _ in range(3))
+    )
     with raw(tmp_path / "mid.db") as conn:
         jobs = conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
         used = conn.execute("SELECT COALESCE(SUM(used), 0) FROM usage WHERE user_id = 1").fetchone()[0]

@@ -15,6 +15,10 @@ def test_text_that_contains_a_mention_word_is_kept():
 def test_portrait_and_landscape_presets_at_the_default_size():
     """config.example.toml: at 1024x1024, portrait is 832x1216 and landscape 1216x832."""
     from bot.validation import size_presets
+
     presets = size_presets(1024, 1024)
-    assert [(presets[n].width, presets[n].height) for n in ("square", "portrait", "landscape")] == \
-        [(1024, 1024), (832, 1216), (1216, 832)]
+    assert [(presets[n].width, presets[n].height) for n in ("square", "portrait", "landscape")] == [
+        (1024, 1024),
+        (832, 1216),
+        (1216, 832),
+    ]

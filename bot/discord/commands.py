@@ -135,7 +135,9 @@ def imagine_command(settings: Settings) -> app_commands.Command[Any, ..., None]:
     ) -> None:
         await imagine(interaction, prompt, seed, steps, size)
 
-    command: app_commands.Command[Any, ..., None] = app_commands.Command(name="imagine", description=messages.IMAGINE, callback=imagine_options)
+    command: app_commands.Command[Any, ..., None] = app_commands.Command(
+        name="imagine", description=messages.IMAGINE, callback=imagine_options
+    )
     app_commands.describe(
         prompt=messages.IMAGINE_PROMPT.format(max_chars=gen.max_prompt_chars),
         seed=messages.IMAGINE_SEED,

@@ -93,7 +93,9 @@ class DiscordDelivery:
         except discord.NotFound:
             pass
         channel = await self._channel(job)
-        await channel.send(messages.failed_in_channel(job.user_id, reason), allowed_mentions=messages.ping_only(job.user_id))
+        await channel.send(
+            messages.failed_in_channel(job.user_id, reason), allowed_mentions=messages.ping_only(job.user_id)
+        )
 
     async def find_delivered(self, job: JobRecord) -> int | None:
         """Did a result for this job already arrive? (crash between sending and recording)"""
@@ -117,8 +119,9 @@ class DiscordDelivery:
             channel = await self._channel(job)
             after = datetime.fromtimestamp(job.queued_at, timezone.utc)
             async for msg in channel.history(limit=HISTORY_LIMIT, after=after, oldest_first=False):
-                ours = (self.bot.user is not None and msg.author.id == self.bot.user.id) or \
-                    (job.application_id is not None and msg.webhook_id == job.application_id)
+                ours = (self.bot.user is not None and msg.author.id == self.bot.user.id) or (
+                    job.application_id is not None and msg.webhook_id == job.application_id
+                )
                 if ours and _holds_result(job, msg):  # a member's upload of the same name does not count
                     return msg.id
         except (DeliveryFailed, discord.HTTPException) as exc:
@@ -144,16 +147,21 @@ class DiscordDelivery:
                 if job.progress_message_id is not None:
                     try:
                         msg = await webhook.edit_message(
-                            job.progress_message_id, content="", embed=embed,
+                            job.progress_message_id,
+                            content="",
+                            embed=embed,
                             attachments=[file()],
-                            view=result_view(job.id), allowed_mentions=messages.NO_PINGS)
+                            view=result_view(job.id),
+                            allowed_mentions=messages.NO_PINGS,
+                        )
                         return msg.id
                     except discord.NotFound as exc:
                         if exc.code != UNKNOWN_MESSAGE:
                             raise
                         log.info("job %d: progress message was deleted; posting the result anew", job.id)
-                msg = await webhook.send(embed=embed, file=file(),
-                                         view=result_view(job.id), allowed_mentions=messages.NO_PINGS, wait=True)
+                msg = await webhook.send(
+                    embed=embed, file=file(), view=result_view(job.id), allowed_mentions=messages.NO_PINGS, wait=True
+                )
                 return msg.id
             except discord.NotFound as exc:
                 if exc.code not in (UNKNOWN_WEBHOOK, INVALID_WEBHOOK_TOKEN):
@@ -164,10 +172,13 @@ class DiscordDelivery:
         channel = await self._channel(job)
         try:
             msg = await channel.send(
-                messages.ready_in_channel(job.user_id), embed=embed,
-                file=file(), view=result_view(job.id),
+                messages.ready_in_channel(job.user_id),
+                embed=embed,
+                file=file(),
+                view=result_view(job.id),
                 nonce=f"fluxbot-{job.id}",  # Discord drops a repeat of this post (enforce_nonce)
-                allowed_mentions=messages.ping_only(job.user_id))
+                allowed_mentions=messages.ping_only(job.user_id),
+            )
         except discord.Forbidden as exc:
             raise DeliveryFailed(f"missing permission to post in channel {job.channel_id}: {exc.text}") from None
         return msg.id

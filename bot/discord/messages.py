@@ -34,8 +34,10 @@ def queued(position: int) -> str:
 
 def starting(*, compiling: bool = False) -> str:
     if compiling:
-        return ("🎨 Painting: starting… The first image at this size since the bot started prepares "
-                "the model for it first: a minute or two more, once.")
+        return (
+            "🎨 Painting: starting… The first image at this size since the bot started prepares "
+            "the model for it first: a minute or two more, once."
+        )
     return "🎨 Painting: starting…"
 
 
@@ -58,19 +60,27 @@ def cancelled() -> str:
 
 def refusal(status: AdmissionStatus, quota: QuotaStatus, settings: Settings) -> str:
     if status is AdmissionStatus.QUEUE_FULL:
-        return (f"The queue is full ({settings.queue.max_size} images waiting). "
-                "Nothing was charged; please try again in a few minutes.")
+        return (
+            f"The queue is full ({settings.queue.max_size} images waiting). "
+            "Nothing was charged; please try again in a few minutes."
+        )
     if status is AdmissionStatus.USER_CAP:
-        return (f"You already have {settings.queue.max_per_user} images waiting, the most one member may queue. "
-                "Nothing was charged; wait for one to finish.")
-    return (f"Your daily quota of {quota.limit} images is used up. It resets {_ts(quota.resets_at)} "
-            f"({quota.resets_at:%H:%M} UTC).")
+        return (
+            f"You already have {settings.queue.max_per_user} images waiting, the most one member may queue. "
+            "Nothing was charged; wait for one to finish."
+        )
+    return (
+        f"Your daily quota of {quota.limit} images is used up. It resets {_ts(quota.resets_at)} "
+        f"({quota.resets_at:%H:%M} UTC)."
+    )
 
 
 def quota_text(q: QuotaStatus, *, whose: str = "You have") -> str:
-    return (f"{whose} used {q.used} of {q.limit} images today; {q.remaining} left. "
-            f"Resets {_ts(q.resets_at)} ({q.resets_at:%H:%M} UTC)."
-            + (" (personal limit set by an admin)" if q.has_override else ""))
+    return (
+        f"{whose} used {q.used} of {q.limit} images today; {q.remaining} left. "
+        f"Resets {_ts(q.resets_at)} ({q.resets_at:%H:%M} UTC)."
+        + (" (personal limit set by an admin)" if q.has_override else "")
+    )
 
 
 def result_embed(job: JobRecord) -> discord.Embed:
@@ -91,7 +101,9 @@ def queue_listing(running: JobRecord | None, waiting: list[JobRecord], me: int) 
         return "The queue is empty: your next `/imagine` starts at once."
     lines: list[str] = []
     if running is not None:
-        lines.append(f"▶️ now: <@{running.user_id}>, {running.steps} steps" + ("  ← yours" if running.user_id == me else ""))
+        lines.append(
+            f"▶️ now: <@{running.user_id}>, {running.steps} steps" + ("  ← yours" if running.user_id == me else "")
+        )
     for pos, job in enumerate(waiting[:20], start=1):
         lines.append(f"{pos}. <@{job.user_id}>, {job.steps} steps" + ("  ← yours" if job.user_id == me else ""))
     if len(waiting) > 20:
@@ -99,8 +111,10 @@ def queue_listing(running: JobRecord | None, waiting: list[JobRecord], me: int) 
     return "\n".join(lines)
 
 
-ADMIN_ONLY = ("You need the Manage Server permission in one of this bot's home servers (or to be listed in "
-              "`admin_user_ids`) to use admin commands. Nothing was changed.")
+ADMIN_ONLY = (
+    "You need the Manage Server permission in one of this bot's home servers (or to be listed in "
+    "`admin_user_ids`) to use admin commands. Nothing was changed."
+)
 
 
 # ---------------------------------------------------------------- commands: names shown in the client

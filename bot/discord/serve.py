@@ -49,8 +49,14 @@ def describe_unreachable(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-async def serve(settings: Settings, engine_loader: Callable[[], ImageEngine], token: str, *,
-                first_retry_s: float = FIRST_RETRY_S, max_retry_s: float = MAX_RETRY_S) -> None:
+async def serve(
+    settings: Settings,
+    engine_loader: Callable[[], ImageEngine],
+    token: str,
+    *,
+    first_retry_s: float = FIRST_RETRY_S,
+    max_retry_s: float = MAX_RETRY_S,
+) -> None:
     """Run the bot until it is closed (Ctrl-C, SIGTERM). Raises `DiscordRefused` when Discord says no."""
     delay = first_retry_s
     while True:

@@ -120,4 +120,6 @@ async def answer_stray_component(interaction: Interaction) -> None:
     }
     if custom_id in on_message and JOB_BUTTON_ID.fullmatch(custom_id):
         return  # a dynamic item handles it (discord.py ignores ids that are not on the message)
-    await interaction.response.send_message(messages.BUTTON_INACTIVE, ephemeral=True, allowed_mentions=messages.NO_PINGS)
+    await interaction.response.send_message(
+        messages.BUTTON_INACTIVE, ephemeral=True, allowed_mentions=messages.NO_PINGS
+    )

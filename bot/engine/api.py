@@ -55,8 +55,13 @@ class ImageEngine(Protocol):
 
     preset: str
 
-    def generate(self, request: GenerationRequest, *, on_progress: ProgressFn | None = None,
-                 should_cancel: CancelFn | None = None) -> GenerationResult: ...
+    def generate(
+        self,
+        request: GenerationRequest,
+        *,
+        on_progress: ProgressFn | None = None,
+        should_cancel: CancelFn | None = None,
+    ) -> GenerationResult: ...
 
     def compiles_for(self, width: int, height: int) -> bool:
         """Whether a job at this size compiles first (a minute or more before its first step)."""

@@ -43,6 +43,7 @@ MIN_CAPABILITY = (8, 0)
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 if triton is not None:
+
     @triton.jit
     def _load(ptrs, bias_ptrs, mask, HAS_BIAS: tl.constexpr):
         """A [BLOCK, D] tile of the projection, its bias added and rounded as `out + bias` rounds."""
@@ -58,20 +59,37 @@ if triton is not None:
         dtype = x.dtype
         x = x.to(tl.float32)
         rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)
-        n = (x * rstd[:, None]).to(dtype).to(tl.float32)                        # RMSNorm's cast back
+        n = (x * rstd[:, None]).to(dtype).to(tl.float32)  # RMSNorm's cast back
         w = tl.load(w_ptr + tl.arange(0, D)).to(tl.float32)
-        n = (n * w[None, :]).to(dtype).to(tl.float32)                           # times the weight, in dtype
+        n = (n * w[None, :]).to(dtype).to(tl.float32)  # times the weight, in dtype
         x0, x1 = tl.split(tl.reshape(n, [BLOCK, D // 2, 2]))
         o0 = f00 * x0 + f01 * x1
         o1 = f10 * x0 + f11 * x1
         return tl.reshape(tl.join(o0, o1), [BLOCK, D]).to(dtype)
 
     @triton.jit
-    def _attention_inputs_kernel(qkv_ptr, bias_ptr, wq_ptr, wk_ptr, freqs_ptr, out_ptr,
-                                 tokens, token_offset, stride_qkv_b, stride_qkv_l,
-                                 stride_f_b, stride_f_l, stride_out_part, stride_out_b, stride_out_h,
-                                 eps, H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-                                 HAS_BIAS: tl.constexpr):
+    def _attention_inputs_kernel(
+        qkv_ptr,
+        bias_ptr,
+        wq_ptr,
+        wk_ptr,
+        freqs_ptr,
+        out_ptr,
+        tokens,
+        token_offset,
+        stride_qkv_b,
+        stride_qkv_l,
+        stride_f_b,
+        stride_f_l,
+        stride_out_part,
+        stride_out_b,
+        stride_out_h,
+        eps,
+        H: tl.constexpr,
+        D: tl.constexpr,
+        BLOCK: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+    ):
         pid_l, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rows = pid_l * BLOCK + tl.arange(0, BLOCK)
         cols = tl.arange(0, D)
@@ -127,22 +145,37 @@ def _kernel_fits(qkvs, biases, q_weights, k_weights, freqs, heads) -> bool:
     first = qkvs[0]
     dim = first.shape[-1] // (3 * heads)
     dtype = first.dtype
-    return (all(t.is_cuda or _INTERPRET for t in qkvs)
-            and all(t.device == first.device for t in (*qkvs, freqs))
-            and dtype in (torch.bfloat16, torch.float16)
-            and dim >= 16 and dim & (dim - 1) == 0
-            and all(t.dtype == dtype and t.dim() == 3 and t.shape[0] == first.shape[0]
-                    and t.shape[-1] == 3 * heads * dim for t in qkvs)
-            and all(w is not None and w.dtype == dtype and w.shape == (dim,) for w in (*q_weights, *k_weights))
-            and all(b is None or b.shape == (3 * heads * dim,) for b in biases)
-            and freqs.dtype == torch.float32 and freqs.dim() == 6 and freqs.shape[1] == 1
-            and freqs.shape[2] == sum(t.shape[1] for t in qkvs) and freqs.shape[-3:] == (dim // 2, 2, 2)
-            and freqs.shape[0] in (1, first.shape[0]))
+    return (
+        all(t.is_cuda or _INTERPRET for t in qkvs)
+        and all(t.device == first.device for t in (*qkvs, freqs))
+        and dtype in (torch.bfloat16, torch.float16)
+        and dim >= 16
+        and dim & (dim - 1) == 0
+        and all(
+            t.dtype == dtype and t.dim() == 3 and t.shape[0] == first.shape[0] and t.shape[-1] == 3 * heads * dim
+            for t in qkvs
+        )
+        and all(w is not None and w.dtype == dtype and w.shape == (dim,) for w in (*q_weights, *k_weights))
+        and all(b is None or b.shape == (3 * heads * dim,) for b in biases)
+        and freqs.dtype == torch.float32
+        and freqs.dim() == 6
+        and freqs.shape[1] == 1
+        and freqs.shape[2] == sum(t.shape[1] for t in qkvs)
+        and freqs.shape[-3:] == (dim // 2, 2, 2)
+        and freqs.shape[0] in (1, first.shape[0])
+    )
 
 
 @torch.library.triton_op("fluxbot::attention_inputs", mutates_args=())
-def attention_inputs(qkvs: list[torch.Tensor], biases: list[torch.Tensor | None], q_weights: list[torch.Tensor],
-                     k_weights: list[torch.Tensor], epss: list[float], freqs: torch.Tensor, heads: int) -> torch.Tensor:
+def attention_inputs(
+    qkvs: list[torch.Tensor],
+    biases: list[torch.Tensor | None],
+    q_weights: list[torch.Tensor],
+    k_weights: list[torch.Tensor],
+    epss: list[float],
+    freqs: torch.Tensor,
+    heads: int,
+) -> torch.Tensor:
     """q, k and v for SDPA, stacked: [3, batch, heads, tokens, head_dim].
 
     `qkvs` are the parts' projections [batch, tokens_i, 3 * heads * head_dim] in the order their
@@ -166,10 +199,28 @@ def attention_inputs(qkvs: list[torch.Tensor], biases: list[torch.Tensor | None]
         grid = (triton.cdiv(part, BLOCK_TOKENS), heads, batch)
         with on_device:
             torch.library.wrap_triton(_attention_inputs_kernel)[grid](
-                qkv, wq if bias is None else bias.contiguous(), wq.contiguous(), wk.contiguous(), freqs, out,
-                part, offset, qkv.stride(0), qkv.stride(1),
-                stride_f_b, freqs.stride(2), out.stride(0), out.stride(1), out.stride(2),
-                eps, H=heads, D=dim, BLOCK=BLOCK_TOKENS, HAS_BIAS=bias is not None, num_warps=NUM_WARPS)
+                qkv,
+                wq if bias is None else bias.contiguous(),
+                wq.contiguous(),
+                wk.contiguous(),
+                freqs,
+                out,
+                part,
+                offset,
+                qkv.stride(0),
+                qkv.stride(1),
+                stride_f_b,
+                freqs.stride(2),
+                out.stride(0),
+                out.stride(1),
+                out.stride(2),
+                eps,
+                H=heads,
+                D=dim,
+                BLOCK=BLOCK_TOKENS,
+                HAS_BIAS=bias is not None,
+                num_warps=NUM_WARPS,
+            )
         offset += part
     return out
 
@@ -179,8 +230,13 @@ def _projection(layer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | No
     from its resident weights: the kernel adds the bias as it reads the rows (on its own the add
     was a 50 us pass over a double block's image rows, gpu40). Any other layer (streamed, LoRA,
     bf16) runs as it is and its bias is added already."""
-    if (getattr(layer, "keep_fp8", False) and "forward" not in vars(layer) and layer.state == 2
-            and not layer.lora_A_weights and layer.bias is not None):
+    if (
+        getattr(layer, "keep_fp8", False)
+        and "forward" not in vars(layer)
+        and layer.state == 2
+        and not layer.lora_A_weights
+        and layer.bias is not None
+    ):
         weight, bias = layer.computation()
         return layer.linear_forward(x, weight, None), bias
     return layer(x), None
@@ -192,12 +248,14 @@ def _norm_params(norm) -> tuple[torch.Tensor, float]:
     return module.weight, module.eps
 
 
-def _joint_attention_forward(self, hidden_states_a, hidden_states_b, image_rotary_emb,
-                             attn_mask=None, ipadapter_kwargs_list=None):
+def _joint_attention_forward(
+    self, hidden_states_a, hidden_states_b, image_rotary_emb, attn_mask=None, ipadapter_kwargs_list=None
+):
     """FluxJointAttention.forward with its attention inputs from `attention_inputs`."""
     if attn_mask is not None or ipadapter_kwargs_list is not None:
-        return type(self).forward(self, hidden_states_a, hidden_states_b, image_rotary_emb,
-                                  attn_mask, ipadapter_kwargs_list)
+        return type(self).forward(
+            self, hidden_states_a, hidden_states_b, image_rotary_emb, attn_mask, ipadapter_kwargs_list
+        )
     (wq_a, eq_a), (wk_a, ek_a) = _norm_params(self.norm_q_a), _norm_params(self.norm_k_a)
     (wq_b, eq_b), (wk_b, ek_b) = _norm_params(self.norm_q_b), _norm_params(self.norm_k_b)
     if eq_a != ek_a or eq_b != ek_b:  # the kernel takes one eps for a part's q and k
@@ -205,8 +263,9 @@ def _joint_attention_forward(self, hidden_states_a, hidden_states_b, image_rotar
     batch = hidden_states_a.shape[0]
     qkv_a, bias_a = _projection(self.a_to_qkv, hidden_states_a)
     qkv_b, bias_b = _projection(self.b_to_qkv, hidden_states_b)
-    q, k, v = attention_inputs([qkv_b, qkv_a], [bias_b, bias_a], [wq_b, wq_a], [wk_b, wk_a], [eq_b, eq_a],
-                               image_rotary_emb, self.num_heads).unbind(0)
+    q, k, v = attention_inputs(
+        [qkv_b, qkv_a], [bias_b, bias_a], [wq_b, wq_a], [wk_b, wk_a], [eq_b, eq_a], image_rotary_emb, self.num_heads
+    ).unbind(0)
     hidden = F.scaled_dot_product_attention(q, k, v)
     hidden = hidden.transpose(1, 2).reshape(batch, -1, self.num_heads * self.head_dim)
     text = hidden_states_b.shape[1]
@@ -224,7 +283,6 @@ def install(dit) -> int:
     for block in dit.blocks:
         block.attn.forward = types.MethodType(_joint_attention_forward, block.attn)
     return len(dit.blocks)
-
 
 
 def kernel_available(device: torch.device | None = None) -> bool:

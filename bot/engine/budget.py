@@ -43,27 +43,29 @@ TEXT_ENCODERS_RESIDENT_FROM_GIB = 30.0
 class Plan:
     device: torch.device
     compute_dtype: torch.dtype
-    budget_gib: float | None          # whole-process GPU memory we aim to stay under (None: no limit)
-    dit_resident_gib: float | None    # how much of the DiT may sit on the GPU (None: all of it)
+    budget_gib: float | None  # whole-process GPU memory we aim to stay under (None: no limit)
+    dit_resident_gib: float | None  # how much of the DiT may sit on the GPU (None: all of it)
     text_encoders_resident: bool
-    keep_resident: bool               # keep weights on the GPU between jobs
-    fp8_matmul: bool                  # real float8 matmuls (Ada/Hopper) instead of cast-to-bf16
-    pinned: bool                      # stream offloaded weights from pinned host memory
-    tiled_vae: bool = False           # decode in overlapping tiles to bound activation memory
-    compile: str = "off"              # compile the DiT blocks ("auto": on a GPU)
-    fast_accum: bool = False          # float8 matmuls accumulate the fast way (Hopper/Ada)
-    cuda_graphs: bool = False         # replay denoising steps as a CUDA graph (DiT all resident)
+    keep_resident: bool  # keep weights on the GPU between jobs
+    fp8_matmul: bool  # real float8 matmuls (Ada/Hopper) instead of cast-to-bf16
+    pinned: bool  # stream offloaded weights from pinned host memory
+    tiled_vae: bool = False  # decode in overlapping tiles to bound activation memory
+    compile: str = "off"  # compile the DiT blocks ("auto": on a GPU)
+    fast_accum: bool = False  # float8 matmuls accumulate the fast way (Hopper/Ada)
+    cuda_graphs: bool = False  # replay denoising steps as a CUDA graph (DiT all resident)
     allocator_cap_gib: float | None = None  # the most PyTorch's allocator may reserve (None: the card)
-    fused_attention: bool = False     # q/k norm, RoPE and SDPA's layout in one Triton kernel
+    fused_attention: bool = False  # q/k norm, RoPE and SDPA's layout in one Triton kernel
 
     def describe(self) -> str:
         budget = "unlimited" if self.budget_gib is None else f"{self.budget_gib:g} GiB"
-        return (f"device={self.device} dtype={str(self.compute_dtype).replace('torch.', '')} budget={budget} "
-                f"dit_resident={'all' if self.dit_resident_gib is None else f'{self.dit_resident_gib:.1f} GiB'} "
-                f"text_encoders_resident={self.text_encoders_resident} keep_resident={self.keep_resident} "
-                f"fp8_matmul={self.fp8_matmul} fast_accum={self.fast_accum} pinned={self.pinned} tiled_vae={self.tiled_vae} compile={self.compile} "
-                f"cuda_graphs={self.cuda_graphs} fused_attention={self.fused_attention} "
-                f"allocator_cap={'none' if self.allocator_cap_gib is None else f'{self.allocator_cap_gib:.2f} GiB'}")
+        return (
+            f"device={self.device} dtype={str(self.compute_dtype).replace('torch.', '')} budget={budget} "
+            f"dit_resident={'all' if self.dit_resident_gib is None else f'{self.dit_resident_gib:.1f} GiB'} "
+            f"text_encoders_resident={self.text_encoders_resident} keep_resident={self.keep_resident} "
+            f"fp8_matmul={self.fp8_matmul} fast_accum={self.fast_accum} pinned={self.pinned} tiled_vae={self.tiled_vae} compile={self.compile} "
+            f"cuda_graphs={self.cuda_graphs} fused_attention={self.fused_attention} "
+            f"allocator_cap={'none' if self.allocator_cap_gib is None else f'{self.allocator_cap_gib:.2f} GiB'}"
+        )
 
 
 def resolve_device(device: str) -> torch.device:
@@ -110,25 +112,37 @@ def make_plan(model_settings, device: torch.device | None = None) -> Plan:
     device = device or resolve_device(model_settings.device)
     if device.type != "cuda":
         # CPU: bf16 convolutions are ~150x slower than fp32 here; weights stay float8 in storage.
-        return Plan(device, torch.float32, None, None, True,
-                    keep_resident=_switch(model_settings.keep_resident, True),
-                    fp8_matmul=False, pinned=False, tiled_vae=False, compile=model_settings.compile,
-                    fused_attention=_switch(model_settings.fused_attention, False))
+        return Plan(
+            device,
+            torch.float32,
+            None,
+            None,
+            True,
+            keep_resident=_switch(model_settings.keep_resident, True),
+            fp8_matmul=False,
+            pinned=False,
+            tiled_vae=False,
+            compile=model_settings.compile,
+            fused_attention=_switch(model_settings.fused_attention, False),
+        )
 
     total_gib = torch.cuda.get_device_properties(device).total_memory / GIB
     missing = kernel_build_missing()
     if missing:
         # Without them the first compiled call would fail mid-job; run the plain kernels instead.
-        log.warning("GPU kernels cannot be built here: %s missing (Debian/Ubuntu: apt install gcc python3-dev). "
-                    "Running without torch.compile, float8 matmuls and the attention kernel, so each step is "
-                    "slower (torch.compile alone halved it on an H100)", " and ".join(missing))
+        log.warning(
+            "GPU kernels cannot be built here: %s missing (Debian/Ubuntu: apt install gcc python3-dev). "
+            "Running without torch.compile, float8 matmuls and the attention kernel, so each step is "
+            "slower (torch.compile alone halved it on an H100)",
+            " and ".join(missing),
+        )
     budget = model_settings.vram_limit_gb
     budget = total_gib if budget is None else min(float(budget), total_gib)
     unlimited = model_settings.vram_limit_gb is None and total_gib >= 40
     fp8_ok = fp8_matmul_supported(device)
     fp8 = _switch(model_settings.fp8_matmul, fp8_ok)
     if fp8 and not fp8_ok:
-        log.warning("[model] fp8_matmul = \"on\" but this GPU lacks float8 matmuls (needs Ada or Hopper): using bf16")
+        log.warning('[model] fp8_matmul = "on" but this GPU lacks float8 matmuls (needs Ada or Hopper): using bf16')
         fp8 = False
     fp8 = fp8 and not missing  # its activation quantizer is a compiled kernel
     return Plan(
@@ -147,17 +161,22 @@ def make_plan(model_settings, device: torch.device | None = None) -> Plan:
         # A graph needs the whole DiT on the GPU for good; under any budget the modulation weights are
         # copied in per job, so "auto" means unlimited.
         cuda_graphs=_switch(model_settings.cuda_graphs, unlimited),
-        allocator_cap_gib=None if unlimited or budget >= total_gib else max(MIN_ALLOCATOR_CAP_GIB, budget - CARD_KEEPS_GIB - CONTEXT_GIB),
+        allocator_cap_gib=None
+        if unlimited or budget >= total_gib
+        else max(MIN_ALLOCATOR_CAP_GIB, budget - CARD_KEEPS_GIB - CONTEXT_GIB),
         fused_attention=not missing and _fused_attention(model_settings.fused_attention, device),
     )
 
 
 def _fused_attention(value: str, device: torch.device) -> bool:
     from . import attention
+
     available = attention.kernel_available(device)
     if value == "on" and not available:
-        log.warning("[model] fused_attention = \"on\" but it needs Triton and an Ampere or newer card: "
-                    "DiffSynth's attention code runs")
+        log.warning(
+            '[model] fused_attention = "on" but it needs Triton and an Ampere or newer card: '
+            "DiffSynth's attention code runs"
+        )
     return _switch(value, available) and available
 
 
@@ -207,4 +226,5 @@ def cap_allocator(plan: Plan) -> Callable[[], None]:
             _allocator_fractions.pop(index, None)
         else:
             _allocator_fractions[index] = previous
+
     return restore

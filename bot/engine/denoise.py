@@ -34,8 +34,14 @@ class DenoiseLoop:
     copies. On the CPU each step is done when it returns.
     """
 
-    def __init__(self, device: torch.device, *, on_progress: ProgressFn | None = None,
-                 should_cancel: CancelFn | None = None, queue_ahead: bool = False):
+    def __init__(
+        self,
+        device: torch.device,
+        *,
+        on_progress: ProgressFn | None = None,
+        should_cancel: CancelFn | None = None,
+        queue_ahead: bool = False,
+    ):
         self.device = device
         self.cuda = device.type == "cuda"
         self.on_progress = on_progress
@@ -43,7 +49,7 @@ class DenoiseLoop:
         self.queue_ahead = self.cuda and queue_ahead
         self.start = time.perf_counter()
         self.denoise_start: float | None = None  # the loop began (the text encoders were queued)
-        self.decode_start: float | None = None   # the last step was reported: decoding follows
+        self.decode_start: float | None = None  # the last step was reported: decoding follows
         self.events: list[torch.cuda.Event] = []  # GPU: denoising starts, then each step ends
         self.total = 0
         self._unreported: tuple[torch.cuda.Event, int] | None = None  # a step queued, not yet reported

@@ -32,8 +32,9 @@ def quantize_rowwise(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 _quantize = torch.compile(quantize_rowwise, dynamic=True, fullgraph=True)
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *,
-               fast_accum: bool = False) -> torch.Tensor:
+def fp8_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, fast_accum: bool = False
+) -> torch.Tensor:
     """x @ weight.T + bias with a real float8 matmul when the weight is stored in float8.
     `fast_accum`: the tensor cores' fast float8 accumulation (fewer promotions to fp32)."""
     if weight.dtype not in FP8:
@@ -48,8 +49,9 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     # Row-wise activation scales; the stored weights are plain float8 (scale 1).
     xq, scale_a = _quantize(x2)
     scale_b = torch.ones((1, weight.shape[0]), device=x.device, dtype=torch.float32)
-    out = torch._scaled_mm(xq, weight.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=x.dtype,
-                           use_fast_accum=fast_accum)
+    out = torch._scaled_mm(
+        xq, weight.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=x.dtype, use_fast_accum=fast_accum
+    )
     if rows < MIN_ROWS:
         out = out[:rows]
     if bias is not None:

@@ -26,8 +26,16 @@ GRAPHED = ("latents", "timestep", "prompt_emb", "pooled_prompt_emb", "guidance",
 # Tensors the pipeline passes that the DiT does not read.
 UNREAD = ("noise", "input_latents")
 # Switches that change what a step runs: with any of them set the step runs eagerly.
-FEATURES = ("tiled", "tea_cache", "controlnet", "controlnet_conditionings", "step1x_connector",
-            "ipadapter_kwargs_list", "use_gradient_checkpointing", "use_gradient_checkpointing_offload")
+FEATURES = (
+    "tiled",
+    "tea_cache",
+    "controlnet",
+    "controlnet_conditionings",
+    "step1x_connector",
+    "ipadapter_kwargs_list",
+    "use_gradient_checkpointing",
+    "use_gradient_checkpointing_offload",
+)
 
 
 class StepGraph:
@@ -38,12 +46,12 @@ class StepGraph:
     def __init__(self, model_fn: Callable, can_replay: Callable[[], bool] = lambda: True):
         self.model_fn = model_fn
         self.can_replay = can_replay
-        self.key: tuple | None = None      # the inputs the captured graph is for
-        self.seen: tuple | None = None     # the inputs of the last eager call
+        self.key: tuple | None = None  # the inputs the captured graph is for
+        self.seen: tuple | None = None  # the inputs of the last eager call
         self.graph: torch.cuda.CUDAGraph | None = None
         self.inputs: dict[str, torch.Tensor] = {}
         self.output: torch.Tensor | None = None
-        self.disabled = False              # a capture failed: run eagerly from now on
+        self.disabled = False  # a capture failed: run eagerly from now on
         self.replays = 0
 
     def _key(self, kwargs: dict) -> tuple | None:
@@ -95,8 +103,10 @@ class StepGraph:
             raise
         except Exception as exc:  # an op that cannot be captured: keep painting without graphs
             self.disabled = True
-            log.warning("CUDA graph capture failed, denoising steps run without it: %s",
-                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            log.warning(
+                "CUDA graph capture failed, denoising steps run without it: %s",
+                str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+            )
             return False
         self.graph, self.inputs, self.output, self.key = graph, inputs, output, key
         return True

@@ -60,9 +60,13 @@ def _persistent_rows_up_to(limit: int) -> None:
         if strict_rblock is not None and strict_rblock() is not None:
             return False  # a strict-numerics sum with a fixed block: Inductor's "no" is about correctness
         import torch._inductor.config as config
-        return (config.triton.persistent_reductions and not cooperative_reduction
-                and features.get_reduction_hint() == ReductionHint.INNER
-                and V.graph.sizevars.statically_known_leq(features.reduction_numel, limit))
+
+        return (
+            config.triton.persistent_reductions
+            and not cooperative_reduction
+            and features.get_reduction_hint() == ReductionHint.INNER
+            and V.graph.sizevars.statically_known_leq(features.reduction_numel, limit)
+        )
 
     # Tags the next configure() reads back (see above): installed already, and Inductor's own rule.
     should_use_persistent_reduction.__dict__.update(_fluxbot_limit=limit, _fluxbot_default=inductor_default)
@@ -74,6 +78,7 @@ def configure(*, tuning: bool = True) -> None:
     `tuning`: coordinate-descent tuning (faster kernels, a longer first compile). Process-wide, like
     the rest: the last Engine loaded decides it for blocks that have not compiled yet (the bot loads one)."""
     import torch._inductor.config as config
+
     config.coordinate_descent_tuning = tuning
     config.split_reductions = False
     _persistent_rows_up_to(PERSISTENT_ROW_LIMIT)
@@ -83,6 +88,7 @@ def configure(*, tuning: bool = True) -> None:
         pass
     try:
         from torch._inductor import decomposition
+
         decomposition.decompositions[torch.ops.aten.gelu.default] = gelu_as_sigmoid
         decomposition.fast_random_decomps.cache_clear()  # a cached copy of the table
     except (ImportError, AttributeError) as exc:  # a torch without this table: keep its own GELU

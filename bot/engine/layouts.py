@@ -26,9 +26,7 @@ def _dict_literal(func, name: str) -> dict[str, str]:
     """The dict literal assigned to `name` inside `func` (first assignment)."""
     tree = ast.parse(inspect.getsource(func))
     for node in ast.walk(tree):
-        if isinstance(node, ast.Assign) and any(
-            isinstance(t, ast.Name) and t.id == name for t in node.targets
-        ):
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
             return ast.literal_eval(node.value)
     raise LookupError(f"{func.__name__} has no {name} literal")
 

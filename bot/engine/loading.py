@@ -34,6 +34,7 @@ def model_root(model_settings, config_hint: str = "") -> Path:
     root = weights.require(preset, model_settings.dir, config_hint)
     if preset == "tiny-random":
         from . import tiny
+
         tiny.write_tiny_model(root)
         tiny.register_with_diffsynth(root)
     return root
@@ -42,10 +43,14 @@ def model_root(model_settings, config_hint: str = "") -> Path:
 def vram_config(dtype_store, dtype_compute, device, *, stream: bool) -> dict[str, Any]:
     """A DiffSynth per-model VRAM config: stored as `dtype_store` on the CPU, computed in `dtype_compute`."""
     return dict(
-        offload_dtype=dtype_store, offload_device="cpu",
-        onload_dtype=dtype_store, onload_device="cpu",
-        preparing_dtype=dtype_store, preparing_device=str(device) if stream else "cpu",
-        computation_dtype=dtype_compute, computation_device=str(device),
+        offload_dtype=dtype_store,
+        offload_device="cpu",
+        onload_dtype=dtype_store,
+        onload_device="cpu",
+        preparing_dtype=dtype_store,
+        preparing_device=str(device) if stream else "cpu",
+        computation_dtype=dtype_compute,
+        computation_device=str(device),
     )
 
 
@@ -69,7 +74,9 @@ def build_pipeline(files: weights.ModelFiles, plan: Plan, *, t5_fp8: bool = Fals
     chatter = io.StringIO()  # DiffSynth prints its loading steps; keep them out of our output
     with contextlib.redirect_stdout(chatter):
         pipe = FluxImagePipeline.from_pretrained(
-            torch_dtype=cdt, device=str(dev), model_configs=configs,
+            torch_dtype=cdt,
+            device=str(dev),
+            model_configs=configs,
             tokenizer_1_config=ModelConfig(path=str(files.tokenizer)),
             tokenizer_2_config=ModelConfig(path=str(files.tokenizer_2)),
         )

@@ -23,8 +23,11 @@ MODULATION_NORMS = ("AdaLayerNorm", "AdaLayerNormSingle", "AdaLayerNormContinuou
 
 def modulation_layers(dit: torch.nn.Module) -> dict[str, AutoWrappedLinear]:
     """The `linear` of every AdaLN norm in the DiT, by qualified name."""
-    return {f"{name}.linear": module.linear for name, module in dit.named_modules()
-            if type(module).__name__ in MODULATION_NORMS and isinstance(getattr(module, "linear", None), AutoWrappedLinear)}
+    return {
+        f"{name}.linear": module.linear
+        for name, module in dit.named_modules()
+        if type(module).__name__ in MODULATION_NORMS and isinstance(getattr(module, "linear", None), AutoWrappedLinear)
+    }
 
 
 @torch.library.custom_op("fluxbot::modulation", mutates_args=())
@@ -71,12 +74,12 @@ class Modulations:
         self.rows: dict[int, torch.Tensor] | None = None  # id(layer) -> (steps, width)
         # After join_weights (for a CUDA graph): every layer's weight and bias as one matrix,
         # the job's outputs as one table, and the fixed buffer a step reads its row from.
-        self.weight: torch.Tensor | None = None   # (sum of the layers' widths, dim)
+        self.weight: torch.Tensor | None = None  # (sum of the layers' widths, dim)
         self.bias: torch.Tensor | None = None
-        self.table: torch.Tensor | None = None    # (steps, sum of the layers' widths)
+        self.table: torch.Tensor | None = None  # (steps, sum of the layers' widths)
         self.current: torch.Tensor | None = None  # (1, same), the row of this step
         self.slices: dict[int, tuple[int, int]] = {}  # id(layer) -> (offset, width) in a row
-        self.key: tuple | None = None   # the pooled prompt and guidance the table was made for
+        self.key: tuple | None = None  # the pooled prompt and guidance the table was made for
         self.step = -1
         for layer in self.layers:
             layer._modulations = self
@@ -100,8 +103,12 @@ class Modulations:
         for good). False, changing nothing, where the layers differ in device, dtype or input
         width, or one has no bias."""
         first = self.layers[0].weight if self.layers else None
-        if first is None or any(layer.bias is None or (layer.weight.device, layer.weight.dtype, layer.weight.shape[1])
-                                != (first.device, first.dtype, first.shape[1]) for layer in self.layers):
+        if first is None or any(
+            layer.bias is None
+            or (layer.weight.device, layer.weight.dtype, layer.weight.shape[1])
+            != (first.device, first.dtype, first.shape[1])
+            for layer in self.layers
+        ):
             return False
         device = first.device if device is None else torch.device(device)
         if device.type == "cuda" and any(torch.device(layer.preparing_device) != device for layer in self.layers):
@@ -112,10 +119,10 @@ class Modulations:
         offset = 0
         for layer in self.layers:  # one layer at a time: each old copy is freed as it moves
             width = layer.weight.shape[0]
-            weight[offset:offset + width].copy_(layer.weight.data)
-            bias[offset:offset + width].copy_(layer.bias.data)
-            layer.weight.data = weight[offset:offset + width]
-            layer.bias.data = bias[offset:offset + width]
+            weight[offset : offset + width].copy_(layer.weight.data)
+            bias[offset : offset + width].copy_(layer.bias.data)
+            layer.weight.data = weight[offset : offset + width]
+            layer.bias.data = bias[offset : offset + width]
             if device.type == "cuda":
                 layer.state = 2  # DiffSynth's "prepared" (on the GPU): placement leaves it there
             self.slices[id(layer)] = (offset, width)
@@ -134,7 +141,7 @@ class Modulations:
         table = x.new_empty((x.shape[0], self.weight.shape[0]))
         for layer in self.layers:
             offset, width = self.slices[id(layer)]
-            table[:, offset:offset + width] = layer._direct_forward(x)
+            table[:, offset : offset + width] = layer._direct_forward(x)
         return table
 
     @property
@@ -143,8 +150,13 @@ class Modulations:
         return self.key is not None
 
     @torch.no_grad()
-    def prepare(self, timesteps: torch.Tensor, pooled_prompt_emb: torch.Tensor,
-                guidance: torch.Tensor | None, dtype: torch.dtype) -> None:
+    def prepare(
+        self,
+        timesteps: torch.Tensor,
+        pooled_prompt_emb: torch.Tensor,
+        guidance: torch.Tensor | None,
+        dtype: torch.dtype,
+    ) -> None:
         """Every step's conditioning (as `model_fn_flux_image` computes it), then each modulation
         layer once over all of them."""
         if not self.enabled:
@@ -159,8 +171,11 @@ class Modulations:
         if self.joined:
             self.table = self._joined_forward(x)
             row = (1, self.table.shape[1])
-            if self.current is None or (self.current.shape, self.current.dtype, self.current.device) != \
-                    (row, self.table.dtype, self.table.device):
+            if self.current is None or (self.current.shape, self.current.dtype, self.current.device) != (
+                row,
+                self.table.dtype,
+                self.table.device,
+            ):
                 self.current = self.table.new_empty(row)
         else:
             self.rows = {id(layer): layer._direct_forward(x) for layer in self.layers}
@@ -172,7 +187,7 @@ class Modulations:
         self.step = step if self.ready and self.key == (id(pooled_prompt_emb), id(guidance)) else -1
         if self.step >= 0 and self.table is not None:
             assert self.current is not None  # made with the table
-            self.current.copy_(self.table[step:step + 1])
+            self.current.copy_(self.table[step : step + 1])
 
     def output(self, layer: AutoWrappedLinear, x: torch.Tensor) -> torch.Tensor:
         if self.step < 0 or x.shape[0] != 1:
@@ -180,10 +195,10 @@ class Modulations:
         # Copies: the compiled graph may reuse its outputs' memory.
         if self.table is None:
             assert self.rows is not None  # step >= 0: the job's table is filled
-            return self.rows[id(layer)][self.step:self.step + 1].clone()
+            return self.rows[id(layer)][self.step : self.step + 1].clone()
         assert self.current is not None  # made with the table
         offset, width = self.slices[id(layer)]
-        return self.current[:, offset:offset + width].clone()
+        return self.current[:, offset : offset + width].clone()
 
     def clear(self) -> None:
         """Drop the job's table (`current` stays: a captured graph reads it)."""

@@ -32,11 +32,12 @@ class ModelPlacement:
 
     resident: int  # on the GPU for good
     streamed: int  # copied in at every use: every denoising step, for the DiT
-    per_job: int   # copied in once per job (the DiT's modulation layers, under a budget)
+    per_job: int  # copied in once per job (the DiT's modulation layers, under a budget)
 
     def describe(self) -> str:
-        return (f"{self.resident / GIB:.2f} GiB resident / {self.streamed / GIB:.2f} GiB streamed per step"
-                + (f" / {self.per_job / GIB:.2f} GiB copied per job" if self.per_job else ""))
+        return f"{self.resident / GIB:.2f} GiB resident / {self.streamed / GIB:.2f} GiB streamed per step" + (
+            f" / {self.per_job / GIB:.2f} GiB copied per job" if self.per_job else ""
+        )
 
 
 @dataclass(frozen=True)
@@ -65,8 +66,10 @@ def _own_tensors(module: AutoTorchModule):
 
 def nbytes(module: AutoTorchModule, dtype: torch.dtype | None = None) -> int:
     """Bytes of the layer's tensors, counting floating-point ones as `dtype` when given."""
-    return sum(t.numel() * (dtype.itemsize if dtype is not None and t.is_floating_point() else t.element_size())
-               for t in _own_tensors(module))
+    return sum(
+        t.numel() * (dtype.itemsize if dtype is not None and t.is_floating_point() else t.element_size())
+        for t in _own_tensors(module)
+    )
 
 
 _registered: set[int] = set()
@@ -194,7 +197,7 @@ def _group(name: str) -> str:
     parts = name.split(".")
     for i, part in enumerate(parts):
         if part.isdigit():
-            return ".".join(parts[:i + 1])
+            return ".".join(parts[: i + 1])
     return name
 
 
@@ -226,8 +229,14 @@ def choose_resident(sizes: list[tuple[str, int, bool]], resident_bytes: int) -> 
     return keep
 
 
-def place(model: torch.nn.Module, resident_bytes: int | None, streamer=None, *,
-          pinned: bool = False, per_job: frozenset[int] = frozenset()) -> ModelPlacement:
+def place(
+    model: torch.nn.Module,
+    resident_bytes: int | None,
+    streamer=None,
+    *,
+    pinned: bool = False,
+    per_job: frozenset[int] = frozenset(),
+) -> ModelPlacement:
     """Keep about `resident_bytes` of the model's layers on the GPU for good, in whole blocks spread
     through the model; stream the rest through `streamer` (from pinned host memory when `pinned`).
     `None` keeps everything resident. Layers in `per_job` (module ids) run once per job: under a

@@ -47,8 +47,9 @@ class Engine:
         if plan.tiled_vae:
             patches.tile_vae_decoder(pipe.vae_decoder)
         for name in MODELS:
-            fp8.configure_linears(getattr(pipe, name), fp8_matmul=plan.fp8_matmul and name == "dit",
-                                  fast_accum=plan.fast_accum)
+            fp8.configure_linears(
+                getattr(pipe, name), fp8_matmul=plan.fp8_matmul and name == "dit", fast_accum=plan.fast_accum
+            )
         self.streamers = {
             # Windows: more than the largest streamed block (a double block is 340 MB in float8);
             # T5's feed-forward modules are 250 MB each in bf16.
@@ -93,12 +94,19 @@ class Engine:
         dit_bytes = None if plan.dit_resident_gib is None else int(plan.dit_resident_gib * GIB)
         text_bytes = None if plan.text_encoders_resident else 0
         placement = Placement(
-            dit=offload.place(pipe.dit, dit_bytes, self.streamers["dit"], pinned=plan.pinned,
-                              per_job=frozenset(map(id, self.modulations.layers))),
-            text_encoder_1=offload.place(pipe.text_encoder_1, text_bytes, self.streamers["text_encoder_1"],
-                                         pinned=plan.pinned),
-            text_encoder_2=offload.place(pipe.text_encoder_2, text_bytes, self.streamers["text_encoder_2"],
-                                         pinned=plan.pinned),
+            dit=offload.place(
+                pipe.dit,
+                dit_bytes,
+                self.streamers["dit"],
+                pinned=plan.pinned,
+                per_job=frozenset(map(id, self.modulations.layers)),
+            ),
+            text_encoder_1=offload.place(
+                pipe.text_encoder_1, text_bytes, self.streamers["text_encoder_1"], pinned=plan.pinned
+            ),
+            text_encoder_2=offload.place(
+                pipe.text_encoder_2, text_bytes, self.streamers["text_encoder_2"], pinned=plan.pinned
+            ),
             vae_decoder=offload.place(pipe.vae_decoder, None),
         )
         self.modulations.register()
@@ -118,9 +126,10 @@ class Engine:
         compilable = [b for b in blocks if not any(hasattr(m, "_stream_targets") for m in b.modules())]
         if not compilable:
             if mode == "on":
-                log.warning("[model] compile = \"on\" ignored: every DiT block streams a non-linear module")
+                log.warning('[model] compile = "on" ignored: every DiT block streams a non-linear module')
             return False
         import torch._dynamo
+
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
         # One graph per image size (the bot has three): with Dynamo's automatic dynamic shapes the
         # second size compiled a shape-generic graph that later jobs of every size then ran, the
@@ -129,8 +138,11 @@ class Engine:
         inductor.configure(tuning=self.preset != "tiny-random")  # tuning a smoke test's kernels buys nothing
         for block in compilable:
             block.compile()
-        log.info("%d of %d DiT blocks will be compiled on first use (the first image is slower)",
-                 len(compilable), len(blocks))
+        log.info(
+            "%d of %d DiT blocks will be compiled on first use (the first image is slower)",
+            len(compilable),
+            len(blocks),
+        )
         return True
 
     def _graph_planned(self) -> bool:
@@ -180,22 +192,30 @@ class Engine:
             torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------ generation
-    def generate(self, request: GenerationRequest, *, on_progress: ProgressFn | None = None,
-                 should_cancel: CancelFn | None = None) -> GenerationResult:
+    def generate(
+        self,
+        request: GenerationRequest,
+        *,
+        on_progress: ProgressFn | None = None,
+        should_cancel: CancelFn | None = None,
+    ) -> GenerationResult:
         """Paint one image. Blocking; call from a worker thread. Same request -> same pixels."""
         with self._lock:
             cuda = self.device.type == "cuda"
             # With the DiT all on the GPU nothing is copied in during a step: the CPU may queue ahead.
-            loop = DenoiseLoop(self.device, on_progress=on_progress, should_cancel=should_cancel,
-                               queue_ahead=self.placement.dit.streamed == 0)
+            loop = DenoiseLoop(
+                self.device,
+                on_progress=on_progress,
+                should_cancel=should_cancel,
+                queue_ahead=self.placement.dit.streamed == 0,
+            )
             if cuda:
                 torch.cuda.reset_peak_memory_stats(self.device)
             image = self._paint(request, loop)
             seconds, timings = loop.finish()
             self.token_counts_run.add(_image_tokens(request.width, request.height))
             peak = torch.cuda.max_memory_allocated(self.device) / GIB if cuda else None
-            return GenerationResult(image=image, request=request, seconds=seconds, peak_vram_gib=peak,
-                                    timings=timings)
+            return GenerationResult(image=image, request=request, seconds=seconds, peak_vram_gib=peak, timings=timings)
 
     def _paint(self, req: GenerationRequest, loop: DenoiseLoop):
         """The pipeline's call for one job: the models placed for it (keep_resident off) and
@@ -204,8 +224,12 @@ class Engine:
             self.placement = self._place()
         try:
             return self.pipe(
-                prompt=req.prompt, seed=req.seed, height=req.height, width=req.width,
-                num_inference_steps=req.steps, embedded_guidance=req.guidance,
+                prompt=req.prompt,
+                seed=req.seed,
+                height=req.height,
+                width=req.width,
+                num_inference_steps=req.steps,
+                embedded_guidance=req.guidance,
                 progress_bar_cmd=loop,
             )
         except torch.cuda.OutOfMemoryError as exc:
@@ -213,8 +237,9 @@ class Engine:
                 self.step_graph.reset()  # its memory pool goes back; the next job captures again
             self.free_memory()
             budget = "unlimited" if self.plan.budget_gib is None else f"{self.plan.budget_gib:g} GiB"
-            raise GenerationOOM(f"the GPU ran out of memory at {req.width}x{req.height} (budget {budget}): "
-                                f"{str(exc).splitlines()[0]}") from None
+            raise GenerationOOM(
+                f"the GPU ran out of memory at {req.width}x{req.height} (budget {budget}): {str(exc).splitlines()[0]}"
+            ) from None
         finally:
             self.modulations.clear()
             for streamer in self.streamers.values():
@@ -226,5 +251,3 @@ class Engine:
 def _image_tokens(width: int, height: int) -> int:
     """The DiT's image tokens: 8x8-pixel latents in 2x2 patches."""
     return (width // 16) * (height // 16)
-
-

@@ -24,12 +24,12 @@ from .weights import DIT_FILE, FLUX_DIR, missing_files, model_files
 
 log = logging.getLogger("fluxbot.engine.tiny")
 
-HIDDEN = 128          # one attention head of 128 (RoPE needs head dim 128)
-TEXT_DIM = 32         # T5 d_model
-POOLED_DIM = 32       # CLIP width
-VOCAB = 512           # both tokenizers stay below this
-VAE_CH = (32, 32, 16, 8)   # real: (512, 512, 256, 128)
-VAE_GROUPS = 8             # real: 32
+HIDDEN = 128  # one attention head of 128 (RoPE needs head dim 128)
+TEXT_DIM = 32  # T5 d_model
+POOLED_DIM = 32  # CLIP width
+VOCAB = 512  # both tokenizers stay below this
+VAE_CH = (32, 32, 16, 8)  # real: (512, 512, 256, 128)
+VAE_GROUPS = 8  # real: 32
 SEED = 20240801
 
 
@@ -71,11 +71,23 @@ class TinyClip(FluxTextEncoderClip):
 
 def tiny_t5_config() -> T5Config:
     return T5Config(
-        d_ff=2 * TEXT_DIM, d_kv=16, d_model=TEXT_DIM, num_heads=2, num_layers=1,
-        feed_forward_proj="gated-gelu", dense_act_fn="gelu_new", is_gated_act=True,
-        relative_attention_num_buckets=32, relative_attention_max_distance=128,
-        vocab_size=VOCAB, pad_token_id=0, eos_token_id=1, layer_norm_epsilon=1e-6,
-        tie_word_embeddings=False, is_encoder_decoder=True, use_cache=False,
+        d_ff=2 * TEXT_DIM,
+        d_kv=16,
+        d_model=TEXT_DIM,
+        num_heads=2,
+        num_layers=1,
+        feed_forward_proj="gated-gelu",
+        dense_act_fn="gelu_new",
+        is_gated_act=True,
+        relative_attention_num_buckets=32,
+        relative_attention_max_distance=128,
+        vocab_size=VOCAB,
+        pad_token_id=0,
+        eos_token_id=1,
+        layer_norm_epsilon=1e-6,
+        tie_word_embeddings=False,
+        is_encoder_decoder=True,
+        use_cache=False,
     )
 
 
@@ -95,16 +107,30 @@ class TinyVAEDecoder(flux_vae.FluxVAEDecoder):
         self.scaling_factor = 0.3611
         self.shift_factor = 0.1159
         self.conv_in = torch.nn.Conv2d(16, a, kernel_size=3, padding=1)
-        self.blocks = torch.nn.ModuleList([
-            _resnet(a, a),
-            flux_vae.VAEAttentionBlock(1, a, a, 1, norm_num_groups=VAE_GROUPS, eps=1e-6,
-                                       use_conv_attention=use_conv_attention),
-            _resnet(a, a),
-            _resnet(a, a), _resnet(a, a), _resnet(a, a), flux_vae.UpSampler(a),
-            _resnet(a, b), _resnet(b, b), _resnet(b, b), flux_vae.UpSampler(b),
-            _resnet(b, c), _resnet(c, c), _resnet(c, c), flux_vae.UpSampler(c),
-            _resnet(c, e), _resnet(e, e), _resnet(e, e),
-        ])
+        self.blocks = torch.nn.ModuleList(
+            [
+                _resnet(a, a),
+                flux_vae.VAEAttentionBlock(
+                    1, a, a, 1, norm_num_groups=VAE_GROUPS, eps=1e-6, use_conv_attention=use_conv_attention
+                ),
+                _resnet(a, a),
+                _resnet(a, a),
+                _resnet(a, a),
+                _resnet(a, a),
+                flux_vae.UpSampler(a),
+                _resnet(a, b),
+                _resnet(b, b),
+                _resnet(b, b),
+                flux_vae.UpSampler(b),
+                _resnet(b, c),
+                _resnet(c, c),
+                _resnet(c, c),
+                flux_vae.UpSampler(c),
+                _resnet(c, e),
+                _resnet(e, e),
+                _resnet(e, e),
+            ]
+        )
         self.conv_norm_out = torch.nn.GroupNorm(num_channels=e, num_groups=VAE_GROUPS, eps=1e-6)
         self.conv_act = torch.nn.SiLU()
         self.conv_out = torch.nn.Conv2d(e, 3, kernel_size=3, padding=1)
@@ -118,16 +144,26 @@ class TinyVAEEncoder(flux_vae.FluxVAEEncoder):
         self.shift_factor = 0.1159
         self.conv_in = torch.nn.Conv2d(3, e, kernel_size=3, padding=1)
         down = dict(padding=0, extra_padding=True)
-        self.blocks = torch.nn.ModuleList([
-            _resnet(e, e), _resnet(e, e), flux_vae.DownSampler(e, **down),
-            _resnet(e, c), _resnet(c, c), flux_vae.DownSampler(c, **down),
-            _resnet(c, a), _resnet(a, a), flux_vae.DownSampler(a, **down),
-            _resnet(a, a), _resnet(a, a),
-            _resnet(a, a),
-            flux_vae.VAEAttentionBlock(1, a, a, 1, norm_num_groups=VAE_GROUPS, eps=1e-6,
-                                       use_conv_attention=use_conv_attention),
-            _resnet(a, a),
-        ])
+        self.blocks = torch.nn.ModuleList(
+            [
+                _resnet(e, e),
+                _resnet(e, e),
+                flux_vae.DownSampler(e, **down),
+                _resnet(e, c),
+                _resnet(c, c),
+                flux_vae.DownSampler(c, **down),
+                _resnet(c, a),
+                _resnet(a, a),
+                flux_vae.DownSampler(a, **down),
+                _resnet(a, a),
+                _resnet(a, a),
+                _resnet(a, a),
+                flux_vae.VAEAttentionBlock(
+                    1, a, a, 1, norm_num_groups=VAE_GROUPS, eps=1e-6, use_conv_attention=use_conv_attention
+                ),
+                _resnet(a, a),
+            ]
+        )
         self.conv_norm_out = torch.nn.GroupNorm(num_channels=a, num_groups=VAE_GROUPS, eps=1e-6)
         self.conv_act = torch.nn.SiLU()
         self.conv_out = torch.nn.Conv2d(a, 32, kernel_size=3, padding=1)
@@ -143,7 +179,7 @@ def _randomize(module: torch.nn.Module, gen: torch.Generator) -> dict[str, torch
             t = torch.randn(p.shape, generator=gen) * 0.02
         else:
             fan_in = p[0].numel()
-            t = torch.randn(p.shape, generator=gen) / (fan_in ** 0.5)
+            t = torch.randn(p.shape, generator=gen) / (fan_in**0.5)
         out[name] = t.to(torch.bfloat16).contiguous()
     return out
 
@@ -166,21 +202,37 @@ def _write_clip_tokenizer(folder: Path) -> None:
     tok = Tokenizer(models.BPE(unk_token="<|endoftext|>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|startoftext|>", "<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=300,
+        special_tokens=["<|startoftext|>", "<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(_CORPUS, trainer)
     folder.mkdir(parents=True, exist_ok=True)
     tok.model.save(str(folder))  # vocab.json + merges.txt
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "model_max_length": 77, "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-        "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "do_lower_case": True,
-        "tokenizer_class": "CLIPTokenizer",
-    }))
-    (folder / "special_tokens_map.json").write_text(json.dumps({
-        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-        "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
-    }))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "model_max_length": 77,
+                "bos_token": "<|startoftext|>",
+                "eos_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>",
+                "pad_token": "<|endoftext|>",
+                "do_lower_case": True,
+                "tokenizer_class": "CLIPTokenizer",
+            }
+        )
+    )
+    (folder / "special_tokens_map.json").write_text(
+        json.dumps(
+            {
+                "bos_token": "<|startoftext|>",
+                "eos_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>",
+                "pad_token": "<|endoftext|>",
+            }
+        )
+    )
 
 
 def _write_t5_tokenizer(folder: Path) -> None:
@@ -189,7 +241,10 @@ def _write_t5_tokenizer(folder: Path) -> None:
     tok = Tokenizer(models.Unigram())
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     trainer = trainers.UnigramTrainer(
-        vocab_size=200, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", show_progress=False,
+        vocab_size=200,
+        special_tokens=["<pad>", "</s>", "<unk>"],
+        unk_token="<unk>",
+        show_progress=False,
     )
     tok.train_from_iterator(_CORPUS, trainer)
     tok.post_processor = processors.TemplateProcessing(
@@ -197,16 +252,31 @@ def _write_t5_tokenizer(folder: Path) -> None:
     )
     folder.mkdir(parents=True, exist_ok=True)
     tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "model_max_length": 512, "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
-        "extra_ids": 0, "tokenizer_class": "T5Tokenizer",
-    }))
-    (folder / "special_tokens_map.json").write_text(json.dumps({
-        "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
-    }))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "model_max_length": 512,
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "pad_token": "<pad>",
+                "extra_ids": 0,
+                "tokenizer_class": "T5Tokenizer",
+            }
+        )
+    )
+    (folder / "special_tokens_map.json").write_text(
+        json.dumps(
+            {
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "pad_token": "<pad>",
+            }
+        )
+    )
 
 
 # ----------------------------------------------------------------------------- writing
+
 
 def build_state_dicts(seed: int = SEED) -> dict[str, dict[str, torch.Tensor]]:
     """Tiny random weights, already in the original file layouts, keyed by relative file path."""
@@ -248,16 +318,31 @@ def write_tiny_model(root: Path, seed: int = SEED) -> Path:
 # ----------------------------------------------------------------------------- loader registration
 
 _CLASSES = {
-    "flux_dit": ("bot.engine.tiny.TinyFluxDiT", "diffsynth.models.flux_dit.FluxDiT",
-                 "diffsynth.utils.state_dict_converters.flux_dit.FluxDiTStateDictConverter"),
-    "flux_text_encoder_clip": ("bot.engine.tiny.TinyClip", "diffsynth.models.flux_text_encoder_clip.FluxTextEncoderClip",
-                               "diffsynth.utils.state_dict_converters.flux_text_encoder_clip.FluxTextEncoderClipStateDictConverter"),
-    "flux_text_encoder_t5": ("bot.engine.tiny.TinyT5", "diffsynth.models.flux_text_encoder_t5.FluxTextEncoderT5",
-                             "diffsynth.utils.state_dict_converters.flux_text_encoder_t5.FluxTextEncoderT5StateDictConverter"),
-    "flux_vae_encoder": ("bot.engine.tiny.TinyVAEEncoder", "diffsynth.models.flux_vae.FluxVAEEncoder",
-                         "diffsynth.utils.state_dict_converters.flux_vae.FluxVAEEncoderStateDictConverter"),
-    "flux_vae_decoder": ("bot.engine.tiny.TinyVAEDecoder", "diffsynth.models.flux_vae.FluxVAEDecoder",
-                         "diffsynth.utils.state_dict_converters.flux_vae.FluxVAEDecoderStateDictConverter"),
+    "flux_dit": (
+        "bot.engine.tiny.TinyFluxDiT",
+        "diffsynth.models.flux_dit.FluxDiT",
+        "diffsynth.utils.state_dict_converters.flux_dit.FluxDiTStateDictConverter",
+    ),
+    "flux_text_encoder_clip": (
+        "bot.engine.tiny.TinyClip",
+        "diffsynth.models.flux_text_encoder_clip.FluxTextEncoderClip",
+        "diffsynth.utils.state_dict_converters.flux_text_encoder_clip.FluxTextEncoderClipStateDictConverter",
+    ),
+    "flux_text_encoder_t5": (
+        "bot.engine.tiny.TinyT5",
+        "diffsynth.models.flux_text_encoder_t5.FluxTextEncoderT5",
+        "diffsynth.utils.state_dict_converters.flux_text_encoder_t5.FluxTextEncoderT5StateDictConverter",
+    ),
+    "flux_vae_encoder": (
+        "bot.engine.tiny.TinyVAEEncoder",
+        "diffsynth.models.flux_vae.FluxVAEEncoder",
+        "diffsynth.utils.state_dict_converters.flux_vae.FluxVAEEncoderStateDictConverter",
+    ),
+    "flux_vae_decoder": (
+        "bot.engine.tiny.TinyVAEDecoder",
+        "diffsynth.models.flux_vae.FluxVAEDecoder",
+        "diffsynth.utils.state_dict_converters.flux_vae.FluxVAEDecoderStateDictConverter",
+    ),
 }
 
 
@@ -278,7 +363,8 @@ def register_with_diffsynth(root: Path) -> None:
     for name, model_hash in hashes.items():
         cls, real_cls, converter = _CLASSES[name]
         if (model_hash, name) not in known:
-            MODEL_CONFIGS.append({"model_hash": model_hash, "model_name": name,
-                                  "model_class": cls, "state_dict_converter": converter})
+            MODEL_CONFIGS.append(
+                {"model_hash": model_hash, "model_name": name, "model_class": cls, "state_dict_converter": converter}
+            )
         if real_cls in VRAM_MANAGEMENT_MODULE_MAPS:
             VRAM_MANAGEMENT_MODULE_MAPS.setdefault(cls, VRAM_MANAGEMENT_MODULE_MAPS[real_cls])

@@ -49,7 +49,7 @@ class MissingWeightsError(RuntimeError):
         super().__init__(
             f"model files are missing under {root}:\n{lines}\n"
             f"Fetch them with:  fluxbot download{cfg}\n"
-            f"(or set [model] preset = \"tiny-random\" for a no-download smoke test)"
+            f'(or set [model] preset = "tiny-random" for a no-download smoke test)'
         )
 
 
@@ -117,6 +117,7 @@ def download(model_dir: Path, *, snapshot_download=None) -> list[str]:
     """
     if snapshot_download is None:
         import modelscope
+
         snapshot_download = modelscope.snapshot_download
     model_dir = Path(model_dir)
     for repo, patterns in DOWNLOADS.items():

@@ -220,6 +220,7 @@ class Database:
         aiosqlite's thread: one hop instead of a loop<->thread hand-off per statement (a burst of
         /imagine on a busy CPU waited on a dozen of them per admission). Committed when `fn` says
         so, rolled back when it does not or raises."""
+
         def run(db: sqlite3.Connection) -> T:
             db.execute(SQL_BEGIN)
             try:

@@ -79,8 +79,10 @@ SELECT
 """
 # A new row: every field of NewJob (the job's parameters among them) plus its starting state.
 _INSERT_FIELDS = (*(f.name for f in dataclasses.fields(NewJob)), "status", "charged_day", "queued_at")
-SQL_INSERT_JOB = (f"INSERT INTO jobs ({', '.join(_INSERT_FIELDS)}, attempts) "
-                  f"VALUES ({', '.join(':' + name for name in _INSERT_FIELDS)}, 0)")
+SQL_INSERT_JOB = (
+    f"INSERT INTO jobs ({', '.join(_INSERT_FIELDS)}, attempts) "
+    f"VALUES ({', '.join(':' + name for name in _INSERT_FIELDS)}, 0)"
+)
 SQL_SELECT_JOBS = f"SELECT {_JOB_COLUMNS} FROM jobs"
 SQL_GET_JOB = SQL_SELECT_JOBS + " WHERE id = ?"
 SQL_ACTIVE_JOBS = SQL_SELECT_JOBS + f" WHERE status IN ({_ACTIVE_IN}) ORDER BY id"
