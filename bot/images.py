@@ -34,8 +34,12 @@ def save_png(image: Image.Image, path: Path, metadata: dict[str, object]) -> Pat
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(png_bytes(image, metadata))
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(png_bytes(image, metadata))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk or a bad folder leaves no half file behind
+        raise
     return path
 
 

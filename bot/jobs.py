@@ -28,9 +28,45 @@ from typing import Any, Protocol
 from .config import Settings
 from .engine.api import GenerationCancelled, GenerationOOM, GenerationRequest, GenerationResult, ImageEngine
 from .images import png_metadata, save_png
-from .store import Admission, AdmissionStatus, JobRecord, JobStatus, NewJob, Store, StoreError
+from .store import (
+    ACTIVE_STATUSES,
+    Admission,
+    AdmissionStatus,
+    InvalidTransition,
+    JobRecord,
+    JobStatus,
+    NewJob,
+    Store,
+    StoreError,
+)
 
 log = logging.getLogger("fluxbot.jobs")
+
+
+LEDGER_RETRY_DELAYS_S = (1.0, 3.0, 10.0)
+"""Pauses between tries of a ledger write after an error (each try itself waits out a lock for
+`store.database.BUSY_TIMEOUT_MS`)."""
+
+LEDGER_DOWN = (
+    "the bot's database is not answering, so this image could not be finished; it is painted "
+    "again when the bot restarts, and never charged twice"
+)
+
+
+def _unexpected(exc: Exception) -> str:
+    """What the member is told when a job ends on an error no step expected."""
+    if isinstance(exc, OSError):
+        return f"the bot could not save the image ({exc.strerror or type(exc).__name__}); your quota was refunded"
+    if isinstance(exc, StoreError):
+        return "the bot's database was busy; your quota was refunded. Try again in a minute."
+    return f"something went wrong on the bot's side ({type(exc).__name__}); your quota was refunded"
+
+
+def _undeliverable(exc: Exception) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return "the finished image is gone from the bot's disk; your quota was refunded"
+    detail = str(exc) if isinstance(exc, DeliveryFailed) else type(exc).__name__
+    return f"the finished image could not be posted ({detail}); your quota was refunded"
 
 
 class DeliveryFailed(Exception):
@@ -53,7 +89,8 @@ class Delivery(Protocol):
 
 class CancelOutcome(enum.Enum):
     CANCELLED = "cancelled"  # was waiting: removed and refunded
-    STOPPING = "stopping"  # is running: stops at the next step, then refunded
+    STOPPING = "stopping"  # is running: stops at the next step (or before it is posted), then refunded
+    TOO_LATE = "too_late"  # finished and being posted: it arrives and stays charged
     NOT_FOUND = "not_found"
 
 
@@ -63,6 +100,7 @@ class _Entry:
     cancel: threading.Event = field(default_factory=threading.Event)
     last_progress_edit: float = 0.0
     edit_in_flight: bool = False
+    posting: bool = False  # the upload began: a cancel can no longer keep its promise
 
 
 class JobQueue:
@@ -206,6 +244,8 @@ class JobQueue:
             self._check_idle()
             return CancelOutcome.CANCELLED, job
         if self._running is not None and self._running in mine:
+            if self._running.posting:
+                return CancelOutcome.TOO_LATE, self._running.job
             self._running.cancel.set()
             return CancelOutcome.STOPPING, self._running.job
         return CancelOutcome.NOT_FOUND, None
@@ -263,8 +303,9 @@ class JobQueue:
                 await self._process(entry)
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception as exc:
                 log.exception("job %d: unexpected error in the worker", job.id)
+                await self._end_after_error(entry, exc)
             finally:
                 self._running = None
                 self._entries.pop(job.id, None)
@@ -289,7 +330,7 @@ class JobQueue:
         self._running = entry
         try:
             job = await self.store.mark_running(job.id)
-        except StoreError:
+        except InvalidTransition:
             log.info("job %d is no longer runnable; skipped", job.id)
             return
         entry.job = job
@@ -310,6 +351,11 @@ class JobQueue:
         await asyncio.to_thread(save_png, result.image, path, meta)
         job = await self.store.mark_generated(job.id, str(path), result.seconds)
         entry.job = job
+        if entry.cancel.is_set() and not self._stopping:  # /cancel came after the last step: keep its promise
+            job = await self.store.mark_cancelled(job.id, refund=True)
+            await self._safe("a cancel", self.delivery.cancelled(job))
+            return
+        entry.posting = True  # from here a /cancel says it is too late (no await since the check above)
         await self._deliver(job)
 
     async def _generate(self, entry: _Entry) -> GenerationResult | None:
@@ -372,6 +418,44 @@ class JobQueue:
         except Exception as exc:
             # DeliveryFailed is an expected refusal (permissions, channel gone): no traceback.
             log.error("job %d: delivery failed: %s", job.id, exc, exc_info=not isinstance(exc, DeliveryFailed))
-            await self.store.mark_failed(job.id, f"delivery failed: {exc}", refund=True)
+            failed = await self.store.mark_failed(job.id, f"delivery failed: {exc}", refund=True)
+            await self._safe("a failed delivery", self.delivery.failed(failed, _undeliverable(exc)))
             return
-        await self.store.mark_done(job.id, message_id)
+        await self._record_done(job, message_id)
+
+    async def _record_done(self, job: JobRecord, message_id: int | None) -> None:
+        """The result reached Discord: record it. Never refund from here (the member has the image):
+        if the ledger does not answer, the job stays generated and the next start finds the result."""
+        for delay in (0.0, *LEDGER_RETRY_DELAYS_S):
+            if delay:
+                await asyncio.sleep(delay)
+            try:
+                await self.store.mark_done(job.id, message_id)
+                return
+            except InvalidTransition:
+                raise
+            except StoreError as exc:
+                log.warning("job %d: could not record the delivery (%s); trying again", job.id, exc)
+        log.error("job %d: delivered, but the ledger did not record it; the next start finds the result", job.id)
+
+    async def _end_after_error(self, entry: _Entry, exc: Exception) -> None:
+        """An error the steps did not handle (the image could not be saved, the ledger refused a
+        write): end the job in the ledger, failed and refunded, and tell the member. A locked
+        database is waited for a while; if it never answers, the row stays active and the job runs
+        again at the next start, and the member is told that."""
+        job = entry.job
+        for delay in (0.0, *LEDGER_RETRY_DELAYS_S):
+            if delay:
+                await asyncio.sleep(delay)
+            try:
+                current = await self.store.get_job(job.id)
+                if current is None or current.status not in ACTIVE_STATUSES:
+                    return  # already ended (cancelled, failed) by the step that raised
+                failed = await self.store.mark_failed(job.id, f"{type(exc).__name__}: {exc}", refund=True)
+            except StoreError as again:
+                log.warning("job %d: the ledger did not take its failure (%s); trying again", job.id, again)
+                continue
+            await self._safe("a failure", self.delivery.failed(failed, _unexpected(exc)))
+            return
+        log.error("job %d: the ledger is not answering; the job stays in it and runs again at the next start", job.id)
+        await self._safe("a failure", self.delivery.failed(job, LEDGER_DOWN))

@@ -100,6 +100,17 @@ class FakeInteraction:
         return await self.wait_original(timeout=timeout)
 
 
+@dataclasses.dataclass
+class Hold:
+    """A request the fake keeps waiting (see `FakeDiscord.hold_next`)."""
+
+    method: str
+    pattern: re.Pattern
+    with_files: bool
+    arrived: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    release: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+
+
 class FakeDiscord:
     def __init__(
         self,
@@ -135,6 +146,7 @@ class FakeDiscord:
         self.errors: list[Exception] = []  # exceptions raised while the fake handled a request (bad bodies)
         self.session_id: str | None = None
         self._fails: list[list] = []
+        self._holds: list[Hold] = []
         self._nonces: dict[tuple, tuple[float, int]] = {}
         self._cond = asyncio.Condition()
         self._ws: web.WebSocketResponse | None = None
@@ -421,6 +433,13 @@ class FakeDiscord:
         hdrs = {"Via": "1.1 google"} if status == 429 else {}
         hdrs.update(headers or {})
         self._fails.append([method.upper(), re.compile(path_regex), status, body, hdrs, times])
+
+    def hold_next(self, method: str, path_regex: str, *, with_files: bool = False) -> Hold:
+        """The next request matching method ("*" = any) and path (with attachments, if `with_files`)
+        waits, as if still uploading, until the test sets `hold.release`; `hold.arrived` says it came."""
+        hold = Hold(method.upper(), re.compile(path_regex), with_files)
+        self._holds.append(hold)
+        return hold
 
     def _take_fail(self, method: str, path: str):
         for f in self._fails:
@@ -810,6 +829,12 @@ class FakeDiscord:
             except ValueError:
                 body = raw.decode(errors="replace")
         event = Event(request.method, path, body, [f for _, f in files], dict(request.query), received_at=received_at)
+        for hold in list(self._holds):
+            if hold.method in ("*", request.method) and hold.pattern.search(path) and (not hold.with_files or files):
+                self._holds.remove(hold)
+                hold.arrived.set()
+                await hold.release.wait()  # the request is "in flight" until the test lets it through
+                break
         fail = self._take_fail(request.method, path)
         headers = {}
         if fail is not None:

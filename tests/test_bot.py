@@ -88,6 +88,7 @@ async def test_imagine_end_to_end(fake, settings, engine):
         for ev in fake.events:
             if ev.method in ("POST", "PATCH") and isinstance(ev.json, dict) and "allowed_mentions" in ev.json:
                 assert ev.json["allowed_mentions"].get("parse", []) == []
+        await bot.queue.wait_idle(WAIT)  # the ledger records the delivery just after the message lands
         job = (await bot.store.recent_jobs(1))[0]
         assert job.status is JobStatus.DONE and job.result_message_id == int(final["id"])
 
@@ -597,3 +598,49 @@ async def test_run_with_a_rejected_token_is_one_clear_line(fake, tmp_path, model
     assert rc == 1
     assert "Discord rejected the bot token" in captured.err
     assert bad not in captured.err + captured.out
+
+
+async def test_cancel_during_the_upload_says_it_is_too_late_and_the_answer_holds(fake, settings, engine):
+    async with running_bot(fake, settings, engine) as bot:
+        upload = fake.hold_next("PATCH", r"/webhooks/", with_files=True)
+        inter = await imagine(fake, ALICE, prompt="already painted")
+        await asyncio.wait_for(upload.arrived.wait(), WAIT)  # the image is on its way to Discord
+        cancel = await fake.slash("cancel", {}, user_id=ALICE)
+        await cancel.response()
+        assert "too late to cancel" in ephemeral_texts(fake, cancel)[0]
+        upload.release.set()
+        await inter.wait_original(has_image)
+        await bot.queue.wait_idle(WAIT)
+        job = (await bot.store.recent_jobs(1))[0]
+        assert job.status is JobStatus.DONE and (await bot.store.quota_status(ALICE)).used == 1
+
+
+async def test_cancel_after_the_last_step_before_the_upload_is_kept(fake, settings, engine):
+    """The image is painted and saved, the ledger is slow to record it (another writer holds the
+    lock): a /cancel then still stops it before it is posted, and refunds, as it promises."""
+    import sqlite3
+    from pathlib import Path
+
+    engine.gate.clear()
+    async with running_bot(fake, settings, engine) as bot:
+        inter = await imagine(fake, ALICE, prompt="nearly there")
+        await eventually(engine.busy.is_set, what="GPU busy")
+        other = sqlite3.connect(settings.storage.database, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            engine.gate.set()
+            saved = Path(settings.storage.results_dir) / "job-1.png"
+            await eventually(saved.exists, what="the image saved")  # its ledger write now waits on the lock
+            cancel = await fake.slash("cancel", {}, user_id=ALICE)
+            await cancel.response()
+            assert "Stopping your image" in ephemeral_texts(fake, cancel)[0]
+        finally:
+            other.rollback()
+            other.close()
+        await bot.queue.wait_idle(WAIT)
+        job = (await bot.store.recent_jobs(1))[0]
+        assert job.status is JobStatus.CANCELLED and job.charged_day is None
+        assert (await bot.store.quota_status(ALICE)).used == 0
+        assert not image_messages(fake)
+        final = await inter.wait_original(lambda m: "Cancelled" in (m.get("content") or ""))
+        assert "refunded" in final["content"]

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from pathlib import Path
 
 import pytest
 
-from bot.store import JobStatus
+from bot.store import JobStatus, NewJob, Store
 
 from botkit import (
     ADMIN,
@@ -22,6 +23,7 @@ from botkit import (
     make_settings,
     running_bot,
 )
+from ceilings import START, WAIT
 
 
 @pytest.fixture
@@ -288,6 +290,10 @@ async def test_hostile_input_gets_a_clear_message_and_changes_nothing(
         ("fluxbot:delete:{job}", BOB, False, "Only"),  # someone else's image
         ("fluxbot:frobnicate:{job}", ALICE, True, "no longer active"),
         ("fluxbot:", ALICE, True, "no longer active"),
+        ("fluxbot:reroll:" + "9" * 30, ALICE, True, "no longer know that image"),  # beyond SQLite's integers
+        ("fluxbot:delete:" + "9" * 30, ALICE, True, "no longer know that image"),
+        ("someone-else:42", ALICE, True, "no longer active"),  # not our prefix, yet on our message
+        ("", ALICE, True, "no longer active"),
     ],
 )
 async def test_hostile_button_clicks_get_an_answer_and_change_nothing(
@@ -334,3 +340,111 @@ async def test_a_failed_acknowledgement_edit_does_not_lose_the_job(fake, setting
         job = (await bot.store.recent_jobs(1))[0]
         assert job.status is JobStatus.DONE and len(images_for(fake, job.id)) == 1
     assert any(ev.status == 400 and ev.path.endswith("/messages/@original") for ev in fake.events)  # it was injected
+
+
+# ---------------------------------------------------------------- faults mid-job end the job (#15 items 3, 4)
+
+
+def told_failure(message: dict) -> bool:
+    return "Could not paint this image" in (message.get("content") or "")
+
+
+async def assert_ended_and_told(fake, bot, inter, text: str) -> None:
+    final = await inter.wait_original(told_failure, timeout=START)
+    assert text in final["content"] and "refunded" in final["content"], final["content"]
+    job = (await bot.store.recent_jobs(1))[0]
+    assert job.status is JobStatus.FAILED and job.charged_day is None
+    assert (await bot.store.quota_status(ALICE)).used == 0
+    await bot.queue.wait_idle(WAIT)
+    assert bot.queue.waiting() == [] and bot.queue.running is None
+    assert await bot.store.active_jobs() == []  # no ghost holding a place under max_per_user
+
+
+async def test_a_results_folder_that_is_a_file_fails_refunds_and_tells(fake, tmp_path, model_dir, engine):
+    blocker = tmp_path / "results-file"
+    blocker.write_text("not a folder")
+    settings = make_settings(tmp_path, model_dir, fake, storage={"results_dir": str(blocker / "results")})
+    async with running_bot(fake, settings, engine) as bot:
+        inter = await fake.slash("imagine", {"prompt": "nowhere to save"}, user_id=ALICE)
+        await assert_ended_and_told(fake, bot, inter, "could not save the image")
+
+
+async def test_a_failed_save_leaves_no_temporary_file(fake, settings, engine):
+    results = Path(settings.storage.results_dir)
+    (results / "job-1.png").mkdir(parents=True)  # the final name is taken by a folder: the rename fails
+    async with running_bot(fake, settings, engine) as bot:
+        inter = await fake.slash("imagine", {"prompt": "rename fails"}, user_id=ALICE)
+        await assert_ended_and_told(fake, bot, inter, "could not save the image")
+    assert sorted(p.name for p in results.iterdir()) == ["job-1.png"]  # no job-1.png.tmp
+
+
+async def test_a_ledger_locked_by_another_connection_mid_job_ends_the_job_once_it_answers(
+    fake, settings, engine, caplog
+):
+    engine.gate.clear()
+    async with running_bot(fake, settings, engine, progress_interval=60) as bot:
+        inter = await fake.slash("imagine", {"prompt": "locked out"}, user_id=ALICE)
+        await inter.response()
+        await eventually(engine.busy.is_set, what="GPU busy")
+        other = sqlite3.connect(settings.storage.database, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")  # another writer holds the lock while the image is finished
+            engine.gate.set()
+            await eventually(
+                lambda: any("did not take its failure" in r.getMessage() for r in caplog.records),
+                timeout=START,
+                what="a ledger write refused by the lock",
+            )
+        finally:
+            other.rollback()
+            other.close()
+        await assert_ended_and_told(fake, bot, inter, "database was busy")
+
+
+async def test_an_upload_that_fails_is_refunded_and_the_member_told(fake, settings, engine):
+    engine.gate.clear()
+    async with running_bot(fake, settings, engine, progress_interval=60) as bot:
+        inter = await fake.slash(
+            "imagine", {"prompt": "too big to post", "steps": 1}, user_id=ALICE
+        )  # 1 step: no progress edit
+        await inter.response()
+        await eventually(engine.busy.is_set, what="GPU busy")
+        fake.fail_next(
+            "PATCH",
+            r"/webhooks/\d+/[^/]+/messages/\d+",
+            status=413,
+            body={"code": 40005, "message": "Request entity too large"},
+        )
+        engine.gate.set()
+        await assert_ended_and_told(fake, bot, inter, "could not be posted")
+
+
+async def test_a_result_file_gone_at_restart_is_refunded_and_told(fake, settings, engine):
+    """The ledger says generated (a restart between painting and posting), but the PNG is gone."""
+    store = await Store.open(settings.storage.database, default_daily_limit=settings.quota.daily_limit)
+    new = NewJob(
+        prompt="vanished",
+        seed=1,
+        steps=2,
+        width=256,
+        height=256,
+        user_id=ALICE,
+        guild_id=fake.guild_id,
+        channel_id=fake.channel_id,
+    )
+    admission = await store.admit(new, max_queue=10, max_per_user=10)
+    assert admission.job is not None
+    await store.mark_running(admission.job.id)
+    await store.mark_generated(admission.job.id, str(Path(settings.storage.results_dir) / "gone.png"), 1.0)
+    await store.close()
+    async with running_bot(fake, settings, engine) as bot:
+        await bot.queue.wait_idle(START)
+        job = await bot.store.get_job(admission.job.id)
+        assert job is not None and job.status is JobStatus.FAILED and job.charged_day is None
+        assert (await bot.store.quota_status(ALICE)).used == 0
+        await eventually(
+            lambda: [m for m in fake.messages.values() if "gone from the bot's disk" in m["content"]],
+            what="the member told in the channel",
+        )
+        told = next(m for m in fake.messages.values() if "gone from the bot's disk" in m["content"])
+        assert told["content"].startswith(f"<@{ALICE}> ") and "refunded" in told["content"]

@@ -63,6 +63,8 @@ async def cancel(interaction: Interaction) -> None:
         await tell(interaction, messages.cancelled_waiting(job.id))
     elif outcome is CancelOutcome.STOPPING and job is not None:
         await tell(interaction, messages.stopping(job.id))
+    elif outcome is CancelOutcome.TOO_LATE and job is not None:
+        await tell(interaction, messages.too_late_to_cancel(job.id))
     else:
         await tell(interaction, messages.NOTHING_TO_CANCEL)
 

@@ -154,6 +154,10 @@ def stopping(job_id: int) -> str:
     return f"Stopping your image (job {job_id}) at the next step. Your quota will be refunded."
 
 
+def too_late_to_cancel(job_id: int) -> str:
+    return f"Your image (job {job_id}) is finished and being posted: too late to cancel it. Delete it once it arrives."
+
+
 NOTHING_TO_CANCEL = "You have nothing waiting or being painted."
 
 

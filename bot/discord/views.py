@@ -106,19 +106,18 @@ def result_view(job_id: int) -> discord.ui.View:
 
 
 async def answer_stray_component(interaction: Interaction) -> None:
-    """A click on a `fluxbot:` button no handler took (old or forged custom id): answer it anyway."""
+    """A click no handler took (an old, forged or foreign custom id): answer it anyway. Discord sends
+    an application only the clicks on its own messages, so every component interaction is ours."""
     if interaction.type is not discord.InteractionType.component or interaction.response.is_done():
         return
     data: Mapping[str, object] = interaction.data or {}
     custom_id = data.get("custom_id", "")
-    if not isinstance(custom_id, str) or not custom_id.startswith(PREFIX):
-        return
     on_message = {
         getattr(child, "custom_id", None)
         for row in (interaction.message.components if interaction.message else [])
         for child in getattr(row, "children", [row])
     }
-    if custom_id in on_message and JOB_BUTTON_ID.fullmatch(custom_id):
+    if isinstance(custom_id, str) and custom_id in on_message and JOB_BUTTON_ID.fullmatch(custom_id):
         return  # a dynamic item handles it (discord.py ignores ids that are not on the message)
     await interaction.response.send_message(
         messages.BUTTON_INACTIVE, ephemeral=True, allowed_mentions=messages.NO_PINGS

@@ -25,12 +25,16 @@ from .records import (
     ORIGINS,
     Admission,
     AdmissionStatus,
+    InvalidTransition,
     JobRecord,
     JobStatus,
     NewJob,
     QuotaStatus,
     StoreError,
 )
+
+MAX_ROWID = 2**63 - 1
+"""SQLite's largest integer: no job id is above it."""
 
 MAX_ERROR_CHARS = 2_000
 """Longer error texts are truncated before they are stored."""
@@ -300,6 +304,8 @@ class Store:
     # ---------------------------------------------------------------- jobs
 
     async def get_job(self, job_id: int) -> JobRecord | None:
+        if not 0 < job_id <= MAX_ROWID:  # a forged id (a button's custom id): no such job, not an error
+            return None
         async with self._db.locked() as conn:
             row = await fetch_one(conn, SQL_GET_JOB, (job_id,))
         return None if row is None else _job_from_row(row)
@@ -331,7 +337,7 @@ class Store:
             state = await _job_state(conn, job_id)
             current = JobStatus(state["status"])
             if current not in _ALLOWED_FROM[target]:
-                raise StoreError(f"job {job_id} cannot go from {current.value} to {target.value}")
+                raise InvalidTransition(f"job {job_id} cannot go from {current.value} to {target.value}")
             await execute(conn, sql, {**params, "status": target.value, "id": job_id})
             if refund:
                 await _refund_in(conn, job_id, state["user_id"], state["charged_day"])
