@@ -9,10 +9,8 @@ import logging
 import os
 import platform
 import re
-import signal
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -69,10 +67,8 @@ def _run_bot(settings: Settings, path: Path | None, token: str) -> int:
             log.info("warming up the compiled model (%.0f s)", engine.warm_up(gen.width, gen.height))
         return engine
 
-    # `docker stop` sends SIGTERM: shut down like Ctrl-C so the running job is left for the next start.
-    # (signal handlers can only be set from the main thread; tests run `main` in another one)
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # `docker stop` sends SIGTERM, handled like Ctrl-C by serve(): the job in progress stops at its
+    # next step and stays in the ledger for the next start.
     try:
         asyncio.run(serve(settings, load_engine, token))
     except KeyboardInterrupt:

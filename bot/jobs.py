@@ -20,13 +20,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Coroutine
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from .config import Settings
 from .engine.api import GenerationCancelled, GenerationOOM, GenerationRequest, GenerationResult, ImageEngine
+from .gpu_thread import GpuThread
 from .images import png_metadata, save_png
 from .store import (
     ACTIVE_STATUSES,
@@ -41,7 +42,11 @@ from .store import (
 )
 
 log = logging.getLogger("fluxbot.jobs")
+T = TypeVar("T")
 
+
+STOP_GRACE_S = 5.0
+"""How long a stop waits for the job in progress to reach its next step (Docker allows 10 s)."""
 
 LEDGER_RETRY_DELAYS_S = (1.0, 3.0, 10.0)
 """Pauses between tries of a ledger write after an error (each try itself waits out a lock for
@@ -130,7 +135,8 @@ class JobQueue:
         self._stopping = False
         self._worker: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._gpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu")
+        self._gpu = GpuThread()
+        self._gpu_call: Future[Any] | None = None  # the engine call in progress, if any
         self.engine_ready = asyncio.Event()
 
     # ------------------------------------------------------------------ lifecycle
@@ -159,7 +165,22 @@ class JobQueue:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._gpu.shutdown(wait=True, cancel_futures=True)
+        await self._let_the_gpu_stop()
+        self._gpu.shutdown()
+
+    async def _let_the_gpu_stop(self) -> None:
+        """Wait briefly for the engine call in progress: a job stops at its next step; a model load
+        or compile cannot be stopped and is not waited for (the GPU thread dies with the process)."""
+        call = self._gpu_call
+        if call is None or call.done():
+            return
+        waiter = asyncio.wrap_future(call)
+        await asyncio.wait({waiter}, timeout=STOP_GRACE_S)
+        if not waiter.done():
+            waiter.cancel()  # only our wait: the call itself runs on (it cannot be interrupted)
+            log.warning("the GPU is still busy (loading, compiling or inside a step); not waiting for it")
+        elif isinstance(waiter.exception(), GenerationCancelled):
+            log.info("the job in progress stopped (%s); it runs again at the next start", waiter.exception())
 
     async def wait_idle(self, timeout: float | None = None) -> None:
         """Until nothing waits or runs (for tests and graceful shutdown)."""
@@ -172,9 +193,12 @@ class JobQueue:
         await asyncio.wait_for(idle(), timeout)
 
     # ------------------------------------------------------------------ admission
-    async def submit(self, new: NewJob) -> Admission:
+    async def submit(self, new: NewJob, *, deadline_s: float | None = None) -> Admission:
+        """Admit `new` (see `Store.admit`); `StoreBusy` when the database is not free by `deadline_s`."""
         q = self.settings.queue
-        admission = await self.store.admit(new, max_queue=q.max_size, max_per_user=q.max_per_user)
+        admission = await self.store.admit(
+            new, max_queue=q.max_size, max_per_user=q.max_per_user, deadline_s=deadline_s
+        )
         if admission.status is AdmissionStatus.ACCEPTED:
             assert admission.job is not None
             self._entries[admission.job.id] = _Entry(admission.job)
@@ -275,10 +299,13 @@ class JobQueue:
         for pos, job in enumerate(self.waiting()[:limit], start=1):
             await self._safe(f"job {job.id}'s queue position", self.delivery.position(job, pos))
 
+    async def _on_gpu(self, fn: Callable[[], T]) -> T:
+        self._gpu_call = future = self._gpu.submit(fn)
+        return await asyncio.wrap_future(future)
+
     async def _load_engine(self) -> None:
-        loop = asyncio.get_running_loop()
         try:
-            self._engine = await loop.run_in_executor(self._gpu, self._engine_loader)
+            self._engine = await self._on_gpu(self._engine_loader)
         except Exception as exc:
             log.exception("the model failed to load")
             self._engine_error = (
@@ -302,6 +329,9 @@ class JobQueue:
             try:
                 await self._process(entry)
             except asyncio.CancelledError:
+                # Stopping, maybe before stop() could flag the job (asyncio.run cancels every task at
+                # once on SIGTERM): the engine must still stop at its next step, not paint on.
+                entry.cancel.set()
                 raise
             except Exception as exc:
                 log.exception("job %d: unexpected error in the worker", job.id)
@@ -373,7 +403,7 @@ class JobQueue:
             return engine.generate(request, on_progress=on_progress, should_cancel=entry.cancel.is_set)
 
         try:
-            return await loop.run_in_executor(self._gpu, call)
+            return await self._on_gpu(call)
         except GenerationCancelled:
             if self._stopping:
                 return None  # stays "running" in the ledger: resumed on next start

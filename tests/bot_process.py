@@ -112,6 +112,23 @@ def install_kill_point(point: str, marker: Path) -> None:
         raise SystemExit(f"unknown kill point {point!r}; one of {', '.join(KILL_POINTS)}")
 
 
+def slow_steps(delay: float) -> None:
+    """Each step of the real engine takes `delay` s longer; its cancel check between steps is untouched."""
+    from bot.engine.pipeline import Engine
+
+    real_generate = Engine.generate
+
+    def generate(self, request, *, on_progress=None, should_cancel=None):
+        def progress(step, total):
+            time.sleep(delay)
+            if on_progress is not None:
+                on_progress(step, total)
+
+        return real_generate(self, request, on_progress=progress, should_cancel=should_cancel)
+
+    Engine.generate = generate
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--api-base", required=True, help="the fake's REST base, e.g. http://127.0.0.1:PORT/api/v10")
@@ -120,6 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kill-point", choices=KILL_POINTS)
     p.add_argument("--marker", type=Path)
     p.add_argument("--wait-for", type=Path, help="after the imports, wait until this file exists")
+    p.add_argument(
+        "--step-delay",
+        type=float,
+        default=0.0,
+        help="seconds each denoising step takes longer (a slow card), for the shutdown tests",
+    )
     p.add_argument("--wait-timeout", type=float, default=300.0)
     args = p.parse_args(argv)
     if args.kill_point and not args.marker:
@@ -135,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(args.gateway)
     if args.kill_point:
         install_kill_point(args.kill_point, args.marker)
+    if args.step_delay:
+        slow_steps(args.step_delay)
     if not os.environ.get("DISCORD_TOKEN"):
         p.error("DISCORD_TOKEN must be set")
 

@@ -53,7 +53,11 @@ class BotProcess:
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(
-        self, kill_point: str | None = None, marker: Path | None = None, wait_for: Path | None = None
+        self,
+        kill_point: str | None = None,
+        marker: Path | None = None,
+        wait_for: Path | None = None,
+        step_delay: float = 0.0,
     ) -> None:
         args = [
             str(LAUNCHER),
@@ -68,6 +72,8 @@ class BotProcess:
             args += ["--kill-point", kill_point, "--marker", str(marker)]
         if wait_for:
             args += ["--wait-for", str(wait_for)]
+        if step_delay:
+            args += ["--step-delay", str(step_delay)]
         env = {**os.environ, "DISCORD_TOKEN": self.fake.token, "FLUXBOT_LOG_LEVEL": "INFO", "PYTHONUNBUFFERED": "1"}
         with open(self.log, "ab") as out:
             out.write(f"\n===== start (kill point: {kill_point}) =====\n".encode())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import sys
 from pathlib import Path
 
 import pytest
@@ -448,3 +449,46 @@ async def test_a_result_file_gone_at_restart_is_refunded_and_told(fake, settings
         )
         told = next(m for m in fake.messages.values() if "gone from the bot's disk" in m["content"])
         assert told["content"].startswith(f"<@{ALICE}> ") and "refunded" in told["content"]
+
+
+LOCK_HOLDER = """
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("BEGIN IMMEDIATE")  # a write lock, as another program (or a backup tool) would take
+print("locked", flush=True)
+sys.stdin.readline()
+conn.rollback()
+"""
+
+
+async def test_a_database_locked_by_another_process_still_gets_answers(fake, settings, engine):
+    """Members get an answer inside Discord's 3 s whatever the database does (#15 item 5)."""
+    async with running_bot(fake, settings, engine) as bot:
+        holder = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            LOCK_HOLDER,
+            str(settings.storage.database),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        try:
+            assert holder.stdout is not None and holder.stdin is not None
+            assert await asyncio.wait_for(holder.stdout.readline(), START) == b"locked\n"
+            refused = await fake.slash("imagine", {"prompt": "while locked"}, user_id=ALICE)
+            await refused.response()
+            assert "database is busy" in ephemeral_texts(fake, refused)[0]
+            assert "nothing was queued or charged" in ephemeral_texts(fake, refused)[0]
+            quota = await fake.slash("quota", {}, user_id=ALICE)
+            await quota.response()
+            assert "used 0 of" in ephemeral_texts(fake, quota)[0]
+        finally:
+            if holder.stdin is not None:
+                holder.stdin.write(b"\n")
+                await holder.stdin.drain()
+            await asyncio.wait_for(holder.wait(), START)
+        assert await bot.store.recent_jobs(5) == []
+        assert (await bot.store.quota_status(ALICE)).used == 0
+        after = await fake.slash("imagine", {"prompt": "after the lock"}, user_id=ALICE)
+        await after.wait_original(has_image)
+        assert (await bot.store.quota_status(ALICE)).used == 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import socket
 import sqlite3
 
@@ -116,3 +117,43 @@ async def test_a_second_bot_on_the_same_database_is_refused_and_changes_nothing(
     finally:
         for proc in (first, *others):
             await proc.kill()
+
+
+async def test_sigterm_stops_the_job_at_its_next_step(fake, tmp_path, model_dir):
+    """A slow card (each step 0.5 s longer): SIGTERM mid-job stops it at the next step, not after
+    all 40; the job stays in the ledger for the next start."""
+    proc = BotProcess(fake, write_config(tmp_path, model_dir, fake), tmp_path / "bot.log")
+    await proc.start(step_delay=0.5)
+    try:
+        await until(lambda: fake.gateway_connections > 0, proc, START, "the bot to connect")
+        await fake.wait_ready()
+        inter = await fake.slash("imagine", {"prompt": "a long one", "steps": 40}, user_id=ALICE)
+        await inter.wait_original(lambda m: "step 1/40" in (m.get("content") or ""), timeout=START)
+        assert await proc.stop(timeout=START) == 0
+        log = proc.log_tail(100_000)
+        stopped = re.search(r"the job in progress stopped \(cancelled before step (\d+)/40\)", log)
+        assert stopped and int(stopped.group(1)) < 40, log
+        assert "Traceback" not in log
+        assert ledger(tmp_path / "fluxbot.db")[0] == [(1, "running", 1, ledger(tmp_path / "fluxbot.db")[0][0][3])]
+        assert not [m for m in fake.messages.values() if has_image(m)]
+    finally:
+        await proc.kill()
+
+
+async def test_sigterm_does_not_wait_for_a_gpu_that_cannot_stop(fake, tmp_path, model_dir):
+    """The GPU thread is inside something that cannot be interrupted (as a compile is: here the
+    kill point holds step 1 for an hour): the bot exits anyway, and the job waits in the ledger."""
+    marker = tmp_path / "marker"
+    proc = BotProcess(fake, write_config(tmp_path, model_dir, fake), tmp_path / "bot.log")
+    await proc.start(kill_point="during", marker=marker)
+    try:
+        await until(lambda: fake.gateway_connections > 0, proc, START, "the bot to connect")
+        await fake.wait_ready()
+        await fake.slash("imagine", {"prompt": "stuck"}, user_id=ALICE)
+        await until(marker.exists, proc, START, "the GPU thread to hang")
+        assert await proc.stop(timeout=START) == 0
+        log = proc.log_tail(100_000)
+        assert "the GPU is still busy" in log and "not waiting for it" in log
+        assert [row[1] for row in ledger(tmp_path / "fluxbot.db")[0]] == ["running"]
+    finally:
+        await proc.kill()

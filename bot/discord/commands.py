@@ -17,9 +17,10 @@ from discord import app_commands
 from ..config import Settings
 from ..jobs import CancelOutcome
 from ..logs import redact
+from ..store import StoreBusy
 from ..validation import MAX_SEED, ValidationError, check_imagine, size_presets
 from . import messages
-from .interactions import Interaction, enqueue, is_admin, tell
+from .interactions import ANSWER_DEADLINE_S, Interaction, enqueue, is_admin, tell
 
 log = logging.getLogger("fluxbot.discord")
 MAX_LIMIT = 100_000
@@ -70,7 +71,11 @@ async def cancel(interaction: Interaction) -> None:
 
 
 async def quota(interaction: Interaction) -> None:
-    status = await interaction.client.store.quota_status(interaction.user.id)
+    try:
+        status = await interaction.client.store.quota_status(interaction.user.id, deadline_s=ANSWER_DEADLINE_S)
+    except StoreBusy:
+        await tell(interaction, messages.DATABASE_BUSY)
+        return
     await tell(interaction, messages.quota_text(status))
 
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, TypeAlias
 import discord
 
 from ..params import JobParams
-from ..store import AdmissionStatus, NewJob
+from ..store import AdmissionStatus, NewJob, StoreBusy
 from . import messages
 
 if TYPE_CHECKING:
@@ -23,6 +23,10 @@ else:
     Interaction = discord.Interaction  # discord.py reads handler annotations at runtime
 
 log = logging.getLogger("fluxbot.discord")
+
+ANSWER_DEADLINE_S = 2.0
+"""How long a handler waits for the database before answering "busy": Discord drops an
+interaction not answered within 3 s."""
 
 
 def is_admin(interaction: Interaction) -> bool:
@@ -63,7 +67,12 @@ async def enqueue(interaction: Interaction, params: JobParams, origin: str) -> N
         origin=origin,
         upload_limit=interaction.filesize_limit or None,
     )
-    admission = await bot.queue.submit(new)
+    try:
+        admission = await bot.queue.submit(new, deadline_s=ANSWER_DEADLINE_S)
+    except StoreBusy:
+        log.warning("admission gave up: the database stayed locked for %.1f s", ANSWER_DEADLINE_S)
+        await tell(interaction, messages.DATABASE_BUSY)
+        return
     if admission.status is not AdmissionStatus.ACCEPTED:
         await tell(interaction, messages.refusal(admission.status, admission.quota, bot.settings))
         return

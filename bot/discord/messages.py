@@ -181,6 +181,7 @@ def only_owner_deletes(owner_id: int) -> str:
     return f"Only <@{owner_id}> (who asked for it) or an admin can delete this image."
 
 
+DATABASE_BUSY = "The bot's database is busy right now, so nothing was queued or charged. Try again in a moment."
 BUTTON_INACTIVE = "This button is no longer active."
 UNKNOWN_COMMAND = "Unknown command: it may have been removed. Discord refreshes the command list shortly."
 INTERNAL_ERROR = "Something went wrong on the bot's side. If an image was charged, it is refunded when it fails."

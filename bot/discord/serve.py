@@ -8,8 +8,11 @@ retrying cannot fix (a bad or reset token, a privileged intent) end it with one 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
 from collections.abc import Callable
+from typing import Any
 
 import aiohttp
 import discord
@@ -49,6 +52,29 @@ def describe_unreachable(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def _on_stop_signals(stop: Callable[[], None]) -> None:
+    """SIGTERM (`docker stop`) and Ctrl-C close the bot from the event loop, in order: the job in
+    progress is flagged and stops at its next step, the ledger is closed. (A KeyboardInterrupt
+    raised wherever the main thread happened to be could land inside any task.)"""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # Windows; not the main thread
+            loop.add_signal_handler(sig, stop)
+
+
+async def _first(work: asyncio.Future[Any], stopping: asyncio.Event) -> bool:
+    """Wait for `work` or a stop signal; True when `work` finished first (its error is raised)."""
+    stop = asyncio.ensure_future(stopping.wait())
+    try:
+        await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+    if work.done():
+        work.result()
+        return True
+    return False
+
+
 async def serve(
     settings: Settings,
     engine_loader: Callable[[], ImageEngine],
@@ -57,13 +83,19 @@ async def serve(
     first_retry_s: float = FIRST_RETRY_S,
     max_retry_s: float = MAX_RETRY_S,
 ) -> None:
-    """Run the bot until it is closed (Ctrl-C, SIGTERM). Raises `DiscordRefused` when Discord says no."""
+    """Run the bot until a stop signal or Ctrl-C. Raises `DiscordRefused` when Discord says no."""
+    stopping = asyncio.Event()
+    _on_stop_signals(stopping.set)
     delay = first_retry_s
-    while True:
+    while not stopping.is_set():
         bot = FluxBot(settings, engine_loader)
         async with bot:  # closed (queue stopped, database closed) however this block ends
+            login = asyncio.ensure_future(bot.login(token))  # also runs setup_hook: database, commands, worker
             try:
-                await bot.login(token)  # also runs setup_hook: the database, the commands, the worker
+                if not await _first(login, stopping):
+                    login.cancel()
+                    await asyncio.gather(login, return_exceptions=True)
+                    return
             except discord.LoginFailure:
                 raise DiscordRefused(
                     "Discord rejected the bot token: check DISCORD_TOKEN or [discord] token "
@@ -72,13 +104,18 @@ async def serve(
             except UNREACHABLE as exc:
                 log.warning("cannot reach Discord (%s); trying again in %.0f s", describe_unreachable(exc), delay)
             else:
+                connect = asyncio.ensure_future(bot.connect())
                 try:
-                    await bot.connect()
+                    if not await _first(connect, stopping):
+                        log.info("stopping: the job in progress (if any) stops at its next step")
+                        await bot.close()  # connect() returns once the bot is closed
+                        await asyncio.gather(connect, return_exceptions=True)
                 except discord.PrivilegedIntentsRequired as exc:
                     raise DiscordRefused(f"Discord refused a privileged intent: {exc}") from None
                 except discord.ConnectionClosed as exc:
                     reason = CLOSE_REASONS.get(exc.code, exc.reason or "no reason given")
                     raise DiscordRefused(f"Discord closed the connection (code {exc.code}): {reason}") from None
                 return
-        await asyncio.sleep(delay)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stopping.wait(), delay)
         delay = min(delay * 2, max_retry_s)

@@ -18,6 +18,7 @@ from .records import (
     JobStatus,
     NewJob,
     QuotaStatus,
+    StoreBusy,
     StoreError,
 )
 from .schema import LATEST_VERSION
@@ -35,6 +36,7 @@ __all__ = [
     "NewJob",
     "QuotaStatus",
     "Store",
+    "StoreBusy",
     "StoreError",
     "next_reset",
     "utc_day",

@@ -18,6 +18,7 @@ import logging
 import os
 import sqlite3
 import tempfile
+import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,7 +26,7 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from .aiosqlite_shim import require_supported, run_in_connection_thread
-from .records import StoreError
+from .records import StoreBusy, StoreError
 from .schema import LATEST_VERSION, MIGRATIONS
 
 log = logging.getLogger(__name__)
@@ -188,15 +189,22 @@ class Database:
         return self._conn
 
     @contextlib.asynccontextmanager
-    async def locked(self) -> AsyncIterator[aiosqlite.Connection]:
+    async def locked(self, deadline_s: float | None = None) -> AsyncIterator[aiosqlite.Connection]:
         """The connection under the lock, sqlite errors as StoreError, and no transaction of its
-        own: for reads (each statement is its own snapshot) and as the base of the transactions."""
-        async with self._lock:
+        own: for reads (each statement is its own snapshot) and as the base of the transactions.
+        With `deadline_s`, waiting longer than that for the lock raises `StoreBusy`."""
+        try:
+            await asyncio.wait_for(self._lock.acquire(), deadline_s)
+        except asyncio.TimeoutError:
+            raise StoreBusy(f"database {self.path} is busy (another operation held it over {deadline_s} s)") from None
+        try:
             conn = self._open_connection()
             try:
                 yield conn
             except sqlite3.Error as exc:
                 raise StoreError(f"database error on {self.path}: {exc}") from exc
+        finally:
+            self._lock.release()
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
@@ -215,14 +223,34 @@ class Database:
                     raise StoreError(f"database error on {self.path}: {exc}") from exc
                 raise
 
-    async def transaction_in_db_thread(self, fn: Callable[[sqlite3.Connection], tuple[bool, T]]) -> T:
+    async def transaction_in_db_thread(
+        self, fn: Callable[[sqlite3.Connection], tuple[bool, T]], *, deadline_s: float | None = None
+    ) -> T:
         """`fn(connection) -> (commit, result)` as one ``BEGIN IMMEDIATE`` transaction, run whole in
         aiosqlite's thread: one hop instead of a loop<->thread hand-off per statement (a burst of
         /imagine on a busy CPU waited on a dozen of them per admission). Committed when `fn` says
         so, rolled back when it does not or raises."""
 
+        start = time.monotonic()
+
+        def begin(db: sqlite3.Connection) -> None:
+            if deadline_s is None:
+                db.execute(SQL_BEGIN)
+                return
+            # Wait for another writer's lock only as long as the deadline leaves, then give up.
+            left_ms = max(1, int((deadline_s - (time.monotonic() - start)) * 1000))
+            db.execute(f"PRAGMA busy_timeout = {left_ms}")
+            try:
+                db.execute(SQL_BEGIN)
+            except sqlite3.OperationalError as exc:
+                if "locked" in str(exc) or "busy" in str(exc):
+                    raise StoreBusy(f"database {self.path} is locked by another writer") from None
+                raise
+            finally:
+                db.execute(SQL_PRAGMA_BUSY_TIMEOUT)
+
         def run(db: sqlite3.Connection) -> T:
-            db.execute(SQL_BEGIN)
+            begin(db)
             try:
                 commit, result = fn(db)
                 db.execute(SQL_COMMIT if commit else SQL_ROLLBACK)
@@ -232,7 +260,7 @@ class Database:
                     db.execute(SQL_ROLLBACK)
                 raise
 
-        async with self.locked() as conn:  # the lock and the error mapping; `run` opens its own transaction
+        async with self.locked(deadline_s) as conn:  # the lock and the error mapping; `run` opens its own transaction
             return await run_in_connection_thread(conn, run)
 
     async def _rollback(self, conn: aiosqlite.Connection) -> None:

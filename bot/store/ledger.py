@@ -229,9 +229,12 @@ class Store:
             has_override=override is not None,
         )
 
-    async def quota_status(self, user_id: int, now: datetime | None = None) -> QuotaStatus:
+    async def quota_status(
+        self, user_id: int, now: datetime | None = None, *, deadline_s: float | None = None
+    ) -> QuotaStatus:
+        """With `deadline_s`, `StoreBusy` if the database is not free by then."""
         now = as_utc(now)
-        async with self._db.locked() as conn:
+        async with self._db.locked(deadline_s) as conn:
             return await self._quota(conn, user_id, now)
 
     async def set_user_limit(self, user_id: int, limit: int | None) -> None:
@@ -268,12 +271,21 @@ class Store:
 
     # ---------------------------------------------------------------- admission
 
-    async def admit(self, job: NewJob, *, max_queue: int, max_per_user: int, now: datetime | None = None) -> Admission:
+    async def admit(
+        self,
+        job: NewJob,
+        *,
+        max_queue: int,
+        max_per_user: int,
+        now: datetime | None = None,
+        deadline_s: float | None = None,
+    ) -> Admission:
         """Check caps and quota and, if all pass, insert the job and charge one unit, atomically.
 
         Refusals, in order: QUEUE_FULL (active jobs of everyone >= max_queue), USER_CAP
         (the user's active jobs >= max_per_user), QUOTA_EXHAUSTED (used >= limit).
-        A refusal writes nothing.
+        A refusal writes nothing. With `deadline_s`, `StoreBusy` (nothing written) when another
+        writer holds the database past it.
         """
         if job.origin not in ORIGINS:
             raise ValueError(f"job origin must be one of {ORIGINS}, got {job.origin!r}")
@@ -299,7 +311,7 @@ class Store:
             charged = dataclasses.replace(quota, used=used, remaining=max(0, quota.limit - used))
             return True, Admission(AdmissionStatus.ACCEPTED, _job_from_row(row), charged)
 
-        return await self._db.transaction_in_db_thread(admit_in_db_thread)
+        return await self._db.transaction_in_db_thread(admit_in_db_thread, deadline_s=deadline_s)
 
     # ---------------------------------------------------------------- jobs
 

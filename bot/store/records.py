@@ -19,6 +19,10 @@ class StoreError(Exception):
     """The database cannot be opened, migrated or used, or a request makes no sense."""
 
 
+class StoreBusy(StoreError):
+    """Another writer held the database past the caller's deadline: nothing was written."""
+
+
 class InvalidTransition(StoreError):
     """The job is not where this move starts from (cancelled meanwhile, say): nothing changed."""
 
