@@ -24,5 +24,9 @@ RUN useradd --create-home --uid 1000 fluxbot \
  && mkdir -p /models /data /config && chown fluxbot:fluxbot /models /data
 USER fluxbot
 VOLUME ["/models", "/data"]
+# Healthy only while the gateway is connected, the database answers and the GPU worker runs
+# (`fluxbot health` asks /health on [metrics] listen). The first start loads and compiles the model.
+HEALTHCHECK --interval=30s --timeout=10s --start-period=10m --retries=3 \
+  CMD ["fluxbot", "health", "--config", "/config/config.toml"]
 ENTRYPOINT ["fluxbot"]
 CMD ["run", "--config", "/config/config.toml"]

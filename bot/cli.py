@@ -294,6 +294,34 @@ def cmd_db_backup(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_health(args: argparse.Namespace) -> int:
+    """Ask the running bot's /health (for scripts and Docker's HEALTHCHECK): exit 0 only if healthy."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    settings, _ = _load(args.config)
+    address = settings.metrics.address
+    if address is None:
+        return _fail('[metrics] listen is "": the bot serves no health check to ask', 1)
+    host, port = address
+    host = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+    url = f"http://{host}:{port}/health"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as response:
+            body = json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as exc:  # 503: it answered, unhealthy
+        body = json.loads(exc.read() or b"{}")
+    except (OSError, ValueError) as exc:
+        return _fail(f"no answer from the bot at {url} ({getattr(exc, 'reason', exc)}): is it running?", 1)
+    failing = [name for name, ok in body.items() if name != "healthy" and not ok]
+    if body.get("healthy"):
+        print(f"healthy: {', '.join(name for name in body if name != 'healthy')} answer")
+        return 0
+    print(f"unhealthy: {', '.join(failing) or 'unknown'} not answering", file=sys.stderr)
+    return 1
+
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -342,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
     command("doctor", "check this machine, the config and the weights").set_defaults(func=cmd_doctor)
     command("download", "fetch the model weights through modelscope").set_defaults(func=cmd_download)
+    h = command("health", "ask the running bot whether it is healthy (exit 0) or not (exit 1)")
+    h.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer (default 5)")
+    h.set_defaults(func=cmd_health)
     db = command("db", "database tools").add_subparsers(
         dest="db_command", required=True, metavar="DB_COMMAND", help="what to do with the database"
     )

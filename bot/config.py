@@ -31,6 +31,7 @@ __all__ = [
     "DiscordSettings",
     "GenerationSettings",
     "JobSettings",
+    "MetricsSettings",
     "ModelSettings",
     "ModerationSettings",
     "QueueSettings",
@@ -117,6 +118,20 @@ def _int(lo: int, hi: int | None = None) -> _Check:
         return int(value)
 
     return check
+
+
+def _listen(section: str, key: str, value: Any) -> str:
+    """ "" (off) or "host:port", e.g. "127.0.0.1:9464" or "0.0.0.0:9464"."""
+    expected = 'a "host:port" string such as "127.0.0.1:9464", or "" for off'
+    if not isinstance(value, str):
+        raise _fail(section, key, expected, value)
+    text = value.strip()
+    if not text:
+        return ""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise _fail(section, key, expected, value)
+    return f"{host}:{int(port)}"
 
 
 def _dimension(lo: int, hi: int, step: int) -> _Check:
@@ -351,6 +366,20 @@ class JobSettings(_Section):
 
 
 @dataclass(frozen=True)
+class MetricsSettings(_Section):
+    SECTION: ClassVar[str] = "metrics"
+    # Prometheus text at /metrics and the health check at /health; "" turns the listener off.
+    listen: str = _opt("127.0.0.1:9464", _listen)
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        if not self.listen:
+            return None
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True)
 class Settings:
     discord: DiscordSettings
     model: ModelSettings
@@ -360,6 +389,7 @@ class Settings:
     storage: StorageSettings
     moderation: ModerationSettings
     jobs: JobSettings
+    metrics: MetricsSettings = field(default_factory=lambda: MetricsSettings())
     source: Path | None = None  # the file it came from (absolute)
 
 
@@ -372,6 +402,7 @@ _SECTIONS: dict[str, type[_Section]] = {
     "storage": StorageSettings,
     "moderation": ModerationSettings,
     "jobs": JobSettings,
+    "metrics": MetricsSettings,
 }
 
 

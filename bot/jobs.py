@@ -29,6 +29,7 @@ from .config import Settings
 from .engine.api import GenerationCancelled, GenerationOOM, GenerationRequest, GenerationResult, ImageEngine
 from .gpu_thread import GpuThread
 from .images import png_metadata, save_png
+from .metrics import Metrics
 from .store import (
     ACTIVE_STATUSES,
     Admission,
@@ -117,6 +118,7 @@ class JobQueue:
         engine_loader: Callable[[], ImageEngine],
         *,
         progress_interval: float = 1.5,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
@@ -138,6 +140,15 @@ class JobQueue:
         self._gpu = GpuThread()
         self._gpu_call: Future[Any] | None = None  # the engine call in progress, if any
         self.engine_ready = asyncio.Event()
+        self.last_peak_vram_gib: float | None = None  # GPU memory of the last image painted (for /admin stats)
+        self.metrics = metrics or Metrics()
+        self.metrics.queue_depth.set_function(lambda: len(self._entries))
+        self.metrics.worker_up.set_function(lambda: 1.0 if self.worker_alive else 0.0)
+
+    @property
+    def worker_alive(self) -> bool:
+        """The worker runs and its model loaded (it takes jobs)."""
+        return self._worker is not None and not self._worker.done() and self._engine is not None and not self._stopping
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -199,6 +210,8 @@ class JobQueue:
         admission = await self.store.admit(
             new, max_queue=q.max_size, max_per_user=q.max_per_user, deadline_s=deadline_s
         )
+        if admission.status is AdmissionStatus.QUOTA_EXHAUSTED:
+            self.metrics.quota_refusals.inc()
         if admission.status is AdmissionStatus.ACCEPTED:
             assert admission.job is not None
             self._entries[admission.job.id] = _Entry(admission.job)
@@ -264,6 +277,7 @@ class JobQueue:
             entry = max(waiting, key=lambda e: e.job.id)
             del self._entries[entry.job.id]
             job = await self.store.mark_cancelled(entry.job.id, refund=True)
+            self.metrics.job_ended("cancelled")
             self._spawn(self._notify_positions())
             self._check_idle()
             return CancelOutcome.CANCELLED, job
@@ -288,11 +302,13 @@ class JobQueue:
         try:
             await coro
         except Exception:
+            self.metrics.discord_error("notify")
             log.exception("could not tell Discord about %s", what)
 
     async def _fail(self, job: JobRecord, error: str, reason: str | None = None) -> None:
         """Record the failure (refunding the quota unit) and tell the member `reason` (default: `error`)."""
         job = await self.store.mark_failed(job.id, error, refund=True)
+        self.metrics.job_ended("failed")
         await self._safe("a failure", self.delivery.failed(job, reason or error))
 
     async def _notify_positions(self, limit: int = 10) -> None:
@@ -352,6 +368,7 @@ class JobQueue:
             if already is not None:
                 log.info("job %d: result had already reached Discord (message %d)", job.id, already)
                 await self.store.mark_done(job.id, already)
+                self.metrics.job_ended("done")
                 return
             await self._deliver(job)
             return
@@ -376,6 +393,9 @@ class JobQueue:
         result = await self._generate(entry)
         if result is None:
             return
+        self.metrics.image_painted(result.seconds, job.steps, result.peak_vram_gib)
+        if result.peak_vram_gib is not None:
+            self.last_peak_vram_gib = result.peak_vram_gib
         path = Path(self.settings.storage.results_dir) / f"job-{job.id}.png"
         meta = png_metadata(job, self._engine.preset, job=job.id)
         await asyncio.to_thread(save_png, result.image, path, meta)
@@ -383,6 +403,7 @@ class JobQueue:
         entry.job = job
         if entry.cancel.is_set() and not self._stopping:  # /cancel came after the last step: keep its promise
             job = await self.store.mark_cancelled(job.id, refund=True)
+            self.metrics.job_ended("cancelled")
             await self._safe("a cancel", self.delivery.cancelled(job))
             return
         entry.posting = True  # from here a /cancel says it is too late (no await since the check above)
@@ -408,6 +429,7 @@ class JobQueue:
             if self._stopping:
                 return None  # stays "running" in the ledger: resumed on next start
             job = await self.store.mark_cancelled(job.id, refund=True)
+            self.metrics.job_ended("cancelled")
             await self._safe("a cancel", self.delivery.cancelled(job))
         except GenerationOOM as exc:
             log.error("job %d: %s", job.id, exc)
@@ -448,7 +470,9 @@ class JobQueue:
         except Exception as exc:
             # DeliveryFailed is an expected refusal (permissions, channel gone): no traceback.
             log.error("job %d: delivery failed: %s", job.id, exc, exc_info=not isinstance(exc, DeliveryFailed))
+            self.metrics.discord_error("delivery")
             failed = await self.store.mark_failed(job.id, f"delivery failed: {exc}", refund=True)
+            self.metrics.job_ended("failed")
             await self._safe("a failed delivery", self.delivery.failed(failed, _undeliverable(exc)))
             return
         await self._record_done(job, message_id)
@@ -461,6 +485,7 @@ class JobQueue:
                 await asyncio.sleep(delay)
             try:
                 await self.store.mark_done(job.id, message_id)
+                self.metrics.job_ended("done")
                 return
             except InvalidTransition:
                 raise
@@ -482,6 +507,7 @@ class JobQueue:
                 if current is None or current.status not in ACTIVE_STATUSES:
                     return  # already ended (cancelled, failed) by the step that raised
                 failed = await self.store.mark_failed(job.id, f"{type(exc).__name__}: {exc}", refund=True)
+                self.metrics.job_ended("failed")
             except StoreError as again:
                 log.warning("job %d: the ledger did not take its failure (%s); trying again", job.id, again)
                 continue

@@ -26,6 +26,7 @@ def make_settings(tmp_path: Path, model_dir: Path, fake: FakeDiscord, **sections
         "quota": {"daily_limit": 5},
         "queue": {"max_size": 100, "max_per_user": 3},
         "storage": {"database": str(tmp_path / "fluxbot.db"), "results_dir": str(tmp_path / "results")},
+        "metrics": {"listen": ""},  # off: tests that want it pick a free port
     }
     for name, values in sections.items():
         base.setdefault(name, {}).update(values)
@@ -72,8 +73,8 @@ def add_members(fake: FakeDiscord) -> None:
 
 
 @contextlib.asynccontextmanager
-async def running_bot(fake: FakeDiscord, settings, engine, *, progress_interval: float = 0.0):
-    bot = FluxBot(settings, lambda: engine, guild_ready_timeout=0.01)
+async def running_bot(fake: FakeDiscord, settings, engine, *, progress_interval: float = 0.0, engine_loader=None):
+    bot = FluxBot(settings, engine_loader or (lambda: engine), guild_ready_timeout=0.01)
     async with fake.run_bot(bot):
         await fake.wait_commands_synced()
         bot.queue.progress_interval = progress_interval

@@ -41,6 +41,9 @@ max_per_user = 5
 [storage]
 database = "{(tmp_path / "fluxbot.db").as_posix()}"
 results_dir = "{(tmp_path / "results").as_posix()}"
+
+[metrics]
+listen = ""
 """)
     return config
 

@@ -308,6 +308,7 @@ async def test_without_home_servers_only_listed_users_are_admins(fake, tmp_path,
         (["quota", "reset"], {"user": BOB}),
         (["quota", "show"], {"user": BOB}),
         (["quota", "default"], {"limit": 100}),
+        (["stats"], {}),
     ],
 )
 async def test_non_admin_is_refused_on_admin_commands(fake, settings, engine, sub, options):
@@ -644,3 +645,20 @@ async def test_cancel_after_the_last_step_before_the_upload_is_kept(fake, settin
         assert not image_messages(fake)
         final = await inter.wait_original(lambda m: "Cancelled" in (m.get("content") or ""))
         assert "refunded" in final["content"]
+
+
+async def test_admin_stats_sums_up_the_ledger(fake, settings, engine):
+    engine.fail_on["explode"] = RuntimeError("CUDA error: an illegal memory access")
+    async with running_bot(fake, settings, engine) as bot:
+        for user, prompt in ((ALICE, "one"), (ALICE, "two"), (BOB, "three")):
+            await (await imagine(fake, user, prompt=prompt)).wait_original(has_image)
+        await (await imagine(fake, BOB, prompt="explode")).wait_original(lambda m: "Could not paint" in m["content"])
+        await bot.queue.wait_idle(WAIT)
+        cmd = await fake.slash("admin", {}, user_id=MOD, subcommands=["stats"])
+        await cmd.response()
+        text = ephemeral_texts(fake, cmd)[0]
+        assert "**Images** today 3, last 7 days 3" in text
+        assert "**Failed** today 1, last 7 days 1" in text
+        assert "**Queue**: 0 waiting" in text and "**GPU memory** (last image): n/a" in text  # the CPU
+        assert f"**Busiest** (7 days): <@{ALICE}> 2, <@{BOB}> 1" in text
+        assert "**Mean time per image** (7 days): " in text and "n/a" not in text.split("Mean time")[1].split("\n")[0]

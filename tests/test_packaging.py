@@ -38,3 +38,17 @@ def test_console_script_is_installed():
 
     [script] = entry_points(group="console_scripts", name="fluxbot")
     assert script.load() is main
+
+
+def test_docker_checks_health_with_the_config_it_runs_with(monkeypatch):
+    from bot.cli import build_parser
+
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    run = re.search(r'^CMD \["run", "--config", "([^"]+)"\]', dockerfile, re.M)
+    check = re.search(r'^HEALTHCHECK .*?CMD \["fluxbot", "health", "--config", "([^"]+)"\]', dockerfile, re.M | re.S)
+    assert run and check and run.group(1) == check.group(1) == "/config/config.toml"
+    compose = (ROOT / "docker-compose.yml").read_text()
+    assert 'test: ["CMD", "fluxbot", "health", "--config", "/config/config.toml"]' in compose
+    assert build_parser().parse_args(["health", "--config", "/config/config.toml"]).command == "health"
+    monkeypatch.setenv("DISCORD_TOKEN", "x" * 60)
+    assert load_settings(ROOT / "config.docker.toml").metrics.address == ("127.0.0.1", 9464)  # inside the container

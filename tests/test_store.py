@@ -915,3 +915,30 @@ async def test_an_aiosqlite_without_the_private_api_is_refused_at_open(
     with pytest.raises(StoreError, match=r"not supported: .*_execute.*aiosqlite 0\.20 to 0\.22"):
         await Store.open(db_path, default_daily_limit=5)
     assert not db_path.exists()
+
+
+async def test_stats_count_finished_jobs_by_day_and_week(store: Store) -> None:
+    now = datetime(2026, 12, 3, 12, 0, tzinfo=timezone.utc)
+
+    async def finished(user: int, when: datetime, *, done: bool = True, seconds: float = 2.0) -> None:
+        admission = await store.admit(new_job(user), max_queue=BIG, max_per_user=BIG, now=when)
+        assert admission.job is not None
+        await store.mark_running(admission.job.id, now=when)
+        if done:
+            await store.mark_generated(admission.job.id, "x.png", seconds)
+            await store.mark_done(admission.job.id, 1, now=when)
+        else:
+            await store.mark_failed(admission.job.id, "boom", now=when)
+
+    await finished(1, now - timedelta(hours=1), seconds=2.0)  # today
+    await finished(1, now - timedelta(days=1), seconds=4.0)  # this week
+    await finished(2, now - timedelta(days=2), seconds=6.0)
+    await finished(2, now - timedelta(days=9))  # older than a week: not counted
+    await finished(3, now - timedelta(minutes=5), done=False)
+    await store.admit(new_job(4), max_queue=BIG, max_per_user=BIG, now=now)  # still queued: not finished
+    stats = await store.stats(now)
+    assert (stats.images_today, stats.images_week, stats.failed_today, stats.failed_week) == (1, 3, 1, 1)
+    assert stats.mean_seconds_week == pytest.approx(4.0)
+    assert stats.busiest_week == ((1, 2), (2, 1))
+    empty = await store.stats(now + timedelta(days=30))
+    assert (empty.images_week, empty.mean_seconds_week, empty.busiest_week) == (0, None, ())

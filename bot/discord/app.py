@@ -12,7 +12,8 @@ from discord.ext import commands
 from ..config import Settings
 from ..engine.api import ImageEngine
 from ..jobs import JobQueue
-from ..store import Store
+from ..metrics import Metrics, MetricsServer
+from ..store import Store, StoreError
 from . import messages
 from .commands import build_commands, on_tree_error
 from .delivery import DiscordDelivery
@@ -20,6 +21,7 @@ from .interactions import Interaction
 from .views import RESULT_BUTTONS, answer_stray_component
 
 log = logging.getLogger("fluxbot.discord")
+HEALTH_DB_DEADLINE_S = 2.0
 
 
 class NotReady(RuntimeError):
@@ -36,6 +38,8 @@ class FluxBot(commands.Bot):
         self.engine_loader = engine_loader
         self._store: Store | None = None
         self._queue: JobQueue | None = None
+        self.metrics = Metrics()
+        self._metrics_server: MetricsServer | None = None
 
     # Handlers reach these through `interaction.client`; they exist from setup_hook on.
     @property
@@ -54,7 +58,11 @@ class FluxBot(commands.Bot):
         # Runs once, after login and before the gateway connects (on_ready may fire many times).
         s = self.settings
         self._store = await Store.open(s.storage.database, default_daily_limit=s.quota.daily_limit)
-        self._queue = JobQueue(self._store, s, DiscordDelivery(self), self.engine_loader)
+        self._queue = JobQueue(self._store, s, DiscordDelivery(self), self.engine_loader, metrics=self.metrics)
+        address = s.metrics.address
+        if address is not None:
+            self._metrics_server = MetricsServer(self.metrics, self.health)
+            await self._metrics_server.start(*address)
         for command in build_commands(s):
             self.tree.add_command(command)
         self.tree.error(on_tree_error)
@@ -83,7 +91,20 @@ class FluxBot(commands.Bot):
     async def on_interaction(self, interaction: Interaction) -> None:
         await answer_stray_component(interaction)
 
+    async def health(self) -> dict[str, bool]:
+        """What /health reports: each must hold for the bot to be healthy."""
+        gateway = self.is_ready() and not self.is_closed() and self.ws is not None and self.ws.open
+        try:
+            await self.store.ping(deadline_s=HEALTH_DB_DEADLINE_S)
+            database = True
+        except (StoreError, NotReady):
+            database = False
+        worker = self._queue is not None and self._queue.worker_alive
+        return {"gateway": gateway, "database": database, "worker": worker}
+
     async def close(self) -> None:
+        if self._metrics_server is not None:
+            await self._metrics_server.stop()
         if self._queue is not None:
             await self._queue.stop()
         if self._store is not None:

@@ -125,6 +125,19 @@ async def quota_default(interaction: Interaction, limit: app_commands.Range[int,
     await tell(interaction, messages.default_limit_set(value))
 
 
+async def admin_stats(interaction: Interaction) -> None:
+    bot = interaction.client
+    stats = await bot.store.stats()
+    await tell(
+        interaction,
+        messages.stats_text(
+            stats,
+            queue_depth=len(bot.queue.waiting()) + (bot.queue.running is not None),
+            peak_vram_gib=bot.queue.last_peak_vram_gib,
+        ),
+    )
+
+
 # ---------------------------------------------------------------- the tree
 
 
@@ -158,12 +171,13 @@ def imagine_command(settings: Settings) -> app_commands.Command[Any, ..., None]:
 
 def build_commands(settings: Settings) -> list[app_commands.Command[Any, ..., None] | app_commands.Group]:
     """The command tree's top-level commands, shaped by the settings (step limit, sizes)."""
-    admin = app_commands.Group(
+    admin = AdminGroup(  # discord.py runs a group's check for its own commands only: each group is one
         name="admin",
         description=messages.ADMIN,
         default_permissions=discord.Permissions(manage_guild=True),
         guild_only=True,
     )
+    admin.command(name="stats", description=messages.ADMIN_STATS)(admin_stats)
     quota_admin = AdminGroup(name="quota", description=messages.ADMIN_QUOTA, parent=admin)
     quota_admin.command(name="set", description=messages.QUOTA_SET)(quota_set)
     quota_admin.command(name="reset", description=messages.QUOTA_RESET)(quota_reset)
@@ -190,6 +204,7 @@ async def on_tree_error(interaction: Interaction, error: app_commands.AppCommand
     elif isinstance(error, app_commands.TransformerError):
         text = messages.invalid_option(error.value)
     else:
+        interaction.client.metrics.discord_error("command")
         log.error("command failed: %s", redact(repr(original)), exc_info=original)
         text = messages.INTERNAL_ERROR
     try:

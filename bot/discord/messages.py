@@ -9,7 +9,7 @@ from datetime import datetime
 import discord
 
 from ..config import Settings
-from ..store import AdmissionStatus, JobRecord, QuotaStatus
+from ..store import AdmissionStatus, JobRecord, LedgerStats, QuotaStatus
 
 NO_PINGS = discord.AllowedMentions.none()
 
@@ -133,6 +133,7 @@ QUOTA_SET = "Set a member's daily limit from now on"
 QUOTA_RESET = "Clear a member's usage for today"
 QUOTA_SHOW = "Show a member's quota"
 QUOTA_DEFAULT = "Daily limit for everyone without a personal one"
+ADMIN_STATS = "Images, failures and speed today and this week; the queue; the busiest members"
 OPTION_MEMBER = "The member"
 OPTION_LIMIT = "Images per day (0 to {max_limit})"
 REROLL_LABEL = "Re-roll"
@@ -200,3 +201,17 @@ def ready_in_channel(user_id: int) -> str:
 
 def failed_in_channel(user_id: int, reason: str) -> str:
     return f"<@{user_id}> {failed(reason)}"
+
+
+def stats_text(stats: LedgerStats, *, queue_depth: int, peak_vram_gib: float | None) -> str:
+    mean = "n/a" if stats.mean_seconds_week is None else f"{stats.mean_seconds_week:.1f} s"
+    lines = [
+        f"**Images** today {stats.images_today}, last 7 days {stats.images_week}",
+        f"**Failed** today {stats.failed_today}, last 7 days {stats.failed_week} (each refunded)",
+        f"**Mean time per image** (7 days): {mean}",
+        f"**Queue**: {queue_depth} waiting or being painted",
+        "**GPU memory** (last image): " + ("n/a" if peak_vram_gib is None else f"{peak_vram_gib:.2f} GiB"),
+    ]
+    if stats.busiest_week:
+        lines.append("**Busiest** (7 days): " + ", ".join(f"<@{u}> {n}" for u, n in stats.busiest_week))
+    return "\n".join(lines)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sqlite3
-from datetime import datetime
+from datetime import datetime, time, timedelta, timezone
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -28,6 +28,7 @@ from .records import (
     InvalidTransition,
     JobRecord,
     JobStatus,
+    LedgerStats,
     NewJob,
     QuotaStatus,
     StoreError,
@@ -44,6 +45,23 @@ SETTING_DEFAULT_LIMIT = "default_daily_limit"
 _JOB_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(JobRecord))
 _JOB_COLUMNS = ", ".join(_JOB_FIELDS)
 _ACTIVE_IN = ", ".join(f"'{status.value}'" for status in ACTIVE_STATUSES)
+
+# --------------------------------------------------------------------------- stats SQL
+
+SQL_STATS = """
+SELECT
+    SUM(status = 'done' AND finished_at >= :today) AS images_today,
+    SUM(status = 'done') AS images_week,
+    SUM(status = 'failed' AND finished_at >= :today) AS failed_today,
+    SUM(status = 'failed') AS failed_week,
+    AVG(CASE WHEN status = 'done' THEN duration_s END) AS mean_seconds_week
+FROM jobs WHERE finished_at >= :week
+"""
+SQL_BUSIEST = """
+SELECT user_id, COUNT(*) AS images FROM jobs
+WHERE status = 'done' AND finished_at >= :week
+GROUP BY user_id ORDER BY images DESC, user_id LIMIT 5
+"""
 
 # --------------------------------------------------------------------------- quota SQL
 
@@ -314,6 +332,32 @@ class Store:
         return await self._db.transaction_in_db_thread(admit_in_db_thread, deadline_s=deadline_s)
 
     # ---------------------------------------------------------------- jobs
+
+    async def stats(self, now: datetime | None = None) -> LedgerStats:
+        """Finished jobs since today's UTC midnight and over the last 7 days (see `LedgerStats`)."""
+        now = as_utc(now)
+        params = {
+            "today": datetime.combine(now.date(), time(0), tzinfo=timezone.utc).timestamp(),
+            "week": (now - timedelta(days=7)).timestamp(),
+        }
+        async with self._db.locked() as conn:
+            counts = await fetch_one(conn, SQL_STATS, params)
+            busiest = await fetch_all(conn, SQL_BUSIEST, params)
+        assert counts is not None  # an aggregate always yields one row
+        mean = counts["mean_seconds_week"]
+        return LedgerStats(
+            images_today=int(counts["images_today"] or 0),
+            images_week=int(counts["images_week"] or 0),
+            failed_today=int(counts["failed_today"] or 0),
+            failed_week=int(counts["failed_week"] or 0),
+            mean_seconds_week=None if mean is None else float(mean),
+            busiest_week=tuple((int(row["user_id"]), int(row["images"])) for row in busiest),
+        )
+
+    async def ping(self, *, deadline_s: float) -> None:
+        """Raise `StoreError` (`StoreBusy` past the deadline) unless the database answers a read."""
+        async with self._db.locked(deadline_s) as conn:
+            await fetch_value(conn, "SELECT 1")
 
     async def get_job(self, job_id: int) -> JobRecord | None:
         if not 0 < job_id <= MAX_ROWID:  # a forged id (a button's custom id): no such job, not an error

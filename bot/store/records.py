@@ -105,3 +105,16 @@ class Admission:
     status: AdmissionStatus
     job: JobRecord | None
     quota: QuotaStatus
+
+
+@dataclass(frozen=True)
+class LedgerStats:
+    """What `/admin stats` shows from the ledger: finished jobs since the UTC day began and over
+    the last 7 days."""
+
+    images_today: int
+    images_week: int
+    failed_today: int
+    failed_week: int
+    mean_seconds_week: float | None  # painting time per delivered image; None without any
+    busiest_week: tuple[tuple[int, int], ...]  # (user id, images), most first, up to 5
