@@ -170,3 +170,34 @@ async def test_result_sent_as_a_new_message_is_found_after_a_crash(fake, tmp_pat
         assert job.result_message_id == int(sent["id"])
         assert engine.calls.count("a message of its own") == 1
         assert (await bot.store.quota_status(ALICE)).used == 1
+
+
+async def test_a_result_hundreds_of_messages_back_is_found_after_a_crash(fake, tmp_path, model_dir, engine):
+    """A busy channel: 250 messages arrived after the result, before the restart (#15 item 6)."""
+    settings = make_settings(tmp_path, model_dir, fake)
+    engine.gate.clear()
+    async with running_bot(fake, settings, engine) as bot:
+        stuck = asyncio.Event()
+        real_mark_done = bot.store.mark_done
+
+        async def die_before_recording(job_id, message_id, now=None):
+            stuck.set()
+            await asyncio.Event().wait()
+
+        bot.store.mark_done = die_before_recording
+        inter = await fake.slash("imagine", {"prompt": "deep in the channel"}, user_id=ALICE)
+        original = await inter.wait_original(lambda m: m["content"])
+        job = (await bot.store.recent_jobs(1))[0]
+        fake._delete(int(original["id"]))  # the result goes out as a message of its own
+        engine.gate.set()
+        await asyncio.wait_for(stuck.wait(), 30)
+        bot.store.mark_done = real_mark_done
+        [sent] = images_for(fake, job.id)
+    for i in range(250):
+        fake.add_message(f"chatter {i}")
+    async with running_bot(fake, settings, engine) as bot:
+        await bot.queue.wait_idle(30)
+        job = await bot.store.get_job(job.id)
+        assert job.status is JobStatus.DONE
+        assert images_for(fake, job.id) == [sent]  # found, not sent again
+        assert job.result_message_id == int(sent["id"])

@@ -29,7 +29,6 @@ DEFAULT_UPLOAD_LIMIT = 8 * 1024 * 1024
 UNKNOWN_MESSAGE = 10008
 UNKNOWN_WEBHOOK = 10015
 INVALID_WEBHOOK_TOKEN = 50027
-HISTORY_LIMIT = 100  # messages looked through for a result sent before a crash
 
 
 def _result_stem(job: JobRecord) -> str:
@@ -114,11 +113,13 @@ class DiscordDelivery:
         return await self._find_in_channel(job)
 
     async def _find_in_channel(self, job: JobRecord) -> int | None:
-        """The newest of the channel's last HISTORY_LIMIT messages since the job was queued that is this job's result."""
+        """The newest message since the job was queued that is this job's result. Every message since
+        then is looked through (discord.py pages 100 at a time): in a busy channel the result may be
+        hundreds of messages back, and missing it would post the image twice."""
         try:
             channel = await self._channel(job)
             after = datetime.fromtimestamp(job.queued_at, timezone.utc)
-            async for msg in channel.history(limit=HISTORY_LIMIT, after=after, oldest_first=False):
+            async for msg in channel.history(limit=None, after=after, oldest_first=False):
                 ours = (self.bot.user is not None and msg.author.id == self.bot.user.id) or (
                     job.application_id is not None and msg.webhook_id == job.application_id
                 )
