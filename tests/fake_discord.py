@@ -422,8 +422,11 @@ class FakeDiscord:
         body: dict | None = None,
         headers: dict | None = None,
         times: int = 1,
+        after_handling: bool = False,
     ) -> None:
-        """The next `times` requests matching method ("*" = any) and re.search(path_regex, path) get this answer."""
+        """The next `times` requests matching method ("*" = any) and re.search(path_regex, path) get this answer.
+        With `after_handling`, the request is carried out first (a message is stored) and only the answer
+        is the error: Discord's 502 after it did the work, which a client that retries turns into copies."""
         if body is None:
             body = (
                 {"message": "You are being rate limited.", "retry_after": 0.05, "global": False}
@@ -432,7 +435,7 @@ class FakeDiscord:
             )
         hdrs = {"Via": "1.1 google"} if status == 429 else {}
         hdrs.update(headers or {})
-        self._fails.append([method.upper(), re.compile(path_regex), status, body, hdrs, times])
+        self._fails.append([method.upper(), re.compile(path_regex), status, body, hdrs, times, after_handling])
 
     def hold_next(self, method: str, path_regex: str, *, with_files: bool = False) -> Hold:
         """The next request matching method ("*" = any) and path (with attachments, if `with_files`)
@@ -837,7 +840,7 @@ class FakeDiscord:
                 break
         fail = self._take_fail(request.method, path)
         headers = {}
-        if fail is not None:
+        if fail is not None and not fail[6]:
             status, result, headers = fail[2], fail[3], fail[4]
         elif (
             not path.startswith(("/webhooks/", "/interactions/"))
@@ -855,6 +858,8 @@ class FakeDiscord:
                         self.errors.append(exc)
                         status, result = _err(400, 50035, f"Invalid Form Body (fake: {exc!r})")
                     break
+        if fail is not None and fail[6]:  # done, but answered with the error
+            status, result, headers = fail[2], fail[3], fail[4]
         event.status, event.response = status, result
         self.events.append(event)
         await self._notify()

@@ -143,6 +143,23 @@ async def test_deleted_progress_message_gets_the_result_as_a_new_message(fake, s
         assert msg["id"] != original["id"]
 
 
+async def test_a_post_stored_but_answered_502_is_not_doubled_by_the_retry(fake, settings, engine):
+    """Discord stored the result, then its answer was lost (502): the HTTP client retries the post.
+    The result must still be one message (#15 item 6)."""
+    engine.gate.clear()
+    async with running_bot(fake, settings, engine) as bot:
+        inter = await fake.slash("imagine", {"prompt": "said twice"}, user_id=ALICE)
+        original = await inter.wait_original(lambda m: m["content"])
+        fake._delete(int(original["id"]))  # the result must go out as a new message
+        for method, path in (("POST", r"/webhooks/\d+/[^/]+$"), ("POST", r"/channels/\d+/messages$")):
+            fake.fail_next(method, path, status=502, body={"message": "Bad Gateway", "code": 0}, after_handling=True)
+        engine.gate.set()
+        await bot.queue.wait_idle(START)
+        job = (await bot.store.recent_jobs(1))[0]
+        assert job.status is JobStatus.DONE
+        assert len(images_for(fake, job.id)) == 1
+
+
 async def test_rate_limit_is_honoured_and_retried(fake, settings, engine):
     engine.gate.clear()
     async with running_bot(fake, settings, engine, progress_interval=60) as bot:

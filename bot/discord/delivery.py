@@ -11,6 +11,7 @@ import asyncio
 import io
 import logging
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -143,33 +144,45 @@ class DiscordDelivery:
         embed = messages.result_embed(job)
         embed.set_image(url=f"attachment://{name}")
         webhook = self._webhook(job)
-        if webhook is not None:
-            try:
-                if job.progress_message_id is not None:
-                    try:
-                        msg = await webhook.edit_message(
-                            job.progress_message_id,
-                            content="",
-                            embed=embed,
-                            attachments=[file()],
-                            view=result_view(job.id),
-                            allowed_mentions=messages.NO_PINGS,
-                        )
-                        return msg.id
-                    except discord.NotFound as exc:
-                        if exc.code != UNKNOWN_MESSAGE:
-                            raise
-                        log.info("job %d: progress message was deleted; posting the result anew", job.id)
-                msg = await webhook.send(
-                    embed=embed, file=file(), view=result_view(job.id), allowed_mentions=messages.NO_PINGS, wait=True
+        if webhook is not None and job.progress_message_id is not None:
+            try:  # an edit: repeated by a retry, it is still one message
+                msg = await webhook.edit_message(
+                    job.progress_message_id,
+                    content="",
+                    embed=embed,
+                    attachments=[file()],
+                    view=result_view(job.id),
+                    allowed_mentions=messages.NO_PINGS,
                 )
                 return msg.id
             except discord.NotFound as exc:
-                if exc.code not in (UNKNOWN_WEBHOOK, INVALID_WEBHOOK_TOKEN):
+                if exc.code == UNKNOWN_MESSAGE:
+                    log.info("job %d: progress message was deleted; posting the result anew", job.id)
+                elif exc.code in (UNKNOWN_WEBHOOK, INVALID_WEBHOOK_TOKEN):
+                    log.info("job %d: interaction token no longer valid; posting to the channel", job.id)
+                    webhook = None
+                else:
                     raise
-                log.info("job %d: interaction token no longer valid; posting to the channel", job.id)
             except discord.Forbidden as exc:
                 raise DeliveryFailed(f"Discord refused the reply: {exc.text}") from None
+        # A new message goes to the channel first: its nonce makes Discord drop a repeat, so an HTTP
+        # retry after an answer lost on the way (a 502 for a post that was stored) cannot double it.
+        # A webhook follow-up has no such guard: it is the way only where the bot may not post.
+        try:
+            return await self._post_to_channel(job, embed, file)
+        except DeliveryFailed as exc:
+            if webhook is None:
+                raise
+            log.info("job %d: %s; sending the result as a follow-up instead", job.id, exc)
+        try:
+            msg = await webhook.send(
+                embed=embed, file=file(), view=result_view(job.id), allowed_mentions=messages.NO_PINGS, wait=True
+            )
+        except (discord.NotFound, discord.Forbidden) as exc:
+            raise DeliveryFailed(f"Discord refused the reply: {exc.text}") from None
+        return msg.id
+
+    async def _post_to_channel(self, job: JobRecord, embed: discord.Embed, file: Callable[[], discord.File]) -> int:
         channel = await self._channel(job)
         try:
             msg = await channel.send(
