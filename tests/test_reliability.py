@@ -268,6 +268,10 @@ HOSTILE = [
     ("admin", {"limit": 3}, ("quota", "frobnicate"), "Unknown command"),
     ("admin", {"user": BOB, "limit": -1}, ("quota", "set"), "limit must be a whole number between 0 and 100000"),
     ("nonexistent", {}, (), "Unknown command"),
+    ("imagine", [], (), "options do not match this command"),  # the required prompt missing
+    ("imagine", [{"name": "nonsense", "type": 3, "value": "x"}], (), "options do not match this command"),
+    ("admin", [], (), "options do not match this command"),  # no subcommand at all
+    ("admin", [{"name": "quota", "type": 2, "options": []}], (), "options do not match this command"),
 ]
 
 

@@ -201,6 +201,10 @@ async def on_tree_error(interaction: Interaction, error: app_commands.AppCommand
         text = messages.ADMIN_ONLY
     elif isinstance(error, app_commands.CommandNotFound):
         text = messages.UNKNOWN_COMMAND
+    elif isinstance(error, app_commands.CommandSignatureMismatch):
+        # A request whose options are not the command's (a stale client, or a hand-made payload).
+        log.warning("a /%s request did not match the command's options; refused", error.command.qualified_name)
+        text = messages.OPTIONS_MISMATCH
     elif isinstance(error, app_commands.TransformerError):
         text = messages.invalid_option(error.value)
     else:

@@ -184,6 +184,10 @@ def only_owner_deletes(owner_id: int) -> str:
 
 DATABASE_BUSY = "The bot's database is busy right now, so nothing was queued or charged. Try again in a moment."
 BUTTON_INACTIVE = "This button is no longer active."
+OPTIONS_MISMATCH = (
+    "That request's options do not match this command (Discord may still show an older version of it): "
+    "nothing was queued or changed. Try again in a minute."
+)
 UNKNOWN_COMMAND = "Unknown command: it may have been removed. Discord refreshes the command list shortly."
 INTERNAL_ERROR = "Something went wrong on the bot's side. If an image was charged, it is refunded when it fails."
 
