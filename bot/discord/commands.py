@@ -8,8 +8,11 @@ range, which comes from the settings.
 # No `from __future__ import annotations`: discord.py reads the option annotations at runtime, and
 # /imagine's step range is a local value (a string annotation could not name it).
 
+import asyncio
+import functools
 import logging
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar, cast
 
 import discord
 from discord import app_commands
@@ -17,12 +20,13 @@ from discord import app_commands
 from ..config import Settings
 from ..jobs import CancelOutcome
 from ..logs import redact
-from ..store import StoreBusy
+from ..store import StoreBusy, StoreError
 from ..validation import MAX_SEED, ValidationError, check_imagine, size_presets
 from . import messages
 from .interactions import ANSWER_DEADLINE_S, Interaction, enqueue, is_admin, tell
 
 log = logging.getLogger("fluxbot.discord")
+AdminHandler = TypeVar("AdminHandler", bound=Callable[..., Coroutine[Any, Any, None]])
 MAX_LIMIT = 100_000
 
 
@@ -82,6 +86,21 @@ async def quota(interaction: Interaction) -> None:
 # ---------------------------------------------------------------- admin commands
 
 
+def answered_in_time(handler: AdminHandler) -> AdminHandler:
+    """Run an admin command; if the ledger keeps it busy (another writer's lock) past the answer
+    deadline, acknowledge first (Discord drops what is unanswered in 3 s) and answer when done."""
+
+    @functools.wraps(handler)
+    async def run(interaction: Interaction, *args: Any, **kwargs: Any) -> None:
+        work = asyncio.ensure_future(handler(interaction, *args, **kwargs))
+        await asyncio.wait({work}, timeout=ANSWER_DEADLINE_S)
+        if not work.done() and not interaction.response.is_done():
+            await interaction.response.defer(ephemeral=True, thinking=True)
+        await work
+
+    return cast(AdminHandler, run)
+
+
 async def _checked_limit(interaction: Interaction, limit: object) -> int | None:
     """The checked limit, or None after telling the caller why not. discord.py does not
     enforce the option's range on what a client sends."""
@@ -97,6 +116,7 @@ async def _show_member(interaction: Interaction, user: discord.abc.User) -> None
 
 
 @app_commands.describe(user=messages.OPTION_MEMBER, limit=messages.OPTION_LIMIT.format(max_limit=MAX_LIMIT))
+@answered_in_time
 async def quota_set(interaction: Interaction, user: discord.User, limit: app_commands.Range[int, 0, MAX_LIMIT]) -> None:
     value = await _checked_limit(interaction, limit)
     if value is None:
@@ -106,17 +126,20 @@ async def quota_set(interaction: Interaction, user: discord.User, limit: app_com
 
 
 @app_commands.describe(user=messages.OPTION_MEMBER)
+@answered_in_time
 async def quota_reset(interaction: Interaction, user: discord.User) -> None:
     await interaction.client.store.reset_usage(user.id)
     await _show_member(interaction, user)
 
 
 @app_commands.describe(user=messages.OPTION_MEMBER)
+@answered_in_time
 async def quota_show(interaction: Interaction, user: discord.User) -> None:
     await _show_member(interaction, user)
 
 
 @app_commands.describe(limit=messages.OPTION_LIMIT.format(max_limit=MAX_LIMIT))
+@answered_in_time
 async def quota_default(interaction: Interaction, limit: app_commands.Range[int, 0, MAX_LIMIT]) -> None:
     value = await _checked_limit(interaction, limit)
     if value is None:
@@ -125,6 +148,7 @@ async def quota_default(interaction: Interaction, limit: app_commands.Range[int,
     await tell(interaction, messages.default_limit_set(value))
 
 
+@answered_in_time
 async def admin_stats(interaction: Interaction) -> None:
     bot = interaction.client
     stats = await bot.store.stats()
@@ -205,6 +229,9 @@ async def on_tree_error(interaction: Interaction, error: app_commands.AppCommand
         # A request whose options are not the command's (a stale client, or a hand-made payload).
         log.warning("a /%s request did not match the command's options; refused", error.command.qualified_name)
         text = messages.OPTIONS_MISMATCH
+    elif isinstance(original, StoreError):  # a failed write was rolled back whole
+        log.warning("a command's database work failed: %s", original)
+        text = messages.DATABASE_FAILED
     elif isinstance(error, app_commands.TransformerError):
         text = messages.invalid_option(error.value)
     else:

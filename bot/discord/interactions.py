@@ -52,7 +52,9 @@ async def tell(interaction: Interaction, text: str) -> None:
         await interaction.response.send_message(text, ephemeral=True, allowed_mentions=messages.NO_PINGS)
 
 
-async def enqueue(interaction: Interaction, params: JobParams, origin: str) -> None:
+async def enqueue(
+    interaction: Interaction, params: JobParams, origin: str, *, deadline_s: float = ANSWER_DEADLINE_S
+) -> None:
     """Admit (ledger row + quota charge in one transaction), then acknowledge, then show the position."""
     bot = interaction.client
     new = NewJob(
@@ -68,9 +70,9 @@ async def enqueue(interaction: Interaction, params: JobParams, origin: str) -> N
         upload_limit=interaction.filesize_limit or None,
     )
     try:
-        admission = await bot.queue.submit(new, deadline_s=ANSWER_DEADLINE_S)
+        admission = await bot.queue.submit(new, deadline_s=deadline_s)
     except StoreBusy:
-        log.warning("admission gave up: the database stayed locked for %.1f s", ANSWER_DEADLINE_S)
+        log.warning("admission gave up: the database stayed locked for %.1f s", deadline_s)
         await tell(interaction, messages.DATABASE_BUSY)
         return
     if admission.status is not AdmissionStatus.ACCEPTED:

@@ -183,6 +183,7 @@ def only_owner_deletes(owner_id: int) -> str:
 
 
 DATABASE_BUSY = "The bot's database is busy right now, so nothing was queued or charged. Try again in a moment."
+DATABASE_FAILED = "The bot's database did not answer (busy or failing), so nothing was changed. Try again in a moment."
 BUTTON_INACTIVE = "This button is no longer active."
 OPTIONS_MISMATCH = (
     "That request's options do not match this command (Discord may still show an older version of it): "

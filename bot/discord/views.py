@@ -8,14 +8,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+import time
 from collections.abc import Mapping
 from typing import Any
 
 import discord
 
+from ..store import StoreBusy
 from ..validation import ValidationError, check_prompt, check_seed
 from . import messages
-from .interactions import Interaction, enqueue, is_admin, tell
+from .interactions import ANSWER_DEADLINE_S, Interaction, enqueue, is_admin, tell
 
 log = logging.getLogger("fluxbot.discord")
 PREFIX = "fluxbot:"
@@ -46,7 +48,12 @@ class RerollButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=RERO
 
     async def callback(self, interaction: Interaction) -> None:  # type: ignore[override]  # ours only
         bot = interaction.client
-        job = await bot.store.get_job(self.job_id)
+        started = time.monotonic()
+        try:  # the reading and the admission share Discord's 3 s
+            job = await bot.store.get_job(self.job_id, deadline_s=ANSWER_DEADLINE_S / 2)
+        except StoreBusy:
+            await tell(interaction, messages.DATABASE_BUSY)
+            return
         if job is None:
             await tell(interaction, messages.unknown_job(self.job_id, action="re-rolled"))
             return
@@ -60,7 +67,8 @@ class RerollButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=RERO
             return
         seed, _ = check_seed(None)
         params = dataclasses.replace(job.params(), prompt=prompt, seed=seed, steps=min(job.steps, gen.max_steps))
-        await enqueue(interaction, params, "reroll")
+        left = max(0.2, ANSWER_DEADLINE_S - (time.monotonic() - started))
+        await enqueue(interaction, params, "reroll", deadline_s=left)
 
 
 class DeleteButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=DELETE_ID):
@@ -84,7 +92,11 @@ class DeleteButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=DELE
         return cls(int(match["job_id"]))
 
     async def callback(self, interaction: Interaction) -> None:  # type: ignore[override]  # ours only
-        job = await interaction.client.store.get_job(self.job_id)
+        try:
+            job = await interaction.client.store.get_job(self.job_id, deadline_s=ANSWER_DEADLINE_S)
+        except StoreBusy:
+            await tell(interaction, messages.DATABASE_BUSY)
+            return
         if job is None:
             await tell(interaction, messages.unknown_job(self.job_id))
             return

@@ -359,10 +359,11 @@ class Store:
         async with self._db.locked(deadline_s) as conn:
             await fetch_value(conn, "SELECT 1")
 
-    async def get_job(self, job_id: int) -> JobRecord | None:
+    async def get_job(self, job_id: int, *, deadline_s: float | None = None) -> JobRecord | None:
+        """The job's row, or None. With `deadline_s`, `StoreBusy` if the database is not free by then."""
         if not 0 < job_id <= MAX_ROWID:  # a forged id (a button's custom id): no such job, not an error
             return None
-        async with self._db.locked() as conn:
+        async with self._db.locked(deadline_s) as conn:
             row = await fetch_one(conn, SQL_GET_JOB, (job_id,))
         return None if row is None else _job_from_row(row)
 
