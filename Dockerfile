@@ -3,8 +3,7 @@
 FROM nvidia/cuda:13.0.1-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
-    PATH=/opt/venv/bin:$PATH MODELSCOPE_CACHE=/models/.cache \
-    TORCHINDUCTOR_CACHE_DIR=/data/torch-compile-cache
+    PATH=/opt/venv/bin:$PATH MODELSCOPE_CACHE=/models/.cache
 # gcc and python3-dev: Triton builds its kernel launchers at run time with a C compiler and
 # Python's headers; without them torch.compile, float8 matmuls and the attention kernel stay off
 # (`fluxbot doctor` says so) and each step is slower.

@@ -27,6 +27,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -46,6 +47,38 @@ WHOLE_PROCESS_TARGET = {8: 7.0, 12: 11.0, 24: 22.5}
 
 def host_peak_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+
+
+def host_kept_bytes(status: Path = Path("/proc/self/status")) -> int:
+    """Host memory the kernel cannot take back: anonymous plus shared-memory pages (page-locked
+    memory is one or the other); the model files' mapped pages (RssFile) are not counted."""
+    fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
+    return sum(int(fields[name].split()[0]) * 1024 for name in ("RssAnon", "RssShmem"))
+
+
+def process_age_s() -> float:
+    """Seconds since this process started (the interpreter's start and the imports included)."""
+    start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+    uptime = float(Path("/proc/uptime").read_text().split()[0])
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+
+
+class HostSampler(threading.Thread):
+    """The peak of `host_kept_bytes` over the run, sampled every 20 ms (loading included)."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peak = host_kept_bytes()
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(0.02):
+            self.peak = max(self.peak, host_kept_bytes())
+
+    def finish(self) -> float:
+        self._done.set()
+        self.join()
+        return max(self.peak, host_kept_bytes()) / GIB
 
 
 def context_gib(device) -> float:
@@ -82,9 +115,9 @@ def write_record(path: Path, rec: dict) -> None:
 
 def ours_engine(budget: float | None, root: Path, device: str, preset: str):
     """Our engine for a run, with the levers under trial switched from the environment so one
-    script measures each of them: FP8_MATMUL, COMPILE, FAST_ACCUM, CUDA_GRAPHS, FUSED_ATTENTION
-    (auto/on/off), HEADROOM_GIB (the budget's headroom), STREAM_WINDOW_MIB (the DiT's prefetch
-    window). Also used by profile_step.py and size_switch.py."""
+    script measures each of them: FP8_MATMUL, COMPILE, FAST_ACCUM, CUDA_GRAPHS, FUSED_ATTENTION,
+    T5_IN_RAM (auto/on/off), T5_FP8 (1: T5 stored in float8), HEADROOM_GIB (the budget's headroom),
+    STREAM_WINDOW_MIB (the DiT's prefetch window). Also used by profile_step.py and size_switch.py."""
     from bot.config import ModelSettings
     from bot.engine import budget as budget_mod
     from bot.engine.pipeline import Engine
@@ -99,8 +132,9 @@ def ours_engine(budget: float | None, root: Path, device: str, preset: str):
             device=device,
             **{
                 name: os.environ.get(name.upper(), "auto")
-                for name in ("fp8_matmul", "compile", "fast_accum", "cuda_graphs", "fused_attention")
+                for name in ("fp8_matmul", "compile", "fast_accum", "cuda_graphs", "fused_attention", "t5_in_ram")
             },
+            t5_fp8=os.environ.get("T5_FP8", "0") == "1",
         )
     )
     if "STREAM_WINDOW_MIB" in os.environ:
@@ -389,7 +423,15 @@ def main() -> int:
             cap = (WHOLE_PROCESS_TARGET[budget] - ctx) * GIB
             torch.cuda.set_per_process_memory_fraction(cap / total)
             rec["allocator_cap_gib"] = round(cap / GIB, 3)
+    if a.system == "ours":  # where `fluxbot run` keeps compiled kernels, unless the caller chose
+        from bot.cli import compile_cache_env
+        from bot.config import ModelSettings
+
+        os.environ.update(compile_cache_env(ModelSettings(), os.environ))
+        rec["compile_cache"] = os.environ["TORCHINDUCTOR_CACHE_DIR"]
     times, steps_s, details = [], [], []
+    host = HostSampler()
+    host.start()
     try:
         t0 = time.perf_counter()
         run, setup = load(a.system, budget, a.weights, a.device, a.preset)
@@ -404,6 +446,8 @@ def main() -> int:
                 torch.cuda.synchronize()
             el = time.perf_counter() - t
             print(f"  image {i} ({'warm-up' if i < a.warmup else 'timed'}): {el:.2f} s {timing}", flush=True)
+            if i == 0:  # from the process's start: imports, load, compile and the image itself
+                rec["first_image_s"] = round(process_age_s(), 2)
             if i < a.warmup:  # compile, autotune and graph capture land here: a restart's wait
                 rec.setdefault("warmup_s", []).append(round(el, 2))
             else:
@@ -440,6 +484,7 @@ def main() -> int:
     else:
         rec.update(peak_vram_gib=None, peak_reserved_gib=None, peak_process_gib=None)
     rec["peak_host_gib"] = round(host_peak_gib(), 3)
+    rec["peak_host_anon_gib"] = round(host.finish(), 3)
     write_record(a.json, rec)
     return 0
 

@@ -12,6 +12,7 @@ import re
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from . import instance
@@ -33,6 +34,28 @@ def _load(arg: str | None, **kwargs) -> tuple[Settings, Path | None]:
     return load_settings(path, **kwargs), path
 
 
+def compile_cache_env(model, environ: Mapping[str, str]) -> dict[str, str]:
+    """The cache variables to set so compiled kernels outlive the process: Inductor's and Triton's
+    caches under `[model] compile_cache` (Inductor's own default is in /tmp). Set ones are kept."""
+    wanted = {
+        "TORCHINDUCTOR_CACHE_DIR": str(model.compile_cache / "inductor"),
+        "TRITON_CACHE_DIR": str(model.compile_cache / "triton"),
+    }
+    return {name: value for name, value in wanted.items() if not environ.get(name)}
+
+
+def one_shot_compile(configured: str, *, asked: bool) -> str:
+    """`[model] compile` for `fluxbot generate`: one image cannot earn back a compile (a minute or
+    more on a GPU), so "auto" is off there; `--compile` turns it on."""
+    if asked:
+        return "on"
+    return "off" if configured == "auto" else configured
+
+
+def _use_compile_cache(model) -> None:
+    os.environ.update(compile_cache_env(model, os.environ))  # before torch is imported
+
+
 def _fail(message: str, code: int = 2) -> int:
     print(f"error: {redact(message)}", file=sys.stderr)
     return code
@@ -44,6 +67,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings, path = _load(args.config, require_token=True)
     token = settings.discord.token.get()
     setup_logging(args.log_level, secrets=[token])
+    _use_compile_cache(settings.model)
     try:
         with instance.exclusive(settings.storage.database):  # before anything reads or writes the ledger
             return _run_bot(settings, path, token)
@@ -54,8 +78,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _run_bot(settings: Settings, path: Path | None, token: str) -> int:
     from .engine import weights
 
-    # Before connecting to Discord: missing weights fail the start (main() prints which files).
-    weights.require(settings.model.preset, settings.model.dir, str(path or ""))
+    # Before connecting to Discord: missing weights fail the start (main() prints which files), and
+    # so does a machine with too little memory for the plan (main() prints what helps).
+    root = weights.require(settings.model.preset, settings.model.dir, str(path or ""))
+    if settings.model.preset != "tiny-random":  # the tiny files are written on first use
+        from .engine import hostmem
+
+        log.info("host memory: the plan needs %s", hostmem.check(settings.model, root)[1].describe())
 
     from .discord.serve import DiscordRefused, serve
     from .engine.pipeline import Engine
@@ -105,6 +134,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model = settings.model
     if args.preset:
         model = dataclasses.replace(model, preset=args.preset)
+    model = dataclasses.replace(model, compile=one_shot_compile(model.compile, asked=args.compile))
+    _use_compile_cache(model)
     gen = settings.generation
     try:
         prompt = check_prompt(args.prompt, max_chars=gen.max_prompt_chars)
@@ -117,7 +148,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return _fail("width and height must be multiples of 16 between 64 and 2048")
     from .engine.pipeline import Engine  # torch and DiffSynth: seconds, so only once the input is known good
 
+    print(f"loading the model ({model.preset}{', compiling first' if model.compile == 'on' else ''})…", file=sys.stderr)
+    t0 = time.perf_counter()
     engine = Engine.load(model, config_hint=str(path or ""))
+    print(f"model loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     print(f"seed: {seed}" + (" (random)" if random_seed else ""))
     request = GenerationRequest(prompt, seed=seed, steps=steps, width=width, height=height, guidance=gen.guidance)
     result = engine.generate(request, on_progress=_Bar())
@@ -183,6 +217,8 @@ def cmd_doctor(args) -> int:
                 if settings.model.preset == "tiny-random"
                 else f"all present under {root}",
             )
+            if settings.model.preset != "tiny-random":
+                row("host memory", *_host_memory_row(settings.model, root))
         except weights.MissingWeightsError as exc:
             row("weights", "FAIL", f"missing under {exc.root}: {', '.join(exc.missing)}; run `fluxbot download`")
         db = Path(settings.storage.database)
@@ -227,6 +263,19 @@ def cmd_doctor(args) -> int:
         f"{counts['FAIL']} failed"
     )
     return 1 if counts["FAIL"] else 0
+
+
+def _host_memory_row(model, root: Path) -> tuple[str, str]:
+    from .engine import hostmem
+
+    available = hostmem.available_bytes()
+    try:
+        plan, host = hostmem.check(model, root)
+    except hostmem.HostMemoryShort as exc:
+        return "FAIL", str(exc)
+    where = "" if plan.t5_in_ram else '; T5 read from its file (t5_in_ram "off" or chosen by "auto")'
+    have = "unknown" if available is None else f"{available / 1024**3:.1f} GiB"
+    return "PASS", f"the plan needs {host.describe()}; {have} available{where}"
 
 
 # --------------------------------------------------------------------------- download, db
@@ -367,6 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the model (omitted: [model] preset); tiny-random needs no download",
     )
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model first (pays off only for many images; default: off for one image)",
+    )
     g.set_defaults(func=cmd_generate)
     command("doctor", "check this machine, the config and the weights").set_defaults(func=cmd_doctor)
     command("download", "fetch the model weights through modelscope").set_defaults(func=cmd_download)
@@ -405,6 +459,11 @@ def main(argv: list[str] | None = None) -> int:
 
         if isinstance(exc, MissingWeightsError):
             return _fail(str(exc))
+        if "torch" in sys.modules:  # a plan was made: the machine may lack the memory for it
+            from .engine.hostmem import HostMemoryShort
+
+            if isinstance(exc, HostMemoryShort):
+                return _fail(str(exc), 1)
         from .store import StoreError
 
         if isinstance(exc, StoreError):

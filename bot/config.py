@@ -305,9 +305,11 @@ class ModelSettings(_Section):
     fast_accum: str = _opt("auto", _choice("auto", "on", "off"))
     keep_resident: str = _opt("auto", _choice("auto", "on", "off"))
     compile: str = _opt("auto", _choice("auto", "on", "off"))
+    compile_cache: Path = _opt(Path("~/.cache/fluxbot/compile").expanduser(), _path, path=True)
     cuda_graphs: str = _opt("auto", _choice("auto", "on", "off"))
     fused_attention: str = _opt("auto", _choice("auto", "on", "off"))
     t5_fp8: bool = _opt(False, _bool)
+    t5_in_ram: str = _opt("auto", _choice("auto", "on", "off"))
 
 
 @dataclass(frozen=True)

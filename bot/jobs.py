@@ -82,7 +82,7 @@ class DeliveryFailed(Exception):
 class Delivery(Protocol):
     """What the worker tells the outside world. Every method may raise; the worker logs and goes on."""
 
-    async def position(self, job: JobRecord, position: int) -> None: ...
+    async def position(self, job: JobRecord, position: int, *, model_loading: bool = False) -> None: ...
     async def started(self, job: JobRecord, *, compiling: bool = False) -> None: ...
     async def progress(self, job: JobRecord, step: int, total: int) -> None: ...
     async def deliver(self, job: JobRecord, image_path: Path) -> int | None: ...
@@ -312,8 +312,9 @@ class JobQueue:
         await self._safe("a failure", self.delivery.failed(job, reason or error))
 
     async def _notify_positions(self, limit: int = 10) -> None:
+        loading = not self.engine_ready.is_set()
         for pos, job in enumerate(self.waiting()[:limit], start=1):
-            await self._safe(f"job {job.id}'s queue position", self.delivery.position(job, pos))
+            await self._safe(f"job {job.id}'s queue position", self.delivery.position(job, pos, model_loading=loading))
 
     async def _on_gpu(self, fn: Callable[[], T]) -> T:
         self._gpu_call = future = self._gpu.submit(fn)
@@ -331,6 +332,8 @@ class JobQueue:
 
     async def _work(self) -> None:
         await self._load_engine()
+        if len(self.waiting()) > 1:  # the first starts now; the others' notes say the model is loading
+            self._spawn(self._notify_positions())
         while True:
             order = self.waiting()
             if not order:

@@ -49,6 +49,10 @@ def test_engine_bench_runs_on_the_tiny_model(tmp_path, model_dir, system):
     assert rec["sec_per_image"] > 0 and rec["sec_per_step"] > 0 and rec["peak_host_gib"] > 0
     assert rec["text_encode_s"] > 0 and rec["vae_s"] > 0  # every phase was timed
     assert len(rec["warmup_s"]) == 1 and rec["warmup_s"][0] > 0  # the first image's wait is kept too
+    # Host memory the kernel cannot reclaim is part of the resident set, never more than its peak.
+    assert 0 < rec["peak_host_anon_gib"] <= rec["peak_host_gib"] + 0.01
+    # From the process's start: the load and the first image both come before it.
+    assert rec["first_image_s"] >= rec["load_s"] + rec["warmup_s"][0] - 0.05
 
     report = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks/report.py"), str(out), "--out-dir", str(tmp_path)],

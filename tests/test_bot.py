@@ -662,3 +662,41 @@ async def test_admin_stats_sums_up_the_ledger(fake, settings, engine):
         assert "**Queue**: 0 waiting" in text and "**GPU memory** (last image): n/a" in text  # the CPU
         assert f"**Busiest** (7 days): <@{ALICE}> 2, <@{BOB}> 1" in text
         assert "**Mean time per image** (7 days): " in text and "n/a" not in text.split("Mean time")[1].split("\n")[0]
+
+
+async def test_imagine_while_the_model_loads_says_so(fake, settings, engine):
+    """The bot answers while the model is still loading (or compiling at start-up): the queue
+    position and that the model is loading; once it has loaded the jobs run as usual."""
+    import threading
+
+    from bot.discord.app import FluxBot
+
+    loaded = threading.Event()
+
+    def slow_loader():
+        if not loaded.wait(WAIT):
+            raise TimeoutError("the test never let the model load")
+        return engine
+
+    bot = FluxBot(settings, slow_loader, guild_ready_timeout=0.01)
+    async with fake.run_bot(bot):
+        await fake.wait_commands_synced()
+        first = await imagine(fake, ALICE, prompt="an early cat")
+        second = await imagine(fake, BOB, prompt="an early dog")
+        for inter, where in ((first, "you are next"), (second, "position 2")):
+            reply = await inter.wait_original(lambda m: "Queued" in (m.get("content") or ""))
+            assert where in reply["content"] and "The model is loading" in reply["content"]
+        assert not bot.queue.engine_ready.is_set() and engine.calls == []
+        loaded.set()
+        await first.wait_original(has_image)
+        await second.wait_original(has_image)
+        assert engine.calls == ["an early cat", "an early dog"]
+        # After loading, a position note no longer says so.
+        engine.gate.clear()
+        await imagine(fake, ALICE, prompt="a later cat")
+        await eventually(engine.busy.is_set, what="GPU busy")
+        later = await imagine(fake, BOB, prompt="a later dog")
+        reply = await later.wait_original(lambda m: "Queued" in (m.get("content") or ""))
+        assert "loading" not in reply["content"]
+        engine.gate.set()
+        await later.wait_original(has_image)

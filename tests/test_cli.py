@@ -286,3 +286,37 @@ def test_download_without_network_is_one_clear_line(tmp_path, model_dir):
     assert "Traceback" not in done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert errors == [errors[0]] and "cannot reach ModelScope" in errors[0] and "again resumes" in errors[0]
+
+
+def test_one_image_from_the_command_line_compiles_only_when_asked():
+    from bot.cli import one_shot_compile
+
+    assert one_shot_compile("auto", asked=False) == "off"  # `fluxbot run` keeps "auto" (on with a GPU)
+    assert one_shot_compile("auto", asked=True) == "on"
+    assert one_shot_compile("on", asked=False) == "on"  # what the config says explicitly stands
+    assert one_shot_compile("off", asked=True) == "on"
+
+
+def test_generate_says_what_it_is_doing_while_it_loads(tmp_path, model_dir, capsys):
+    cfg = write_config(tmp_path, model_dir)  # [model] compile left at its default, "auto"
+    out = tmp_path / "x.png"
+    argv = ["generate", "x", "--steps", "1", "--width", "128", "--height", "128", "-o", str(out), "--config", str(cfg)]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "loading the model (tiny-random)…" in err and "compiling" not in err
+    assert re.search(r"model loaded in \d+\.\d s", err)
+
+
+def test_compiled_kernels_are_cached_outside_tmp_unless_the_caller_chose_a_place(tmp_path):
+    from bot.cli import compile_cache_env
+    from bot.config import ModelSettings
+
+    model = ModelSettings()
+    assert model.compile_cache == Path.home() / ".cache" / "fluxbot" / "compile"
+    env = compile_cache_env(model, {})
+    assert env == {
+        "TORCHINDUCTOR_CACHE_DIR": str(model.compile_cache / "inductor"),
+        "TRITON_CACHE_DIR": str(model.compile_cache / "triton"),
+    }
+    chosen = compile_cache_env(model, {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path)})
+    assert chosen == {"TRITON_CACHE_DIR": str(model.compile_cache / "triton")}

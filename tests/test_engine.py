@@ -191,6 +191,25 @@ def streaming_cpu_plan(resident_gib: float, compile: str = "off"):
     )
 
 
+def test_the_dit_is_not_copied_into_host_memory_at_load(tiny_engine):
+    """The loader hands out views of the memory-mapped float8 file instead of copies (DiffSynth's
+    own `DiskMap` clones every tensor); on the CPU the weights stay those views. A layer that is
+    page-locked for streaming gets memory of its own first (locking a view would lock the file)."""
+    from diffsynth.core.vram.layers import AutoWrappedLinear
+
+    from bot.engine.loading import is_file_backed
+    from bot.engine.offload import own_copy
+
+    linears = [m for m in tiny_engine.pipe.dit.modules() if isinstance(m, AutoWrappedLinear)]
+    assert linears and all(is_file_backed(m.weight) and m.weight.dtype == torch.float8_e4m3fn for m in linears)
+    weight = linears[0].weight.data
+    copy = own_copy(weight)
+    assert not is_file_backed(copy) and torch.equal(copy.float(), weight.float())
+    # T5 is stored in bf16 in its file and computed in float32 on the CPU: a cast, so a copy.
+    t5 = [m for m in tiny_engine.pipe.text_encoder_2.modules() if isinstance(m, AutoWrappedLinear)]
+    assert t5 and not any(is_file_backed(m.weight) for m in t5)
+
+
 def test_streamed_placement_paints_the_same_pixels(model_dir, tiny_engine):
     """A budget too small for the model streams most layers (prefetching the next ones); the
     image must not change."""

@@ -237,6 +237,23 @@ def test_fused_attention_engine_paints_what_diffsynths_attention_does(model_dir,
     assert diff.mean() < 3 and diff.max() <= 48 and a.std() > 10
 
 
+@pytest.mark.parametrize("t5_in_ram", [True, False])
+def test_t5_streams_from_page_locked_ram_or_from_its_file(model_dir, t5_in_ram):
+    """t5_in_ram on: T5's streamed layers are copied into page-locked memory of their own; off:
+    they stay views of the memory-mapped file (page cache) and stream from there. Same pixels."""
+    from bot.engine.loading import is_file_backed
+    from bot.engine.offload import managed_modules
+
+    settings = tiny_model_settings(model_dir, device="cuda", t5_in_ram="on" if t5_in_ram else "off")
+    reference = pixels(Engine.load(settings, plan=plan(resident_gib=None, fp8=False, compile="off")))
+    engine = Engine.load(settings, plan=plan(resident_gib=0.0004, fp8=False, compile="off"))
+    assert engine.plan.t5_in_ram is t5_in_ram
+    sources = [t for m in managed_modules(engine.pipe.text_encoder_2) for t in getattr(m, "_stream_sources", [])]
+    assert sources and engine.placement.text_encoder_2.streamed > 0
+    assert all(t.is_pinned() is t5_in_ram and is_file_backed(t) is not t5_in_ram for t in sources)
+    assert np.array_equal(pixels(engine), reference)
+
+
 def test_page_locked_weights_are_released_with_their_memory():
     """Weights are page-locked in place (cudaHostRegister); the registration must end when their
     memory is freed, or malloc hands the same addresses out again while CUDA still counts them

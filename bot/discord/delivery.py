@@ -73,8 +73,8 @@ class DiscordDelivery:
         return channel
 
     # ------------------------------------------------------------------ Delivery protocol
-    async def position(self, job: JobRecord, position: int) -> None:
-        await self._edit_status(job, messages.queued(position))
+    async def position(self, job: JobRecord, position: int, *, model_loading: bool = False) -> None:
+        await self._edit_status(job, messages.queued(position, model_loading=model_loading))
 
     async def started(self, job: JobRecord, *, compiling: bool = False) -> None:
         await self._edit_status(job, messages.starting(compiling=compiling))

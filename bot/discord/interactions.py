@@ -86,7 +86,7 @@ async def enqueue(
         text = (
             messages.starting(compiling=bot.queue.compiles_first(job))
             if position == 0
-            else messages.queued(position or 1)
+            else messages.queued(position or 1, model_loading=not bot.queue.engine_ready.is_set())
         )
         msg = await interaction.edit_original_response(content=text, allowed_mentions=messages.NO_PINGS)
     except discord.HTTPException as exc:

@@ -26,10 +26,10 @@ def _ts(when: datetime, style: str = "R") -> str:
     return f"<t:{int(when.timestamp())}:{style}>"
 
 
-def queued(position: int) -> str:
-    if position <= 1:
-        return "🕒 Queued: you are next. `/cancel` withdraws it."
-    return f"🕒 Queued: position {position}. `/cancel` withdraws it."
+def queued(position: int, *, model_loading: bool = False) -> str:
+    where = "you are next" if position <= 1 else f"position {position}"
+    loading = " The model is loading (after a start: a minute or two, once)." if model_loading else ""
+    return f"🕒 Queued: {where}.{loading} `/cancel` withdraws it."
 
 
 def starting(*, compiling: bool = False) -> str:

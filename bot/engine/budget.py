@@ -55,6 +55,9 @@ class Plan:
     cuda_graphs: bool = False  # replay denoising steps as a CUDA graph (DiT all resident)
     allocator_cap_gib: float | None = None  # the most PyTorch's allocator may reserve (None: the card)
     fused_attention: bool = False  # q/k norm, RoPE and SDPA's layout in one Triton kernel
+    # A streamed T5 held in page-locked RAM of its own (fast) or read from the model file's pages in
+    # the page cache, which the kernel may reclaim (a 16 GB-RAM PC); `hostmem.settle` decides "auto".
+    t5_in_ram: bool = True
 
     def describe(self) -> str:
         budget = "unlimited" if self.budget_gib is None else f"{self.budget_gib:g} GiB"
@@ -63,7 +66,7 @@ class Plan:
             f"dit_resident={'all' if self.dit_resident_gib is None else f'{self.dit_resident_gib:.1f} GiB'} "
             f"text_encoders_resident={self.text_encoders_resident} keep_resident={self.keep_resident} "
             f"fp8_matmul={self.fp8_matmul} fast_accum={self.fast_accum} pinned={self.pinned} tiled_vae={self.tiled_vae} compile={self.compile} "
-            f"cuda_graphs={self.cuda_graphs} fused_attention={self.fused_attention} "
+            f"cuda_graphs={self.cuda_graphs} fused_attention={self.fused_attention} t5_in_ram={self.t5_in_ram} "
             f"allocator_cap={'none' if self.allocator_cap_gib is None else f'{self.allocator_cap_gib:.2f} GiB'}"
         )
 

@@ -20,6 +20,7 @@ from diffsynth.core.vram.layers import AutoTorchModule, AutoWrappedLinear, AutoW
 
 from .budget import GIB
 from .fp8 import FP8
+from .loading import file_mapped_ranges, is_file_backed
 
 log = logging.getLogger("fluxbot.engine")
 
@@ -103,9 +104,20 @@ def _page_lock(t: torch.Tensor) -> bool:
     return True
 
 
+def own_copy(t: torch.Tensor) -> torch.Tensor:
+    """The tensor in memory of its own, exactly its size (not a view into a larger storage)."""
+    out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    out.copy_(t)
+    return out
+
+
 def pin(module: AutoTorchModule) -> None:
+    mapped = file_mapped_ranges()
     for t in _own_tensors(module):
         if t.device.type == "cpu" and not t.is_pinned():
+            if is_file_backed(t, mapped):
+                # A view of the memory-mapped model file: page-locking it would lock the whole file.
+                t.data = own_copy(t.data)
             if not _page_lock(t):
                 t.data = t.data.pin_memory()  # fallback: a pinned copy
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from . import attention, fp8, graphs, inductor, modulation, offload, patches, weights
+from . import attention, fp8, graphs, hostmem, inductor, modulation, offload, patches, weights
 from .api import CancelFn, GenerationOOM, GenerationRequest, GenerationResult, ProgressFn
-from .budget import GIB, Plan, cap_allocator, make_plan, use_expandable_segments
+from .budget import GIB, Plan, cap_allocator, use_expandable_segments
 from .denoise import DenoiseLoop
 from .loading import MODELS, build_pipeline, model_root
 from .offload import Placement
@@ -74,8 +74,9 @@ class Engine:
         (default: the one `make_plan` makes for this machine)."""
         preset = model_settings.preset
         root = model_root(model_settings, config_hint)
-        plan = plan or make_plan(model_settings)
+        plan, host = hostmem.check(model_settings, root, plan)
         log.info("loading %s from %s (%s)", preset, root, plan.describe())
+        log.info("host memory: %s", host.describe())
         use_expandable_segments(plan)
         restore = cap_allocator(plan)
         t0 = time.perf_counter()
@@ -104,8 +105,9 @@ class Engine:
             text_encoder_1=offload.place(
                 pipe.text_encoder_1, text_bytes, self.streamers["text_encoder_1"], pinned=plan.pinned
             ),
+            # With t5_in_ram off, T5 streams from the model file's pages (the page cache), not RAM of its own.
             text_encoder_2=offload.place(
-                pipe.text_encoder_2, text_bytes, self.streamers["text_encoder_2"], pinned=plan.pinned
+                pipe.text_encoder_2, text_bytes, self.streamers["text_encoder_2"], pinned=plan.pinned and plan.t5_in_ram
             ),
             vae_decoder=offload.place(pipe.vae_decoder, None),
         )
