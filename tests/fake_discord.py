@@ -14,6 +14,9 @@ Checked against discord.py 2.6.0 and 2.7.1. Usage::
 - Messages are the JSON the fake answered with; attachment bytes live in attachment_data and are served at
   attachment["url"], so Attachment.read() works.
 - A deferred ("thinking...") response is replaced by the first followup, as Discord does.
+- Channel permissions: set_channel_overwrite() (e.g. deny the bot SEND_MESSAGES); the bot's channel routes
+  answer as Discord does (403 50001 without VIEW_CHANNEL, 50013 without the permission, an empty history
+  without READ_MESSAGE_HISTORY); interactions carry the bot's computed app_permissions.
 - discord.py sleeps 5 s before any IDENTIFY but the first: drop_gateway(resume=False) is slow unless the test
   replaces bot.before_identify_hook.
 - A bot in another process (tests/bot_process.py): pass api_base and gateway_url to it instead of install();
@@ -48,7 +51,9 @@ with warnings.catch_warnings():  # discord.player imports audioop (deprecated on
 
 DISCORD_EPOCH = 1420070400000
 EPHEMERAL, LOADING = 1 << 6, 1 << 7
-MANAGE_GUILD, MANAGE_MESSAGES = 1 << 5, 1 << 13
+ADMINISTRATOR, MANAGE_GUILD, MANAGE_MESSAGES = 1 << 3, 1 << 5, 1 << 13
+VIEW_CHANNEL, SEND_MESSAGES, ATTACH_FILES, READ_MESSAGE_HISTORY = 1 << 10, 1 << 11, 1 << 15, 1 << 16
+ALL_PERMS = (1 << 53) - 1
 # view, send, add reactions, embed, attach, read history, external emojis, app commands, threads
 BASIC_PERMS = (1 << 10) | (1 << 11) | (1 << 6) | (1 << 14) | (1 << 15) | (1 << 16) | (1 << 18) | (1 << 31) | (1 << 38)
 BOT_PERMS = BASIC_PERMS | MANAGE_MESSAGES | (1 << 17)  # + mention everyone
@@ -127,7 +132,7 @@ class FakeDiscord:
         self.manager_role_id = guild_id + 1  # role with MANAGE_GUILD given by add_member(manage_guild=True)
         self.bot_role_id = guild_id + 2
         self.attachment_size_limit = 8 * 1024 * 1024
-        self.app_permissions = BOT_PERMS
+        self.app_permissions: int | None = None  # None: the bot's permissions in the channel (roles, overwrites)
         self.heartbeat_interval = 45000
         self.port = 0
         self.api_base = self.gateway_url = ""
@@ -303,6 +308,50 @@ class FakeDiscord:
         self.members[user_id] = member = self._member(user_id, name, role_ids)
         if self._ws_ready:
             self._pending.append(("GUILD_MEMBER_ADD", {**member, "guild_id": str(self.guild_id)}))
+
+    def set_channel_overwrite(
+        self, target_id: int, *, allow: int = 0, deny: int = 0, member: bool = True, channel_id: int | None = None
+    ) -> None:
+        """A permission overwrite on a channel, as a server admin sets it: for a member (`member=True`,
+        e.g. the bot: `fake.bot_user_id`) or a role. The fake's channel routes obey it for the bot's
+        token (see `permissions_in`); interaction webhooks do not depend on it, as on Discord."""
+        cid = channel_id or self.channel_id
+        channel = self.channels[cid]
+        kept = [o for o in channel["permission_overwrites"] if o["id"] != str(target_id)]
+        overwrite = {"id": str(target_id), "type": 1 if member else 0, "allow": str(allow), "deny": str(deny)}
+        channel["permission_overwrites"] = [*kept, overwrite]
+        if self._ws_ready:  # the client's cache learns it with the next dispatch, as from Discord's gateway
+            self._pending.append(("CHANNEL_UPDATE", channel))
+
+    def permissions_in(self, channel_id: int, user_id: int) -> int:
+        """Discord's computation: @everyone and the member's roles, then the channel's overwrites
+        (@everyone, the roles together, the member); without VIEW_CHANNEL nothing else counts."""
+        if user_id == self.owner_id:
+            return ALL_PERMS
+        member = self.members.get(user_id) or self._member(user_id, f"user{user_id}", [])
+        role_ids = [int(r) for r in member["roles"]]
+        perms = int(self.roles[self.guild_id]["permissions"])
+        for rid in role_ids:
+            perms |= int(self.roles.get(rid, {}).get("permissions", 0))
+        if perms & ADMINISTRATOR:
+            return ALL_PERMS
+        overwrites = {int(o["id"]): o for o in self.channels[channel_id]["permission_overwrites"]}
+
+        def apply(perms: int, allow: int, deny: int) -> int:
+            return (perms & ~deny) | allow
+
+        if self.guild_id in overwrites:
+            everyone = overwrites[self.guild_id]
+            perms = apply(perms, int(everyone["allow"]), int(everyone["deny"]))
+        role_ows = [overwrites[r] for r in role_ids if r in overwrites and overwrites[r]["type"] == 0]
+        allow = deny = 0
+        for o in role_ows:
+            allow, deny = allow | int(o["allow"]), deny | int(o["deny"])
+        perms = apply(perms, allow, deny)
+        own = overwrites.get(user_id)
+        if own is not None and own["type"] == 1:
+            perms = apply(perms, int(own["allow"]), int(own["deny"]))
+        return perms if perms & VIEW_CHANNEL else 0
 
     def _user(self, user_id: int) -> dict:
         if user_id in self.members:
@@ -555,7 +604,11 @@ class FakeDiscord:
             "channel_id": str(self.channel_id),
             "channel": self.channels[self.channel_id],
             "member": self._member_payload(user_id),
-            "app_permissions": str(self.app_permissions),
+            "app_permissions": str(
+                self.permissions_in(self.channel_id, self.bot_user_id)
+                if self.app_permissions is None
+                else self.app_permissions
+            ),
             "locale": "en-US",
             "guild_locale": "en-US",
             "attachment_size_limit": self.attachment_size_limit,
@@ -1017,8 +1070,17 @@ class FakeDiscord:
             return _err(404, 10008, "Unknown Message")
         return None
 
+    def _bot_lacks(self, cid, needed: int):
+        """Discord's refusal of a bot request in a channel: 50001 without VIEW_CHANNEL, else 50013."""
+        perms = self.permissions_in(int(cid), self.bot_user_id)
+        if not perms & VIEW_CHANNEL:
+            return _err(403, 50001, "Missing Access")
+        if perms & needed != needed:
+            return _err(403, 50013, "Missing Permissions")
+        return None
+
     async def _ch_post(self, ev, files, cid):
-        err = self._channel_message(cid)
+        err = self._channel_message(cid) or self._bot_lacks(cid, SEND_MESSAGES | (ATTACH_FILES if files else 0))
         if err:
             return err
         body, now = ev.json or {}, time.monotonic()
@@ -1034,9 +1096,11 @@ class FakeDiscord:
         return 200, msg
 
     async def _ch_list(self, ev, files, cid):
-        err = self._channel_message(cid)
+        err = self._channel_message(cid) or self._bot_lacks(cid, 0)
         if err:
             return err
+        if not self.permissions_in(int(cid), self.bot_user_id) & READ_MESSAGE_HISTORY:
+            return 200, []  # Discord's answer without READ_MESSAGE_HISTORY: no messages, not an error
         q = ev.query
         ids = sorted(
             (i for i, m in self.messages.items() if m["channel_id"] == cid and not m["flags"] & EPHEMERAL), reverse=True
@@ -1059,7 +1123,9 @@ class FakeDiscord:
 
     async def _get_channel(self, ev, files, cid):
         channel = self.channels.get(int(cid))
-        return (200, channel) if channel else _err(404, 10003, "Unknown Channel")
+        if channel is None:
+            return _err(404, 10003, "Unknown Channel")
+        return self._bot_lacks(cid, 0) or (200, channel)
 
     async def _no_content(self, ev, files, **kw):
         return 204, None

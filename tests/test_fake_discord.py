@@ -12,7 +12,13 @@ from discord import app_commands
 from discord.ext import commands
 
 from ceilings import WAIT
-from fake_discord import FakeDiscord, discord  # first: it silences discord.py's audioop warning (-W error)
+from fake_discord import (  # first: it silences discord.py's audioop warning (-W error)
+    READ_MESSAGE_HISTORY,
+    SEND_MESSAGES,
+    VIEW_CHANNEL,
+    FakeDiscord,
+    discord,
+)
 
 ADMIN, OTHER = 11, 12
 
@@ -248,6 +254,37 @@ async def test_channel_post_nonce_is_idempotent(bot_env):
     assert third.id != first.id
     history = [m async for m in channel.history(limit=10)]
     assert [m.content for m in history] == ["other", "hello"]
+
+
+async def test_channel_overwrites_are_obeyed_as_discord_does(fake):
+    """A member overwrite for the bot: the client's cache, the channel routes and the interactions'
+    app_permissions agree; interaction webhooks do not depend on channel permissions."""
+    fake.add_message("before")
+    fake.set_channel_overwrite(fake.bot_user_id, deny=SEND_MESSAGES | READ_MESSAGE_HISTORY)
+    seen: dict = {}
+    bot = make_bot(fake, seen)
+    async with fake.run_bot(bot):
+        await fake.wait_commands_synced()
+        channel = bot.get_channel(fake.channel_id)
+        perms = channel.permissions_for(channel.guild.me)
+        assert perms.view_channel and not perms.send_messages and not perms.read_message_history
+        with pytest.raises(discord.Forbidden) as refused:
+            await channel.send("nope")
+        assert refused.value.code == 50013
+        assert [m async for m in channel.history(limit=10)] == []  # Discord lists nothing, it does not refuse
+        assert (await bot.fetch_channel(fake.channel_id)).id == fake.channel_id
+
+        fake.set_channel_overwrite(fake.bot_user_id, deny=VIEW_CHANNEL)  # mid-run: a CHANNEL_UPDATE
+        inter = await fake.slash("paint", {"steps": 1, "who": OTHER}, user_id=ADMIN)
+        followup = await fake.wait_for(lambda e: e.method == "POST" and e.path.endswith(f"/{inter.token}"))
+        assert followup.status == 200 and followup.response["attachments"]  # webhooks work without the channel
+        assert int(inter.payload["app_permissions"]) == 0  # no VIEW_CHANNEL: nothing else counts
+        assert not channel.permissions_for(channel.guild.me).view_channel  # the update came before the command
+        for call in (channel.send("nope"), bot.fetch_channel(fake.channel_id), channel.history(limit=1).__anext__()):
+            with pytest.raises(discord.Forbidden) as refused:
+                await call
+            assert refused.value.code == 50001
+    assert fake.errors == []
 
 
 async def test_unknown_route_and_double_ack(bot_env):

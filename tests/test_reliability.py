@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from bot.discord import delivery
 from bot.store import JobStatus, NewJob, Store
 
 from botkit import (
@@ -25,6 +26,7 @@ from botkit import (
     running_bot,
 )
 from ceilings import START, WAIT
+from fake_discord import READ_MESSAGE_HISTORY, SEND_MESSAGES
 
 
 @pytest.fixture
@@ -158,6 +160,63 @@ async def test_a_post_stored_but_answered_502_is_not_doubled_by_the_retry(fake, 
         job = (await bot.store.recent_jobs(1))[0]
         assert job.status is JobStatus.DONE
         assert len(images_for(fake, job.id)) == 1
+
+
+@pytest.mark.parametrize("stored", [True, False], ids=["stored", "not-stored"])
+async def test_a_follow_up_answered_502_is_not_doubled_where_the_bot_may_not_post(
+    fake, settings, engine, monkeypatch, stored
+):
+    """Where the bot may not post in the channel and the progress message was deleted, the result goes
+    out as a webhook follow-up, which has no nonce. Discord answers it 502, having stored it or not: it
+    is sent once more only if it is not in the channel, and ends as one message (#15 item 6)."""
+    monkeypatch.setattr(delivery, "LOST_ANSWER_LOOK_AFTER_S", 0.0)
+    fake.set_channel_overwrite(fake.bot_user_id, deny=SEND_MESSAGES)  # it may read the channel, not post there
+    engine.gate.clear()
+    async with running_bot(fake, settings, engine) as bot:
+        inter = await fake.slash("imagine", {"prompt": "said twice"}, user_id=ALICE)
+        original = await inter.wait_original(lambda m: m["content"])
+        fake._delete(int(original["id"]))  # nothing left to edit: the result must be a new message
+        fake.fail_next(
+            "POST",
+            r"/webhooks/\d+/[^/]+$",
+            status=502,
+            body={"message": "Bad Gateway", "code": 0},
+            after_handling=stored,
+        )
+        engine.gate.set()
+        await bot.queue.wait_idle(START)
+        job = (await bot.store.recent_jobs(1))[0]
+        assert job.status is JobStatus.DONE
+        [msg] = images_for(fake, job.id)
+        assert msg["webhook_id"] == str(fake.application_id) and job.result_message_id == int(msg["id"])
+        assert [b.get("label") for row in msg["components"] for b in row["components"]] == ["Re-roll", "Delete"]
+    posts = [ev for ev in fake.events if ev.method == "POST" and ev.path.startswith("/channels/")]
+    assert posts and {ev.response["code"] for ev in posts} == {50013}  # the channel refused it: a follow-up
+    followups = [ev for ev in fake.events if ev.method == "POST" and ev.path.startswith("/webhooks/")]
+    assert [ev.status for ev in followups] == ([502] if stored else [502, 200])
+
+
+async def test_a_follow_up_answered_502_where_the_bot_cannot_look_is_not_sent_again(
+    fake, settings, engine, monkeypatch
+):
+    """As above, but the bot may not read the channel's history either (Discord then lists no messages):
+    it cannot tell whether the follow-up arrived, so it does not send it again; the job is refunded."""
+    monkeypatch.setattr(delivery, "LOST_ANSWER_LOOK_AFTER_S", 0.0)
+    fake.set_channel_overwrite(fake.bot_user_id, deny=SEND_MESSAGES | READ_MESSAGE_HISTORY)
+    engine.gate.clear()
+    async with running_bot(fake, settings, engine) as bot:
+        inter = await fake.slash("imagine", {"prompt": "said twice, unseen"}, user_id=ALICE)
+        original = await inter.wait_original(lambda m: m["content"])
+        fake._delete(int(original["id"]))
+        fake.fail_next(
+            "POST", r"/webhooks/\d+/[^/]+$", status=502, body={"message": "Bad Gateway", "code": 0}, after_handling=True
+        )
+        engine.gate.set()
+        await bot.queue.wait_idle(START)
+        job = (await bot.store.recent_jobs(1))[0]
+        assert len(images_for(fake, job.id)) == 1
+        assert job.status is JobStatus.FAILED and "not sent again" in job.error
+        assert (await bot.store.quota_status(ALICE)).used == 0
 
 
 async def test_rate_limit_is_honoured_and_retried(fake, settings, engine):

@@ -3,18 +3,26 @@
 Everything goes through the interaction's webhook (works without channel permissions) while its
 token is fresh; after ~14 minutes the token is near its 15-minute end, so results go to the
 channel as a message that mentions the requester.
+
+No result is posted twice by an HTTP retry after Discord stored it but its answer was lost (a 502):
+an edit repeated is still one message, a channel post carries a nonce (Discord drops a repeat), and
+a webhook follow-up, which has neither, is sent without discord.py's retries and sent again only
+once the channel shows it did not arrive.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, cast
 
+import aiohttp
 import discord
 
 from ..images import fit_upload
@@ -30,6 +38,8 @@ DEFAULT_UPLOAD_LIMIT = 8 * 1024 * 1024
 UNKNOWN_MESSAGE = 10008
 UNKNOWN_WEBHOOK = 10015
 INVALID_WEBHOOK_TOKEN = 50027
+FOLLOWUP_ATTEMPTS = 3  # a follow-up sent again only after the channel showed the last one did not arrive
+LOST_ANSWER_LOOK_AFTER_S = 2.0  # x the attempt: how long Discord is given to finish before the bot looks
 
 
 def _result_stem(job: JobRecord) -> str:
@@ -39,6 +49,46 @@ def _result_stem(job: JobRecord) -> str:
 
 def _holds_result(job: JobRecord, msg: discord.Message) -> bool:
     return any(a.filename.startswith(_result_stem(job)) for a in msg.attachments)
+
+
+class _AnswerLost(Exception):
+    """Discord's answer to a request never came, or was a 5xx: it may or may not have carried it out."""
+
+
+class _CannotLook(Exception):
+    """The bot may not read the channel's history, so it cannot tell whether a message is there."""
+
+
+class _OneAttempt:
+    """The client's aiohttp session, for a request discord.py must not repeat by itself. Its webhook
+    adapter sends a request again after a 5xx (up to 5 times), and a webhook follow-up that Discord
+    stored before the 5xx would then be a second message: here a 5xx, a lost connection or a timeout
+    raise `_AnswerLost` instead, out of discord.py's loop (a 429 still reaches it: nothing was done)."""
+
+    def __init__(self, session: aiohttp.ClientSession) -> None:
+        self._session = session
+
+    @contextlib.asynccontextmanager
+    async def request(self, method: str, url: Any, **kwargs: Any) -> AsyncIterator[aiohttp.ClientResponse]:
+        try:
+            async with self._session.request(method, url, **kwargs) as response:
+                if response.status >= 500:
+                    raise _AnswerLost(f"{response.status} {response.reason}")
+                yield response
+        except (aiohttp.ClientError, OSError) as exc:  # OSError: TimeoutError and connection resets too
+            raise _AnswerLost(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _may_read_history(channel: object) -> bool:
+    """Without READ_MESSAGE_HISTORY Discord lists no messages rather than refusing: an empty history
+    then says nothing about what is there."""
+    if not isinstance(channel, (discord.abc.GuildChannel, discord.Thread)):
+        return False
+    me = channel.guild.me
+    if me is None:
+        return False
+    perms = channel.permissions_for(me)
+    return perms.view_channel and perms.read_message_history
 
 
 class DiscordDelivery:
@@ -114,21 +164,38 @@ class DiscordDelivery:
         return await self._find_in_channel(job)
 
     async def _find_in_channel(self, job: JobRecord) -> int | None:
-        """The newest message since the job was queued that is this job's result. Every message since
-        then is looked through (discord.py pages 100 at a time): in a busy channel the result may be
-        hundreds of messages back, and missing it would post the image twice."""
         try:
-            channel = await self._channel(job)
-            after = datetime.fromtimestamp(job.queued_at, timezone.utc)
-            async for msg in channel.history(limit=None, after=after, oldest_first=False):
-                ours = (self.bot.user is not None and msg.author.id == self.bot.user.id) or (
-                    job.application_id is not None and msg.webhook_id == job.application_id
-                )
-                if ours and _holds_result(job, msg):  # a member's upload of the same name does not count
-                    return msg.id
+            return await self._scan_channel(job, await self._channel(job))
         except (DeliveryFailed, discord.HTTPException) as exc:
             log.warning("job %d: could not look for an earlier result in channel %s: %s", job.id, job.channel_id, exc)
         return None
+
+    async def _scan_channel(self, job: JobRecord, channel: Any) -> int | None:
+        """The newest message since the job was queued that is this job's result. Every message since
+        then is looked through (discord.py pages 100 at a time): in a busy channel the result may be
+        hundreds of messages back, and missing it would post the image twice."""
+        after = datetime.fromtimestamp(job.queued_at, timezone.utc)
+        async for msg in channel.history(limit=None, after=after, oldest_first=False):
+            ours = (self.bot.user is not None and msg.author.id == self.bot.user.id) or (
+                job.application_id is not None and msg.webhook_id == job.application_id
+            )
+            if ours and _holds_result(job, msg):  # a member's upload of the same name does not count
+                return msg.id
+        return None
+
+    async def _arrived(self, job: JobRecord) -> int | None:
+        """The result's message if it is in the channel, None if it is not; `_CannotLook` where the
+        bot may not read the channel (then neither answer would be true)."""
+        try:
+            channel = await self._channel(job)
+        except DeliveryFailed as exc:
+            raise _CannotLook(str(exc)) from None
+        if not _may_read_history(channel):
+            raise _CannotLook(f"no permission to read the history of channel {job.channel_id}")
+        try:
+            return await self._scan_channel(job, channel)
+        except discord.HTTPException as exc:
+            raise _CannotLook(f"channel {job.channel_id} could not be read: {exc}") from None
 
     async def deliver(self, job: JobRecord, image_path: Path) -> int | None:
         limit = job.upload_limit or DEFAULT_UPLOAD_LIMIT  # the interaction's, kept in the ledger
@@ -174,13 +241,46 @@ class DiscordDelivery:
             if webhook is None:
                 raise
             log.info("job %d: %s; sending the result as a follow-up instead", job.id, exc)
-        try:
-            msg = await webhook.send(
-                embed=embed, file=file(), view=result_view(job.id), allowed_mentions=messages.NO_PINGS, wait=True
+        return await self._send_followup(job, webhook, embed, file)
+
+    async def _send_followup(
+        self, job: JobRecord, webhook: discord.Webhook, embed: discord.Embed, file: Callable[[], discord.File]
+    ) -> int:
+        """A webhook follow-up has no nonce: Discord keeps every copy it is sent. So discord.py does not
+        repeat it (`_OneAttempt`); where its answer is lost, the bot looks in the channel for it and
+        sends it again only if it is not there. Where the bot may not read the channel it cannot tell,
+        and does not send it again: the job fails and is refunded, and the image may have arrived."""
+        assert job.application_id is not None and job.interaction_token is not None  # a webhook has them
+        session = cast(aiohttp.ClientSession, _OneAttempt(webhook.session))
+        once = discord.Webhook.partial(job.application_id, job.interaction_token, session=session, client=self.bot)
+        for attempt in range(1, FOLLOWUP_ATTEMPTS + 1):
+            if attempt > 1 and self._webhook(job) is None:
+                raise DeliveryFailed("the interaction's token ran out while the follow-up was being sent again")
+            try:
+                msg = await once.send(
+                    embed=embed, file=file(), view=result_view(job.id), allowed_mentions=messages.NO_PINGS, wait=True
+                )
+                return msg.id
+            except (discord.NotFound, discord.Forbidden) as exc:
+                raise DeliveryFailed(f"Discord refused the reply: {exc.text}") from None
+            except _AnswerLost as exc:
+                lost = exc
+            log.warning(
+                "job %d: Discord's answer to the follow-up was lost (%s); looking whether it arrived", job.id, lost
             )
-        except (discord.NotFound, discord.Forbidden) as exc:
-            raise DeliveryFailed(f"Discord refused the reply: {exc.text}") from None
-        return msg.id
+            await asyncio.sleep(LOST_ANSWER_LOOK_AFTER_S * attempt)
+            try:
+                found = await self._arrived(job)
+            except _CannotLook as exc:
+                raise DeliveryFailed(
+                    f"Discord's answer to the follow-up was lost ({lost}) and the bot cannot see whether it "
+                    f"arrived ({exc}); not sent again, so that it cannot arrive twice"
+                ) from None
+            if found is not None:
+                log.info("job %d: the follow-up had arrived (message %d)", job.id, found)
+                return found
+            log.info("job %d: the follow-up is not in the channel; sending it again", job.id)
+        raise DeliveryFailed(f"Discord kept losing its answer to the follow-up ({lost}); it did not arrive")
 
     async def _post_to_channel(self, job: JobRecord, embed: discord.Embed, file: Callable[[], discord.File]) -> int:
         channel = await self._channel(job)
