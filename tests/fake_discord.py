@@ -143,6 +143,9 @@ class FakeDiscord:
         self.commands_by_scope: dict[int | None, list[dict]] = {}  # guild id (None = global) -> commands
         self.interactions: dict[int, FakeInteraction] = {}
         self.gateway_connections = 0
+        # Cleared: the gateway takes new connections but says nothing (no HELLO), as during an outage.
+        self.gateway_open = asyncio.Event()
+        self.gateway_open.set()
         self.gateway_received: list[dict] = []  # client payloads other than heartbeats (identify, presence...)
         self.channels: dict[int, dict] = {channel_id: self._text_channel(channel_id, "general")}
         self.roles: dict[int, dict] = {}
@@ -523,6 +526,7 @@ class FakeDiscord:
         self.gateway_connections += 1
         number = self.gateway_connections
         self._all_ws.add(ws)
+        await self.gateway_open.wait()
         await self._send(ws, {"op": 10, "d": {"heartbeat_interval": self.heartbeat_interval}, "s": None, "t": None})
         try:
             async for msg in ws:

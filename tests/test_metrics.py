@@ -12,6 +12,7 @@ from bot.config import ConfigError
 from bot.discord.app import FluxBot
 
 from botkit import ALICE, has_image, make_settings, running_bot
+from ceilings import WAIT
 
 
 def free_port() -> int:
@@ -81,6 +82,33 @@ async def test_health_is_200_only_while_everything_answers(fake, tmp_path, model
         status, body = await get(f"http://127.0.0.1:{port}/health")
         assert status == 503
         assert '"worker": false' in body and '"gateway": true' in body and '"database": true' in body
+
+
+async def test_health_is_503_while_the_gateway_is_down(fake, tmp_path, model_dir, engine):
+    """A dropped gateway connection that cannot come back (the gateway answers nothing) makes the
+    bot unhealthy until it has reconnected."""
+    from botkit import eventually
+
+    port = free_port()
+    settings = make_settings(tmp_path, model_dir, fake, metrics={"listen": f"127.0.0.1:{port}"})
+    async with running_bot(fake, settings, engine) as bot:
+        fake.gateway_open.clear()
+        await fake.drop_gateway(4000, wait=False)
+        await eventually(lambda: not bot.is_ready() or bot.ws is None or not bot.ws.open, what="the bot to notice")
+        status, body = await get(f"http://127.0.0.1:{port}/health")
+        assert status == 503
+        assert '"gateway": false' in body and '"database": true' in body and '"worker": true' in body
+        before = fake.gateway_connections
+        fake.gateway_open.set()
+        await eventually(
+            lambda: fake.gateway_connections >= before and bot.ws is not None and bot.ws.open, what="reconnect"
+        )
+        for _ in range(int(WAIT / 0.05)):  # healthy again once the session is resumed
+            status, body = await get(f"http://127.0.0.1:{port}/health")
+            if status == 200:
+                break
+            await asyncio.sleep(0.05)
+        assert status == 200, body
 
 
 async def test_a_taken_metrics_port_stops_the_start_with_a_clear_message(fake, tmp_path, model_dir, engine):
