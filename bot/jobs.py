@@ -19,7 +19,7 @@ import heapq
 import logging
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,13 +50,27 @@ STOP_GRACE_S = 5.0
 """How long a stop waits for the job in progress to reach its next step (Docker allows 10 s)."""
 
 LEDGER_RETRY_DELAYS_S = (1.0, 3.0, 10.0)
-"""Pauses between tries of a ledger write after an error (each try itself waits out a lock for
-`store.database.BUSY_TIMEOUT_MS`)."""
+"""Pauses between the worker's tries of a ledger write after an error (each try itself waits out a
+lock for `store.database.BUSY_TIMEOUT_MS`). Past them the worker goes on to the next job and the
+write is tried again in the background, the pauses doubling up to `LEDGER_RETRY_CAP_S`, until the
+ledger takes it (or the bot stops: the row is still active then, and the next start resumes it)."""
+
+LEDGER_RETRY_CAP_S = 30.0
+"""The longest pause between two background tries of a ledger write the worker gave up on."""
 
 LEDGER_DOWN = (
-    "the bot's database is not answering, so this image could not be finished; it is painted "
-    "again when the bot restarts, and never charged twice"
+    "the bot's database is not answering, so this image could not be finished. Your quota is "
+    "refunded as soon as it answers again, and this message will say so (if the bot restarts "
+    "first, the image is painted then); you are never charged twice"
 )
+
+
+def _background_pauses() -> Iterator[float]:
+    """Pauses between background tries: doubling from the worker's last one, capped, forever."""
+    pause = LEDGER_RETRY_DELAYS_S[-1] if LEDGER_RETRY_DELAYS_S else 1.0
+    while True:
+        pause = min(2 * pause, LEDGER_RETRY_CAP_S)
+        yield pause
 
 
 def _unexpected(exc: Exception) -> str:
@@ -137,6 +151,7 @@ class JobQueue:
         self._stopping = False
         self._worker: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._mending: set[int] = set()  # jobs whose last ledger write is being tried again in the background
         self._gpu = GpuThread()
         self._gpu_call: Future[Any] | None = None  # the engine call in progress, if any
         self.engine_ready = asyncio.Event()
@@ -185,6 +200,9 @@ class JobQueue:
         call = self._gpu_call
         if call is None or call.done():
             return
+        if not self.engine_ready.is_set():  # the call is the load (and its warm-up compile): minutes, no steps
+            log.warning("the model is still loading; not waiting for it (a load cannot be interrupted)")
+            return
         waiter = asyncio.wrap_future(call)
         await asyncio.wait({waiter}, timeout=STOP_GRACE_S)
         if not waiter.done():
@@ -194,10 +212,11 @@ class JobQueue:
             log.info("the job in progress stopped (%s); it runs again at the next start", waiter.exception())
 
     async def wait_idle(self, timeout: float | None = None) -> None:
-        """Until nothing waits or runs (for tests and graceful shutdown)."""
+        """Until nothing waits or runs, and no job waits for the ledger to record its end (for tests
+        and graceful shutdown)."""
 
         async def idle() -> None:
-            while self._entries or self._running is not None:
+            while self._entries or self._running is not None or self._mending:
                 self._idle.clear()
                 await self._idle.wait()
 
@@ -290,7 +309,7 @@ class JobQueue:
 
     # ------------------------------------------------------------------ worker
     def _check_idle(self) -> None:
-        if not self._entries and self._running is None:
+        if not self._entries and self._running is None and not self._mending:
             self._idle.set()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -370,8 +389,7 @@ class JobQueue:
                 already = None
             if already is not None:
                 log.info("job %d: result had already reached Discord (message %d)", job.id, already)
-                await self.store.mark_done(job.id, already)
-                self.metrics.job_ended("done")
+                await self._record_done(job, already)
                 return
             await self._deliver(job)
             return
@@ -482,39 +500,78 @@ class JobQueue:
 
     async def _record_done(self, job: JobRecord, message_id: int | None) -> None:
         """The result reached Discord: record it. Never refund from here (the member has the image):
-        if the ledger does not answer, the job stays generated and the next start finds the result."""
-        for delay in (0.0, *LEDGER_RETRY_DELAYS_S):
-            if delay:
-                await asyncio.sleep(delay)
+        if the ledger does not answer, the worker goes on and the write is tried again in the
+        background until it is taken (or, after a stop, the next start finds the result)."""
+
+        async def record() -> bool:
             try:
                 await self.store.mark_done(job.id, message_id)
-                self.metrics.job_ended("done")
-                return
-            except InvalidTransition:
-                raise
+            except InvalidTransition as exc:  # ended meanwhile (by an earlier try, or by hand)
+                log.warning("job %d: delivered, and the ledger has it ended already (%s)", job.id, exc)
+                return True
             except StoreError as exc:
                 log.warning("job %d: could not record the delivery (%s); trying again", job.id, exc)
-        log.error("job %d: delivered, but the ledger did not record it; the next start finds the result", job.id)
+                return False
+            self.metrics.job_ended("done")
+            return True
+
+        if await self._tries(record, (0.0, *LEDGER_RETRY_DELAYS_S)):
+            return
+        log.error("job %d: delivered, but the ledger did not record it; trying again in the background", job.id)
+        self._keep_trying(job.id, record)
 
     async def _end_after_error(self, entry: _Entry, exc: Exception) -> None:
         """An error the steps did not handle (the image could not be saved, the ledger refused a
         write): end the job in the ledger, failed and refunded, and tell the member. A locked
-        database is waited for a while; if it never answers, the row stays active and the job runs
-        again at the next start, and the member is told that."""
+        database is waited for a while; if it still does not answer, the member is told so and the
+        failure is written in the background once the ledger answers (then the member is told that):
+        until then the row stays active, and a restart meanwhile runs the job again."""
         job = entry.job
-        for delay in (0.0, *LEDGER_RETRY_DELAYS_S):
-            if delay:
-                await asyncio.sleep(delay)
+
+        async def end() -> bool:
             try:
                 current = await self.store.get_job(job.id)
                 if current is None or current.status not in ACTIVE_STATUSES:
-                    return  # already ended (cancelled, failed) by the step that raised
+                    return True  # already ended (cancelled, failed) by the step that raised
                 failed = await self.store.mark_failed(job.id, f"{type(exc).__name__}: {exc}", refund=True)
-                self.metrics.job_ended("failed")
             except StoreError as again:
                 log.warning("job %d: the ledger did not take its failure (%s); trying again", job.id, again)
-                continue
+                return False
+            self.metrics.job_ended("failed")
             await self._safe("a failure", self.delivery.failed(failed, _unexpected(exc)))
+            return True
+
+        if await self._tries(end, (0.0, *LEDGER_RETRY_DELAYS_S)):
             return
-        log.error("job %d: the ledger is not answering; the job stays in it and runs again at the next start", job.id)
+        log.error("job %d: the ledger is not answering; its failure is written once it answers again", job.id)
         await self._safe("a failure", self.delivery.failed(job, LEDGER_DOWN))
+        self._keep_trying(job.id, end)  # after LEDGER_DOWN reached the member: the final word comes last
+
+    @staticmethod
+    async def _tries(attempt: Callable[[], Awaitable[bool]], pauses: Iterable[float]) -> bool:
+        """`attempt()` after each pause until it returns True (True), or the pauses run out (False)."""
+        for pause in pauses:
+            if pause:
+                await asyncio.sleep(pause)
+            if await attempt():
+                return True
+        return False
+
+    def _keep_trying(self, job_id: int, attempt: Callable[[], Awaitable[bool]]) -> None:
+        """Try `attempt` (a job's ledger transition and what follows it) in the background until it
+        succeeds. The worker drops the job from the queue as soon as this returns (no await
+        between), so nothing paints or delivers it again meanwhile; `stop` cancels this (the row is
+        then still active, and the next start resumes the job)."""
+
+        async def keep_trying() -> None:
+            try:
+                await self._tries(attempt, _background_pauses())
+                log.info("job %d: the ledger answered again; the job's end is recorded", job_id)
+            except Exception:  # a bug, not the ledger: the row stays active for the next start
+                log.exception("job %d: gave up recording the job's end", job_id)
+            finally:
+                self._mending.discard(job_id)
+                self._check_idle()
+
+        self._mending.add(job_id)
+        self._spawn(keep_trying())

@@ -1,7 +1,7 @@
 """Run the real bot (`fluxbot run`) in its own process against a FakeDiscord, for the SIGKILL tests.
 
     DISCORD_TOKEN=... python tests/bot_process.py --api-base URL --gateway URL --config FILE \
-        [--kill-point before|during|after_generation|after_delivery --marker FILE] [--wait-for FILE]
+        [--kill-point loading|before|during|after_generation|after_delivery --marker FILE] [--wait-for FILE]
 
 The kill point is test code: it monkeypatches one place in the bot so that the first job to get
 there writes `--marker` (the job id or prompt, then a rename: the file appears whole) and blocks
@@ -13,6 +13,8 @@ FILE exists before starting the bot. A test starts the "restarted" process early
 one still runs, and lets it go once the first is dead: a fresh process that has touched neither the
 database nor Discord yet, only without the import time on the test's clock.
 
+- loading:          the engine load began (GPU thread) and never finishes, as a load or a first
+                    compile that takes minutes looks to a stop; members' jobs wait in the queue
 - before:           the worker is about to generate its first job (ledger: running, nothing painted)
 - during:           the engine finished denoising step 1 of the first generation (GPU thread)
 - after_generation: the image is saved and the ledger says generated; nothing was sent to Discord
@@ -33,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-KILL_POINTS = ("before", "during", "after_generation", "after_delivery")
+KILL_POINTS = ("loading", "before", "during", "after_generation", "after_delivery")
 
 
 def _marker_writer(marker: Path):
@@ -60,7 +62,15 @@ def install_kill_point(point: str, marker: Path) -> None:
     async def hang_in_loop() -> None:
         await asyncio.Event().wait()  # the event loop stays free; this coroutine never returns
 
-    if point == "before":
+    if point == "loading":
+        from bot.engine.pipeline import Engine
+
+        def load(cls, model_settings, **kwargs):
+            fire("loading")
+            threading.Event().wait()  # the GPU thread never comes back: no load, no compile, no jobs
+
+        Engine.load = classmethod(load)
+    elif point == "before":
         from bot.jobs import JobQueue
 
         real_generate = JobQueue._generate

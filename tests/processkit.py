@@ -4,12 +4,15 @@ served from the test's process: for crashes, signals and the network at start-up
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+from ceilings import START
 from fake_discord import FakeDiscord
 
 LAUNCHER = Path(__file__).with_name("bot_process.py")
@@ -124,3 +127,42 @@ async def until(check, proc: BotProcess, timeout: float, what: str):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}; bot log:\n{proc.log_tail()}")
         await asyncio.sleep(0.05)
+
+
+LOCK_HOLDER = """
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("BEGIN IMMEDIATE")  # a write lock, as another program (or a backup tool) would take
+print("locked", flush=True)
+sys.stdin.readline()
+conn.rollback()
+"""
+
+
+@contextlib.asynccontextmanager
+async def write_lock_held(database: Path, timeout: float = START) -> AsyncIterator[None]:
+    """Another process holds SQLite's write lock on `database` from entry until the block ends
+    (then it lets go and exits); readers still read (WAL), writers wait out their busy timeout."""
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        LOCK_HOLDER,
+        str(database),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert holder.stdin is not None and holder.stdout is not None
+    try:
+        line = await asyncio.wait_for(holder.stdout.readline(), timeout)
+        assert line == b"locked\n", f"the lock holder said {line!r}"
+        yield
+    finally:
+        if holder.returncode is None:
+            with contextlib.suppress(ConnectionError):
+                holder.stdin.write(b"\n")
+                await holder.stdin.drain()
+            try:
+                await asyncio.wait_for(holder.wait(), timeout)
+            except asyncio.TimeoutError:
+                holder.kill()
+                await holder.wait()

@@ -10,7 +10,7 @@ import re
 import socket
 import sqlite3
 
-from botkit import ALICE, add_members, ephemeral_texts, has_image
+from botkit import ALICE, add_members, ephemeral_texts, has_image, images_for
 from ceilings import START
 from fake_discord import FakeDiscord
 from processkit import BotProcess, until, write_config
@@ -157,3 +157,49 @@ async def test_sigterm_does_not_wait_for_a_gpu_that_cannot_stop(fake, tmp_path, 
         assert [row[1] for row in ledger(tmp_path / "fluxbot.db")[0]] == ["running"]
     finally:
         await proc.kill()
+
+
+def progress_message_ids(db) -> list[int | None]:
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        return [row[0] for row in conn.execute("SELECT progress_message_id FROM jobs ORDER BY id")]
+
+
+async def test_sigterm_while_the_model_loads_exits_and_the_job_waits_for_the_restart(fake, tmp_path, model_dir):
+    """SIGTERM during start-up, while the engine loads (here a load that never ends; a real load and
+    first compile take minutes): the bot exits as for any stop, without waiting for the load. The
+    member's job, accepted meanwhile, waits in the ledger, charged once; the restarted bot paints it
+    once."""
+    marker = tmp_path / "marker"
+    config = write_config(tmp_path, model_dir, fake)
+    db = tmp_path / "fluxbot.db"
+    proc = BotProcess(fake, config, tmp_path / "bot.log")
+    restarted = BotProcess(fake, config, tmp_path / "restarted.log")
+    await proc.start(kill_point="loading", marker=marker)
+    try:
+        await until(lambda: fake.gateway_connections > 0, proc, START, "the bot to connect")
+        await fake.wait_ready()
+        await until(marker.exists, proc, START, "the model load to begin")
+        inter = await fake.slash("imagine", {"prompt": "while loading"}, user_id=ALICE)
+        queued = await inter.wait_original(lambda m: "model is loading" in (m.get("content") or ""), timeout=START)
+        await until(lambda: progress_message_ids(db) == [int(queued["id"])], proc, START, "the job's message recorded")
+        assert await proc.stop(timeout=START) == 0
+        log = proc.log_tail(100_000)
+        assert "Traceback" not in log
+        assert "the model is still loading; not waiting for it" in log, log
+        jobs, usage = ledger(db)
+        assert [row[:3] for row in jobs] == [(1, "queued", 0)]
+        assert [row[2] for row in usage] == [1]
+
+        connections = fake.gateway_connections
+        await restarted.start()  # a normal loader this time
+        await until(lambda: fake.gateway_connections > connections, restarted, START, "the restarted bot to connect")
+        await until(lambda: ledger(db)[0][0][1] == "done", restarted, START, "the job to be delivered")
+        jobs, usage = ledger(db)
+        assert [row[:3] for row in jobs] == [(1, "done", 1)]
+        assert [row[2] for row in usage] == [1]  # charged once
+        [result] = images_for(fake, 1)
+        assert result["id"] == queued["id"]  # the member's own message carries the image
+        assert await restarted.stop(timeout=START) == 0
+    finally:
+        await proc.kill()
+        await restarted.kill()
