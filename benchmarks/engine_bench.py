@@ -23,6 +23,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -30,6 +31,7 @@ import sys
 import threading
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -43,6 +45,7 @@ PROMPT = (
     "shot on a medium format camera, soft focus in the distance, high detail, calm mood"
 )
 WHOLE_PROCESS_TARGET = {8: 7.0, 12: 11.0, 24: 22.5}
+EXTRA: dict = {}  # what loading measured that goes into the record as it is (the H2D cap's probe)
 
 
 def host_peak_gib() -> float:
@@ -117,7 +120,9 @@ def ours_engine(budget: float | None, root: Path, device: str, preset: str):
     """Our engine for a run, with the levers under trial switched from the environment so one
     script measures each of them: FP8_MATMUL, COMPILE, FAST_ACCUM, CUDA_GRAPHS, FUSED_ATTENTION,
     T5_IN_RAM (auto/on/off), T5_FP8 (1: T5 stored in float8), HEADROOM_GIB (the budget's headroom),
-    STREAM_WINDOW_MIB (the DiT's prefetch window). Also used by profile_step.py and size_switch.py."""
+    STREAM_WINDOW_MIB (the DiT's prefetch window), H2D_GBPS (caps the streamers' host->GPU rate, as
+    a home card's slower link would: `Streamer.cap_rate`). Also used by profile_step.py and
+    size_switch.py."""
     from bot.config import ModelSettings
     from bot.engine import budget as budget_mod
     from bot.engine.pipeline import Engine
@@ -139,10 +144,26 @@ def ours_engine(budget: float | None, root: Path, device: str, preset: str):
     )
     if "STREAM_WINDOW_MIB" in os.environ:
         engine.streamers["dit"].window = int(float(os.environ["STREAM_WINDOW_MIB"]) * 2**20)
+    if os.environ.get("H2D_GBPS"):
+        for streamer in engine.streamers.values():
+            EXTRA["h2d_cap"] = streamer.cap_rate(float(os.environ["H2D_GBPS"]))
     return engine
 
 
-def load(system: str, budget: int | None, root: Path, device: str, preset: str):
+def seed_vram_limit(budget: int | None, setup: str) -> float | None:
+    """DiffSynth's `vram_limit` for the article's setup: budget - 1 (its 8 GB example uses 7), or
+    the GB that `setup` names ("vram_limit=5"), for a budget where the default does not fit."""
+    if setup in ("", "auto"):
+        return None if budget is None else budget - 1.0
+    try:
+        if setup.startswith("vram_limit="):
+            return float(setup.split("=", 1)[1])
+    except ValueError:
+        pass
+    raise SystemExit(f"seed-diffsynth setups: auto or vram_limit=GB, not {setup!r}")
+
+
+def load(system: str, budget: int | None, root: Path, device: str, preset: str, setup: str = "auto"):
     if system == "ours":
         from bot.engine import budget as budget_mod
 
@@ -152,11 +173,13 @@ def load(system: str, budget: int | None, root: Path, device: str, preset: str):
             from bot.engine.api import GenerationRequest
 
             # A new prompt per image: the prompt cache must not flatter the timings.
+            streamed = engine.streamers["dit"].copied_bytes
             r = engine.generate(
                 GenerationRequest(f"{PROMPT}, take {seed}", seed=seed, steps=steps, width=width, height=height)
             )
             replays = engine.step_graph.replays if engine.step_graph is not None else 0
-            return r.image, {**r.timings, "graph_replays": replays}
+            per_step = (engine.streamers["dit"].copied_bytes - streamed) / steps / GIB
+            return r.image, {**r.timings, "graph_replays": replays, "dit_streamed_gib_per_step": per_step}
 
         dit = engine.placement.dit
         graphed = "replayed" if engine.step_graph is not None else "none"
@@ -174,6 +197,7 @@ def load(system: str, budget: int | None, root: Path, device: str, preset: str):
         from bot.engine.patches import ensure_cpu_empty_cache
 
         ensure_cpu_empty_cache()
+        vram_limit = seed_vram_limit(budget, setup)
         files = weights.model_files(weights.preset_root(preset, root))
         if preset == "tiny-random":
             from bot.engine import tiny
@@ -205,7 +229,7 @@ def load(system: str, budget: int | None, root: Path, device: str, preset: str):
             ],
             tokenizer_1_config=ModelConfig(path=str(files.tokenizer)),
             tokenizer_2_config=ModelConfig(path=str(files.tokenizer_2)),
-            vram_limit=None if (budget is None or device == "cpu") else budget - 1.0,
+            vram_limit=None if device == "cpu" else vram_limit,
         )
 
         def run(seed, steps, width, height):
@@ -232,9 +256,9 @@ def load(system: str, budget: int | None, root: Path, device: str, preset: str):
                 "decode_s": end - marks["decode"],
             }
 
-        return run, f"DiffSynth vram_limit={None if budget is None else budget - 1.0}"
+        return run, f"DiffSynth vram_limit={vram_limit}"
     if system == "diffusers":
-        return load_diffusers(budget, root, device, preset)
+        return load_diffusers(budget, root, device, preset, setup)
     raise SystemExit(f"unknown system {system}")
 
 
@@ -258,19 +282,95 @@ def _fill_random(module: torch.nn.Module, device: str) -> None:
             buf.copy_(torch.arange(buf.shape[-1], device=buf.device).expand_as(buf))
 
 
-def load_diffusers(budget, root: Path, device: str, preset: str):
+@dataclass(frozen=True)
+class DiffusersSetup:
+    """One of diffusers' documented ways to run FLUX on a card of a budget (its memory guide:
+    model CPU offload, sequential CPU offload, group offloading at leaf or block level, with or
+    without a CUDA stream and record_stream, low_cpu_mem_usage; float8 layerwise casting of the
+    transformer; VAE tiling). Named on the command line, e.g. `group-block1-stream-rs+tiledvae`."""
+
+    name: str
+    placement: str  # resident | transformer-resident | model-offload | sequential-offload | group
+    fp8: bool = True  # float8 layerwise casting of the transformer (storage fp8, compute bf16)
+    level: str = "leaf_level"  # group offloading: leaf_level or block_level
+    blocks_per_group: int | None = None
+    stream: bool = False
+    record_stream: bool = False
+    low_cpu_mem: bool = False
+    tiled_vae: bool = False
+
+    def describe(self) -> str:
+        what = {
+            "resident": "everything on the GPU",
+            "transformer-resident": "transformer, CLIP and VAE on the GPU, T5 leaf-level group offload with a CUDA stream",
+            "model-offload": "model CPU offload",
+            "sequential-offload": "sequential CPU offload",
+        }.get(self.placement)
+        if what is None:
+            what = (
+                ("leaf-level" if self.level == "leaf_level" else f"block-level ({self.blocks_per_group} per group)")
+                + " group offload of every model"
+                + (" with a CUDA stream" if self.stream else " without a stream")
+                + (" (record_stream)" if self.record_stream else "")
+                + (" (low_cpu_mem_usage)" if self.low_cpu_mem else "")
+            )
+        return (
+            f"{self.name}: "
+            + ("fp8 layerwise casting + " if self.fp8 else "bf16, ")
+            + what
+            + (" + VAE tiling" if self.tiled_vae else "")
+        )
+
+
+DIFFUSERS_AUTO = {None: "resident-bf16", 24: "model-offload", 12: "group-leaf-stream", 8: "group-leaf-stream"}
+"""What `--setup auto` runs per budget (the setups the earlier side-by-side runs used)."""
+
+
+def diffusers_setup(name: str, budget: int | None) -> DiffusersSetup:
+    """The setup a name stands for: resident-bf16, resident-fp8, transformer-resident,
+    model-offload, sequential-offload, group-leaf|group-blockN [-stream [-rs]] [-lowcpu]; any of
+    them + "+tiledvae". Raises SystemExit on a name that is none of these."""
+    if name == "auto":
+        name = DIFFUSERS_AUTO.get(budget, "group-leaf-stream")
+    base, _, extra = name.partition("+")
+    if extra not in ("", "tiledvae"):
+        raise SystemExit(f"unknown diffusers setup option {extra!r} (only +tiledvae)")
+    tiled = extra == "tiledvae"
+    fixed = {
+        "resident-bf16": dict(placement="resident", fp8=False),
+        "resident-fp8": dict(placement="resident"),
+        "transformer-resident": dict(placement="transformer-resident", stream=True),
+        "model-offload": dict(placement="model-offload"),
+        "sequential-offload": dict(placement="sequential-offload"),
+    }
+    if base in fixed:
+        return DiffusersSetup(name, tiled_vae=tiled, **fixed[base])  # type: ignore[arg-type]
+    m = re.fullmatch(r"group-(leaf|block(\d+))(-stream)?(-rs)?(-lowcpu)?", base)
+    if m is None or (m.group(4) and not m.group(3)):
+        raise SystemExit(f"unknown diffusers setup {name!r} (see diffusers_setup's docstring)")
+    return DiffusersSetup(
+        name,
+        placement="group",
+        level="leaf_level" if m.group(1) == "leaf" else "block_level",
+        blocks_per_group=int(m.group(2)) if m.group(2) else None,
+        stream=bool(m.group(3)),
+        record_stream=bool(m.group(4)),
+        low_cpu_mem=bool(m.group(5)),
+        tiled_vae=tiled,
+    )
+
+
+def load_diffusers(budget, root: Path, device: str, preset: str, setup_name: str = "auto"):
     """FluxPipeline from components built in memory with full-size shapes and random weights."""
     from diffsynth.models.flux_text_encoder_t5 import FluxTextEncoderT5
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from diffusers.hooks import apply_group_offloading
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
     from bot.engine import weights
 
     files = weights.model_files(weights.preset_root(preset, root))
     bf16 = torch.bfloat16
-    resident = budget is None
-    home = device if resident else "cpu"
+    chosen = diffusers_setup(setup_name, budget)
     with torch.device("meta"):
         transformer = FluxTransformer2DModel(guidance_embeds=True)
         vae = AutoencoderKL(
@@ -301,7 +401,9 @@ def load_diffusers(budget, root: Path, device: str, preset: str):
         t5 = T5EncoderModel(FluxTextEncoderT5().config)
     models = []
     for m in (transformer, vae, clip, t5):
-        m = m.to_empty(device=home).to(bf16)
+        # Built on the host: a bf16 transformer alone (22 GiB) would not fit a capped budget before
+        # its cast to float8; models that live on the GPU move there afterwards.
+        m = m.to_empty(device="cpu").to(bf16)
         _fill_random(m, device)
         models.append(m.eval())
     transformer, vae, clip, t5 = models
@@ -322,27 +424,8 @@ def load_diffusers(budget, root: Path, device: str, preset: str):
         tokenizer_2=T5TokenizerFast.from_pretrained(str(files.tokenizer_2)),
         transformer=transformer,
     )
-    if resident:
-        setup = "bf16, everything on the GPU"
-    elif budget >= 24:
-        # Whole models moved in turn: the fastest that fits 24 GB (16.7 GiB whole-card, shared notes D2).
-        transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=bf16)
-        pipe.enable_model_cpu_offload(device=device)
-        setup = "fp8 layerwise casting + model CPU offload"
-    else:
-        transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=bf16)
-        for m in (transformer, t5, clip, vae):
-            # record_stream: weights copied on the side stream are released once used; without it
-            # every onloaded group stayed on the GPU until the budget ran out (gpu6, gpu7).
-            apply_group_offloading(
-                m,
-                onload_device=torch.device(device),
-                offload_device=torch.device("cpu"),
-                offload_type="leaf_level",
-                use_stream=True,
-                record_stream=True,
-            )
-        setup = "fp8 layerwise casting + leaf-level group offload with a CUDA stream (record_stream)"
+    apply_diffusers_setup(pipe, chosen, device)
+    setup = chosen.describe()
 
     def run(seed, steps, width, height):
         t0 = time.perf_counter()
@@ -374,6 +457,42 @@ def load_diffusers(budget, root: Path, device: str, preset: str):
     return run, f"diffusers {__import__('diffusers').__version__}: {setup}"
 
 
+def apply_diffusers_setup(pipe, chosen: DiffusersSetup, device: str) -> None:
+    """Place the pipeline's models as `chosen` says, with diffusers' own API for each option."""
+    from diffusers.hooks import apply_group_offloading
+
+    fp8, bf16 = torch.float8_e4m3fn, torch.bfloat16
+    if chosen.fp8:
+        pipe.transformer.enable_layerwise_casting(storage_dtype=fp8, compute_dtype=bf16)
+    if chosen.tiled_vae:
+        pipe.vae.enable_tiling()
+    on, off = torch.device(device), torch.device("cpu")
+    if chosen.placement == "resident":
+        pipe.to(device)
+    elif chosen.placement == "transformer-resident":
+        for m in (pipe.transformer, pipe.text_encoder, pipe.vae):
+            m.to(device)
+        apply_group_offloading(
+            pipe.text_encoder_2, onload_device=on, offload_device=off, offload_type="leaf_level", use_stream=True
+        )
+    elif chosen.placement == "model-offload":
+        pipe.enable_model_cpu_offload(device=device)
+    elif chosen.placement == "sequential-offload":
+        pipe.enable_sequential_cpu_offload(device=device)
+    else:
+        for m in (pipe.transformer, pipe.text_encoder_2, pipe.text_encoder, pipe.vae):
+            apply_group_offloading(
+                m,
+                onload_device=on,
+                offload_device=off,
+                offload_type=chosen.level,
+                num_blocks_per_group=chosen.blocks_per_group,
+                use_stream=chosen.stream,
+                record_stream=chosen.record_stream,
+                low_cpu_mem_usage=chosen.low_cpu_mem,
+            )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--system", default="ours", choices=["ours", "seed-diffsynth", "diffusers"])
@@ -387,6 +506,11 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument(
+        "--setup",
+        default="auto",
+        help="a peer's setup: seed-diffsynth vram_limit=GB; diffusers one of diffusers_setup's names",
+    )
+    ap.add_argument(
         "--no-cap",
         action="store_true",
         help="do not cap the allocator: measure the time of a setup that does not fit the budget",
@@ -396,6 +520,7 @@ def main() -> int:
     cuda = a.device.startswith("cuda")
     rec = {
         "system": a.system,
+        "setup_name": a.setup,
         "budget_gb": budget,
         "ok": False,
         "allocator_capped": not a.no_cap,
@@ -434,7 +559,7 @@ def main() -> int:
     host.start()
     try:
         t0 = time.perf_counter()
-        run, setup = load(a.system, budget, a.weights, a.device, a.preset)
+        run, setup = load(a.system, budget, a.weights, a.device, a.preset, a.setup)
         rec["setup"] = setup
         rec["load_s"] = round(time.perf_counter() - t0, 2)
         for i in range(a.warmup + a.images):
@@ -462,6 +587,11 @@ def main() -> int:
             vae_s=round(statistics.median(d["decode_s"] for d in details), 3),
             images=len(times),
         )
+        rec.update(EXTRA)
+        if all("dit_streamed_gib_per_step" in d for d in details):  # ours: what crossed PCIe per step
+            rec["dit_streamed_gib_per_step"] = round(
+                statistics.median(d["dit_streamed_gib_per_step"] for d in details), 3
+            )
         if all("step_s" in d for d in details):  # ours: GPU time of a step after the first
             rec["sec_per_step_steady"] = round(statistics.median(d["step_s"] for d in details), 4)
     except Exception as exc:  # a budget the setup cannot meet is a result, not a crash

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -109,6 +110,74 @@ def test_the_chart_shows_an_uncapped_time_beside_the_failure():
     assert fitted[1][2:] == (5.0, "5.00 s uncapped (6.9 GiB)", False)
 
 
+def _script(name: str):
+    """A benchmark script as a module, loaded from its path: benchmarks/ is not a package."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / f"benchmarks/{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_chart_shows_the_fastest_setup_that_fits():
+    """A peer tried in several setups at a budget is shown in its fastest one that fits under the
+    cap (not the first tried, not a faster one over the budget); where none fits it says so."""
+    report = _script("report")
+
+    def rec(sec, ok, name, capped=True):
+        return {
+            "system": "diffusers",
+            "budget_gb": 8,
+            "setup_name": name,
+            "sec_per_image": sec,
+            "ok": ok,
+            "allocator_capped": capped,
+            "peak_process_gib": 6.9,
+            "error": None if ok else "OutOfMemoryError: x",
+        }
+
+    tried = [
+        rec(None, False, "group-leaf-stream-rs"),
+        rec(9.5, True, "group-leaf-stream"),
+        rec(7.1, True, "group-block1-stream"),
+        rec(5.0, False, "group-block1-stream-rs", capped=False),
+    ]
+    assert report.chosen(tried)["setup_name"] == "group-block1-stream"
+    (row,) = report.chart_rows(tried)[:1]
+    assert row[2] == 7.1 and row[3].endswith("group-block1-stream")
+    failed = report.chart_rows([rec(None, False, "a"), rec(None, False, "b")])
+    assert failed[0][2] is None and failed[0][3].startswith("X  none of 2 setups fit; OutOfMemoryError")
+
+
+def test_peer_setups_are_named_as_their_documentation_names_them():
+    """engine_bench's --setup: diffusers' documented options by name, DiffSynth's vram_limit; a
+    name that is none of them is refused (SystemExit), not run as something else."""
+    bench = _script("engine_bench")
+    s = bench.diffusers_setup("group-block1-stream-rs+tiledvae", 12)
+    assert (s.placement, s.level, s.blocks_per_group, s.stream, s.record_stream, s.tiled_vae) == (
+        "group",
+        "block_level",
+        1,
+        True,
+        True,
+        True,
+    )
+    leaf = bench.diffusers_setup("group-leaf-stream-lowcpu", 8)
+    assert (leaf.level, leaf.stream, leaf.record_stream, leaf.low_cpu_mem) == ("leaf_level", True, False, True)
+    assert "record_stream" not in leaf.describe() and "low_cpu_mem_usage" in leaf.describe()
+    assert bench.diffusers_setup("auto", None).placement == "resident"
+    assert bench.diffusers_setup("auto", None).fp8 is False
+    assert bench.diffusers_setup("model-offload", 24).fp8 is True
+    for bad in ("group-leaf-rs", "group-block-stream", "cpu-offload", "resident-bf16+vae"):
+        with pytest.raises(SystemExit):
+            bench.diffusers_setup(bad, 8)
+    assert bench.seed_vram_limit(8, "auto") == 7.0 and bench.seed_vram_limit(None, "auto") is None
+    assert bench.seed_vram_limit(8, "vram_limit=4.5") == 4.5
+    for bad in ("group-leaf", "vram_limit=lots"):
+        with pytest.raises(SystemExit):
+            bench.seed_vram_limit(8, bad)
+
+
 def test_size_switch_runs_on_the_tiny_model(tmp_path, model_dir):
     """benchmarks/size_switch.py on the CPU: square jobs, portrait jobs at the bot's own preset,
     square again; no GPU, so no step times."""
@@ -141,3 +210,32 @@ def test_size_switch_runs_on_the_tiny_model(tmp_path, model_dir):
     assert rec["square"] == [128, 128] and rec["portrait"] == [96, 160]  # size_presets(128, 128)
     for name in ("square_before", "portrait", "square_after"):
         assert rec[f"{name}_sec_per_image"] > 0 and rec[f"{name}_step_s"] is None
+
+
+def test_a_side_by_side_plan_tries_setups_until_one_fits(tmp_path, model_dir):
+    """benchmarks/side_by_side.sh runs a plan line by line; "a|b" tries a, then b: a try that does
+    not run leaves no record and fails the run, the next one is still tried and recorded."""
+    plan = tmp_path / "plan.txt"
+    plan.write_text(
+        "# a comment\n"
+        "seed seed-diffsynth none vram_limit=bogus|auto -- --preset tiny-random --device cpu "
+        "--steps 2 --size 128 --images 1 --warmup 0\n"
+    )
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks/side_by_side.sh"), str(plan)],
+        cwd=ROOT,
+        env={
+            **os.environ,
+            "OUT": str(tmp_path / "out"),
+            "WEIGHTS": str(model_dir),
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # its python3 is ours
+        },
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "=== seed_1 FAILED" in proc.stdout
+    assert not (tmp_path / "out/raw/seed_1.json").exists()
+    rec = json.loads((tmp_path / "out/raw/seed_2.json").read_text())
+    assert rec["ok"] is True and rec["setup_name"] == "auto" and rec["images"] == 1

@@ -335,6 +335,14 @@ def test_streamer_prefetches_within_its_window():
     assert streamer.pending == {} and streamer.pending_bytes == 0
 
 
+def test_the_h2d_cap_is_refused_off_the_gpu():
+    """`Streamer.cap_rate` emulates a slower PCIe link for benchmarks: meaningless on the CPU."""
+    from bot.engine.streaming import Streamer
+
+    with pytest.raises(ValueError, match="CUDA"):
+        Streamer(torch.device("cpu")).cap_rate(13.0)
+
+
 def test_t5_fp8_stores_the_text_encoder_in_float8(model_dir, tiny_engine, monkeypatch):
     """[model] t5_fp8 = true (opt-in): T5's matrices, feed-forward blocks included, are stored in
     float8 (only norms stay in the compute dtype); the image changes only slightly."""

@@ -299,3 +299,29 @@ def test_page_locked_weights_are_released_with_their_memory():
         # Still registered, CUDA would refuse this (cudaErrorHostMemoryAlreadyRegistered).
         assert int(cudart.cudaHostRegister(ptr, memory.nbytes, 0)) == 0
         assert int(cudart.cudaHostUnregister(ptr)) == 0
+
+
+def test_a_capped_streamer_copies_no_faster_than_its_cap():
+    """The benchmark-only H2D cap (`Streamer.cap_rate`): 256 MiB fetched through a streamer capped
+    at 5 GB/s take at least the time 5 GB/s allows (a PCIe gen4/5 link alone moves them 3-10x
+    faster), measured on the GPU with events."""
+    from bot.engine.streaming import MIB, Streamer
+
+    class Layer:
+        def __init__(self):
+            self._stream_sources = [torch.ones(64 * MIB, dtype=torch.uint8).pin_memory()]
+
+    device = torch.device("cuda", 0)
+    streamer = Streamer(device, window=1, wrap=False)
+    probe = streamer.cap_rate(5.0)
+    assert probe["link_gb_per_s"] > 5.0 and probe["spin_clock_ghz"] > 0.1
+    layers = [Layer() for _ in range(4)]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for layer in layers:
+        (t,) = streamer.fetch(layer)
+        assert t.device.type == "cuda"
+    end.record()
+    end.synchronize()
+    seconds = start.elapsed_time(end) / 1e3
+    assert seconds >= 0.9 * (4 * 64 * MIB) / 5e9

@@ -37,6 +37,34 @@ class Streamer:
         self.handed_out_bytes = 0
         self.last_fetched = 0
         self.copied_bytes = 0
+        self.spin_cycles_per_byte = 0.0  # benchmarks only: see `cap_rate`
+
+    def cap_rate(self, gb_per_s: float) -> dict[str, float]:
+        """Benchmarks only: copy host->GPU at most `gb_per_s` (1e9 bytes/s), as a slower link would
+        (a home card's PCIe 4.0 x8 moves about 13 GB/s). After each layer's copies the copy stream
+        spins for the time those bytes take at that rate, less what they take on this link (both
+        measured here, once): one thread block spinning, so the SMs stay free for the compute.
+        Returns what was measured."""
+        if not self.cuda:
+            raise ValueError("a copy rate can only be capped on a CUDA device")
+        probe = torch.empty(256 * MIB, dtype=torch.uint8, pin_memory=True)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(self.copy_stream):
+            probe.to(self.device, non_blocking=True)  # once untimed: allocation and warm-up
+            start.record()
+            probe.to(self.device, non_blocking=True)
+            end.record()
+            end.synchronize()
+            link = probe.numel() / (start.elapsed_time(end) / 1e3)
+            cycles = 50_000_000
+            start.record()
+            torch.cuda._sleep(cycles)
+            end.record()
+            end.synchronize()
+            clock = cycles / (start.elapsed_time(end) / 1e3)
+        spin_s_per_byte = max(0.0, 1.0 / (gb_per_s * 1e9) - 1.0 / link)
+        self.spin_cycles_per_byte = clock * spin_s_per_byte
+        return {"link_gb_per_s": link / 1e9, "spin_clock_ghz": clock / 1e9, "cap_gb_per_s": gb_per_s}
 
     def _size(self, layer) -> int:
         key = id(layer)
@@ -51,6 +79,8 @@ class Streamer:
             return [t.to(self.device) for t in sources], None
         with torch.cuda.stream(self.copy_stream):
             out = [t.to(self.device, non_blocking=True) for t in sources]
+            if self.spin_cycles_per_byte:
+                torch.cuda._sleep(int(self._size(layer) * self.spin_cycles_per_byte))
             event = torch.cuda.Event()
             event.record(self.copy_stream)
         return out, event
