@@ -427,6 +427,8 @@ def load_diffusers(budget, root: Path, device: str, preset: str, setup_name: str
     apply_diffusers_setup(pipe, chosen, device)
     setup = chosen.describe()
 
+    @torch.no_grad()  # as FluxPipeline.__call__ is: without it encode_prompt's autograd graph keeps every
+    # onloaded T5 weight on the GPU while its embeddings live (gpu49, gpu61: every offload setup out of memory)
     def run(seed, steps, width, height):
         t0 = time.perf_counter()
         # text encoding timed separately: diffusers encodes inside __call__

@@ -56,7 +56,10 @@ class Streamer:
             end.record()
             end.synchronize()
             link = probe.numel() / (start.elapsed_time(end) / 1e3)
-            cycles = 50_000_000
+            # The spin counts SM clock cycles: time it once the clock has left its idle speed (a
+            # spin measured while it ramps up reads a slow clock, and the cap then lets more through).
+            torch.cuda._sleep(200_000_000)
+            cycles = 100_000_000
             start.record()
             torch.cuda._sleep(cycles)
             end.record()
