@@ -239,3 +239,33 @@ def test_a_side_by_side_plan_tries_setups_until_one_fits(tmp_path, model_dir):
     assert not (tmp_path / "out/raw/seed_1.json").exists()
     rec = json.loads((tmp_path / "out/raw/seed_2.json").read_text())
     assert rec["ok"] is True and rec["setup_name"] == "auto" and rec["images"] == 1
+
+
+def test_the_home_card_projection_follows_its_model():
+    """benchmarks/projection.py: FLUX.1's step FLOPs from its shapes, the lent GPU's efficiency from
+    a measured step, each card at that fraction of its peaks, PCIe per step at 8 GB only, and the
+    throttled run's check (predicted vs measured step)."""
+    proj = _script("projection")
+    flops = proj.step_flops(1024, 1024)
+    assert flops["tokens"] == 4096 + 512
+    # Per token: 57 blocks of 2 x 113.2M multiply-adds (12.9 GFLOP); attention 4 N^2 d per block.
+    assert flops["matmul"] == 2 * 4608 * 57 * (3072 * 9216 + 3072 * 3072 + 2 * 3072 * 12288)
+    assert flops["attention"] == 57 * 4 * 4608**2 * 3072
+    resident = {"size": 1024, "sec_per_step_steady": 0.09, "text_encode_s": 0.2, "vae_s": 0.1}
+    streamed = {"dit_streamed_gib_per_step": 3.4, "sec_per_step_steady": 0.13}
+    throttled = {"h2d_cap": {"cap_gb_per_s": 13.0}, "sec_per_step_steady": 0.3}
+    p = proj.project(resident, streamed, throttled)
+    assert 0 < p["efficiency_of_peak"] < 1
+    check = p["throttled_check"]
+    assert check["predicted_step_s"] == round(3.4 * 2**30 / 13e9, 4)  # PCIe-bound there
+    assert check["error_pct"] == round(100 * (0.3 / check["predicted_step_s"] - 1), 1)
+    cards = {r["name"]: r for r in p["cards"]}
+    ada_8, ada_24 = cards["RTX 4060 8 GB"], cards["RTX 4090 24 GB"]
+    assert ada_8["stream_s_per_step"] > 0 and ada_24["stream_s_per_step"] == 0  # only 8 GB streams
+    assert ada_8["sec_per_step"] > ada_24["sec_per_step"]
+    # Compute scales inversely with the card's peaks at one efficiency.
+    assert abs(ada_8["compute_s_per_step"] / ada_24["compute_s_per_step"] - 330.3 / 60.5) < 0.05
+    # A card without float8 matmuls computes its matmuls at its bf16 rate.
+    no_fp8 = cards["RTX 3060 12 GB"]
+    assert no_fp8["fp8_tflops"] is None and no_fp8["compute_s_per_step"] > cards["RTX 4070 12 GB"]["compute_s_per_step"]
+    assert "| RTX 4060 8 GB (8 GB) | yes |" in proj.markdown(p)
