@@ -286,6 +286,8 @@ class DiscordSettings(_Section):
     # Servers whose members with Manage Server are admins. Empty: those in guild_ids. Quotas are
     # the bot's, across every server it is in, so a server outside these confers no rights at all.
     admin_guild_ids: tuple[int, ...] = _opt((), _ids)
+    # Progress edits carry a small live preview of the image being painted (members may turn theirs off).
+    previews: bool = _opt(True, _bool)
 
     @property
     def home_guild_ids(self) -> tuple[int, ...]:

@@ -26,7 +26,16 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from .config import Settings
-from .engine.api import GenerationCancelled, GenerationOOM, GenerationRequest, GenerationResult, ImageEngine
+from .engine.api import (
+    GenerationCancelled,
+    GenerationOOM,
+    GenerationRequest,
+    GenerationResult,
+    ImageEngine,
+    Preview,
+    PreviewFn,
+    ProgressWithPreviews,
+)
 from .gpu_thread import GpuThread
 from .images import png_metadata, save_png
 from .metrics import Metrics
@@ -48,6 +57,10 @@ T = TypeVar("T")
 
 STOP_GRACE_S = 5.0
 """How long a stop waits for the job in progress to reach its next step (Docker allows 10 s)."""
+
+PROGRESS_SETTLE_S = 10.0
+"""How long a job's end waits for its last progress edit still on its way (it must not land after the
+result or the failure notice and replace it)."""
 
 LEDGER_RETRY_DELAYS_S = (1.0, 3.0, 10.0)
 """Pauses between the worker's tries of a ledger write after an error (each try itself waits out a
@@ -98,7 +111,10 @@ class Delivery(Protocol):
 
     async def position(self, job: JobRecord, position: int, *, model_loading: bool = False) -> None: ...
     async def started(self, job: JobRecord, *, compiling: bool = False) -> None: ...
-    async def progress(self, job: JobRecord, step: int, total: int) -> None: ...
+    async def wants_previews(self, job: JobRecord) -> bool:
+        """Whether this job's progress edits carry live previews (asked once, as it starts)."""
+
+    async def progress(self, job: JobRecord, step: int, total: int, *, preview: Preview | None = None) -> None: ...
     async def deliver(self, job: JobRecord, image_path: Path) -> int | None: ...
     async def find_delivered(self, job: JobRecord) -> int | None:
         """After a crash between sending and recording: the id of the result message if it already arrived."""
@@ -118,9 +134,34 @@ class CancelOutcome(enum.Enum):
 class _Entry:
     job: JobRecord
     cancel: threading.Event = field(default_factory=threading.Event)
-    last_progress_edit: float = 0.0
-    edit_in_flight: bool = False
+    last_progress_edit: float = float("-inf")  # set on the GPU thread (`_JobProgress`): the first step is shown
+    edit_in_flight: bool = False  # set on the GPU thread, cleared on the event loop once the edit is done
+    progress_edit: asyncio.Task[None] | None = None  # the newest progress edit
     posting: bool = False  # the upload began: a cancel can no longer keep its promise
+
+
+class _JobProgress(ProgressWithPreviews):
+    """A job's step reports, on the GPU thread: which become an edit of its message (at most one per
+    `progress_interval`, never two at once, not the last step: the result follows), and for those
+    alone, with previews on, a live preview (GPU work, so never for a step that is not shown)."""
+
+    def __init__(self, queue: JobQueue, entry: _Entry, loop: asyncio.AbstractEventLoop, *, previews: bool) -> None:
+        self.queue, self.entry, self.loop, self.previews = queue, entry, loop, previews
+
+    def __call__(self, step: int, total: int, preview: PreviewFn | None = None) -> None:  # GPU thread
+        entry, now = self.entry, time.monotonic()
+        if step >= total or entry.edit_in_flight or now - entry.last_progress_edit < self.queue.progress_interval:
+            return
+        entry.last_progress_edit = now
+        entry.edit_in_flight = True
+        shot = None
+        if self.previews and preview is not None:
+            try:
+                shot = preview()
+            except Exception:  # a preview is a nicety: the job goes on, without them from now on
+                self.previews = False
+                log.warning("job %d: a live preview failed; the job goes on without them", entry.job.id, exc_info=True)
+        self.loop.call_soon_threadsafe(self.queue._send_progress, entry, step, total, shot)
 
 
 class JobQueue:
@@ -312,10 +353,11 @@ class JobQueue:
         if not self._entries and self._running is None and not self._mending:
             self._idle.set()
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _safe(self, what: str, coro: Coroutine[Any, Any, None]) -> None:
         try:
@@ -430,22 +472,28 @@ class JobQueue:
         entry.posting = True  # from here a /cancel says it is too late (no await since the check above)
         await self._deliver(job)
 
+    async def _wants_previews(self, job: JobRecord) -> bool:
+        try:
+            return await self.delivery.wants_previews(job)
+        except Exception:
+            log.warning("job %d: could not tell whether it shows live previews; it does not", job.id, exc_info=True)
+            return False
+
     async def _generate(self, entry: _Entry) -> GenerationResult | None:
         job = entry.job
-        loop = asyncio.get_running_loop()
         request = GenerationRequest.of(job, guidance=self.settings.generation.guidance)
-
-        def on_progress(step: int, total: int) -> None:  # GPU thread
-            loop.call_soon_threadsafe(self._on_progress, entry, step, total)
-
+        progress = _JobProgress(self, entry, asyncio.get_running_loop(), previews=await self._wants_previews(job))
         engine = self._engine
         assert engine is not None  # _process checked
 
         def call() -> GenerationResult:  # GPU thread
-            return engine.generate(request, on_progress=on_progress, should_cancel=entry.cancel.is_set)
+            return engine.generate(request, on_progress=progress, should_cancel=entry.cancel.is_set)
 
         try:
-            return await self._on_gpu(call)
+            try:
+                return await self._on_gpu(call)
+            finally:
+                await self._progress_settled(entry)
         except GenerationCancelled:
             if self._stopping:
                 return None  # stays "running" in the ledger: resumed on next start
@@ -466,20 +514,23 @@ class JobQueue:
             )
         return None
 
-    def _on_progress(self, entry: _Entry, step: int, total: int) -> None:
-        now = time.monotonic()
-        if step >= total or entry.edit_in_flight or now - entry.last_progress_edit < self.progress_interval:
-            return
-        entry.last_progress_edit = now
-        entry.edit_in_flight = True
+    def _send_progress(self, entry: _Entry, step: int, total: int, preview: Preview | None) -> None:
+        """Edit the job's message to show `step` (and `preview`): `_JobProgress` decided it is due."""
 
         async def edit() -> None:
             try:
-                await self._safe("progress", self.delivery.progress(entry.job, step, total))
+                await self._safe("progress", self.delivery.progress(entry.job, step, total, preview=preview))
             finally:
                 entry.edit_in_flight = False
 
-        self._spawn(edit())
+        entry.progress_edit = self._spawn(edit())
+
+    async def _progress_settled(self, entry: _Entry) -> None:
+        """Let a progress edit still on its way land before what ends the job is shown (a preview's
+        upload takes a moment): arriving later, it would replace the result or the failure notice."""
+        edit = entry.progress_edit
+        if edit is not None and not edit.done() and not self._stopping:
+            await asyncio.wait({edit}, timeout=PROGRESS_SETTLE_S)
 
     async def _deliver(self, job: JobRecord) -> None:
         job = await self.store.get_job(job.id) or job  # pick up the progress message id set meanwhile

@@ -4,6 +4,9 @@ The slash command builds a `JobParams`; the ledger row (`NewJob`, `JobRecord`), 
 `GenerationRequest` and the PNG metadata all extend or read this same dataclass, and the ledger's
 columns for it are derived from its fields. Adding a parameter is one field here, with a default,
 plus a migration that adds its column (see `bot/store/schema.py`).
+
+`MemberSettings` is what a member chose with /settings: the defaults their /imagine uses for what it
+is not told (stored in the ledger's `member_settings` table).
 """
 
 from __future__ import annotations
@@ -26,3 +29,20 @@ class JobParams:
 
 
 PARAM_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(JobParams))
+
+
+MAX_COUNT = 4
+"""The most images one /imagine may ask for (a grid of four)."""
+
+
+@dataclass(frozen=True)
+class MemberSettings:
+    """A member's own defaults (/settings). None: not chosen, so the bot's default applies."""
+
+    size: str | None = None  # a size preset's name: "square", "portrait", "landscape"
+    steps: int | None = None
+    count: int | None = None  # 1..MAX_COUNT; kept for grids (each /imagine paints one image for now)
+    previews: bool | None = None  # live previews on progress edits
+
+    def is_empty(self) -> bool:
+        return self == MemberSettings()

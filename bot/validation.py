@@ -1,6 +1,7 @@
 """Checks on what a member typed. Discord enforces option types and ranges in its client, but a
 raw request can carry anything, so every value is checked again here. Each refusal names the
-option and says what is wrong; nothing here touches the queue or the database."""
+option and says what is wrong; nothing here touches the queue or the database. A member's own
+defaults (/settings, `MemberSettings`) fill in what /imagine was not told."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import unicodedata
 from dataclasses import dataclass
 
 from .config import GenerationSettings, ModerationSettings
-from .params import JobParams
+from .params import MAX_COUNT, JobParams, MemberSettings
 
 MAX_SEED = 2**32 - 1
 
@@ -104,6 +105,53 @@ def check_steps(steps: object, *, default: int, maximum: int) -> int:
     return value
 
 
+def check_size(size: object, presets: dict[str, SizePreset]) -> str | None:
+    """A size preset's name (None stays None: not given)."""
+    if size is not None and (not isinstance(size, str) or size not in presets):
+        raise ValidationError(f"size must be one of: {', '.join(presets)}")
+    return size
+
+
+def check_count(count: object) -> int | None:
+    value = _whole_number(count, "count")
+    if value is not None and not 1 <= value <= MAX_COUNT:
+        raise ValidationError(f"count must be between 1 and {MAX_COUNT}")
+    return value
+
+
+def _true_or_false(value: object, name: str) -> bool | None:
+    if value is not None and not isinstance(value, bool):
+        raise ValidationError(f"{name} must be true or false")
+    return value
+
+
+def check_member_settings(
+    size: object, steps: object, count: object, previews: object, generation: GenerationSettings
+) -> MemberSettings:
+    """The /settings options a member gave (None: not given, left as stored)."""
+    return MemberSettings(
+        size=check_size(size, size_presets(generation.width, generation.height)),
+        steps=None
+        if steps is None
+        else check_steps(steps, default=generation.default_steps, maximum=generation.max_steps),
+        count=check_count(count),
+        previews=_true_or_false(previews, "previews"),
+    )
+
+
+def check_reset(reset: object) -> bool:
+    return bool(_true_or_false(reset, "reset"))
+
+
+def member_defaults(mine: MemberSettings, generation: GenerationSettings) -> tuple[int, str]:
+    """The steps and size preset a member's /imagine uses when not told: theirs, else the bot's. Stored
+    steps above today's maximum are capped to it; a size the bot no longer offers is square."""
+    steps = generation.default_steps if mine.steps is None else min(mine.steps, generation.max_steps)
+    presets = size_presets(generation.width, generation.height)
+    size = mine.size if mine.size is not None and mine.size in presets else "square"
+    return steps, size
+
+
 def check_imagine(
     prompt: object,
     seed: object,
@@ -111,14 +159,14 @@ def check_imagine(
     size: object,
     generation: GenerationSettings,
     moderation: ModerationSettings,
+    mine: MemberSettings | None = None,
 ) -> JobParams:
-    """Every /imagine option checked against this bot's generation and moderation settings."""
+    """Every /imagine option checked against this bot's generation and moderation settings; what is
+    not given comes from the member's own defaults (`mine`), else the bot's."""
     text = check_prompt(prompt, max_chars=generation.max_prompt_chars, blocked_terms=moderation.blocked_terms)
     value, _ = check_seed(seed)
-    n = check_steps(steps, default=generation.default_steps, maximum=generation.max_steps)
+    default_steps, default_size = member_defaults(mine or MemberSettings(), generation)
+    n = check_steps(steps, default=default_steps, maximum=generation.max_steps)
     presets = size_presets(generation.width, generation.height)
-    name = "square" if size is None else size
-    if not isinstance(name, str) or name not in presets:
-        raise ValidationError(f"size must be one of: {', '.join(presets)}")
-    preset = presets[name]
+    preset = presets[check_size(size, presets) or default_size]
     return JobParams(text, value, n, preset.width, preset.height)

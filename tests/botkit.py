@@ -102,7 +102,8 @@ def embed_field(message: dict, name: str) -> str | None:
 
 
 def has_image(message: dict) -> bool:
-    return bool(message.get("attachments"))
+    """The message carries a result (named fluxbot-<job id>-...), not only a live preview."""
+    return any(a["filename"].startswith("fluxbot-") for a in message.get("attachments", []))
 
 
 def images_for(fake: FakeDiscord, job_id: int) -> list[dict]:

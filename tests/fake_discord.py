@@ -112,6 +112,7 @@ class Hold:
     method: str
     pattern: re.Pattern
     with_files: bool
+    file_prefix: str = ""  # with a file whose name starts with this (e.g. a result, not a preview)
     arrived: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     release: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
@@ -489,10 +490,11 @@ class FakeDiscord:
         hdrs.update(headers or {})
         self._fails.append([method.upper(), re.compile(path_regex), status, body, hdrs, times, after_handling])
 
-    def hold_next(self, method: str, path_regex: str, *, with_files: bool = False) -> Hold:
-        """The next request matching method ("*" = any) and path (with attachments, if `with_files`)
-        waits, as if still uploading, until the test sets `hold.release`; `hold.arrived` says it came."""
-        hold = Hold(method.upper(), re.compile(path_regex), with_files)
+    def hold_next(self, method: str, path_regex: str, *, with_files: bool = False, file_prefix: str = "") -> Hold:
+        """The next request matching method ("*" = any) and path (with attachments, if `with_files`;
+        with one named `file_prefix`..., if given) waits, as if still uploading, until the test sets
+        `hold.release`; `hold.arrived` says it came."""
+        hold = Hold(method.upper(), re.compile(path_regex), with_files or bool(file_prefix), file_prefix)
         self._holds.append(hold)
         return hold
 
@@ -890,7 +892,8 @@ class FakeDiscord:
                 body = raw.decode(errors="replace")
         event = Event(request.method, path, body, [f for _, f in files], dict(request.query), received_at=received_at)
         for hold in list(self._holds):
-            if hold.method in ("*", request.method) and hold.pattern.search(path) and (not hold.with_files or files):
+            named = any((f["filename"] or "").startswith(hold.file_prefix) for _, f in files)
+            if hold.method in ("*", request.method) and hold.pattern.search(path) and (not hold.with_files or named):
                 self._holds.remove(hold)
                 hold.arrived.set()
                 await hold.release.wait()  # the request is "in flight" until the test lets it through

@@ -603,7 +603,7 @@ async def test_run_with_a_rejected_token_is_one_clear_line(fake, tmp_path, model
 
 async def test_cancel_during_the_upload_says_it_is_too_late_and_the_answer_holds(fake, settings, engine):
     async with running_bot(fake, settings, engine) as bot:
-        upload = fake.hold_next("PATCH", r"/webhooks/", with_files=True)
+        upload = fake.hold_next("PATCH", r"/webhooks/", file_prefix="fluxbot-")  # the result, not a preview
         inter = await imagine(fake, ALICE, prompt="already painted")
         await asyncio.wait_for(upload.arrived.wait(), WAIT)  # the image is on its way to Discord
         cancel = await fake.slash("cancel", {}, user_id=ALICE)

@@ -55,6 +55,7 @@ def test_defaults_without_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert s.source is None
     assert s.discord == DiscordSettings(token=Secret(""))
     assert not s.discord.token
+    assert s.discord.previews is True  # live previews on progress edits
     assert s.model == ModelSettings(dir=tmp_path / "models")
     assert s.model.preset == "majicflus"
     assert s.model.vram_limit_gb == 8.0
@@ -96,6 +97,7 @@ FULL = """\
     token = "{token}"
     guild_ids = [123456789012345678, "876543210987654321"]
     admin_user_ids = ["42"]
+    previews = false
 
     [model]
     preset = "tiny-random"
@@ -142,7 +144,10 @@ def test_full_valid_file(tmp_path: Path) -> None:
     s = load_settings(path, env={})
     assert s == Settings(
         discord=DiscordSettings(
-            token=Secret(TOKEN), guild_ids=(123456789012345678, 876543210987654321), admin_user_ids=(42,)
+            token=Secret(TOKEN),
+            guild_ids=(123456789012345678, 876543210987654321),
+            admin_user_ids=(42,),
+            previews=False,
         ),
         model=ModelSettings(
             preset="tiny-random",
@@ -225,6 +230,7 @@ BAD = [
     ("bool for int", "[quota]\ndaily_limit = true\n", ["[quota] daily_limit", "integer >= 0", "got True"]),
     ("string for bool", "[model]\nt5_fp8 = 'yes'\n", ["[model] t5_fp8", "true or false", "got 'yes'"]),
     ("int for bool", "[model]\nt5_fp8 = 1\n", ["[model] t5_fp8", "true or false", "got 1"]),
+    ("string for previews", "[discord]\npreviews = 'off'\n", ["[discord] previews", "true or false", "got 'off'"]),
     (
         "string for float",
         "[generation]\nguidance = 'high'\n",

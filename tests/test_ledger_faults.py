@@ -121,7 +121,7 @@ async def test_a_delivery_the_ledger_cannot_record_is_recorded_once_it_answers(
     the member has the image), charged once, posted once, and the member can queue up to
     max_per_user again."""
     async with running_bot(fake, settings, engine, progress_interval=60) as bot:
-        upload = fake.hold_next("PATCH", r"/webhooks/", with_files=True)
+        upload = fake.hold_next("PATCH", r"/webhooks/", file_prefix="fluxbot-")  # the result, not a preview
         inter = await fake.slash("imagine", {"prompt": "delivered"}, user_id=ALICE)
         await asyncio.wait_for(upload.arrived.wait(), WAIT)  # the image is on its way to Discord
         [job] = await bot.store.recent_jobs(1)

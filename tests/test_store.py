@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from bot.params import MemberSettings
 from bot.store import (
     ACTIVE_STATUSES,
     LATEST_VERSION,
@@ -20,6 +21,7 @@ from bot.store import (
     JobStatus,
     NewJob,
     Store,
+    StoreBusy,
     StoreError,
     next_reset,
     utc_day,
@@ -617,6 +619,48 @@ async def test_recent_jobs_newest_first(store: Store) -> None:
     assert await store.get_job(999) is None
 
 
+# ----------------------------------------------------------------------------- members' settings
+
+
+async def test_member_settings_change_only_what_is_given_and_reset_forgets(store: Store, db_path: Path) -> None:
+    assert await store.member_settings(1) == MemberSettings()
+    assert await store.update_member_settings(1, MemberSettings(steps=30, count=4)) == MemberSettings(steps=30, count=4)
+    mixed = await store.update_member_settings(1, MemberSettings(size="landscape", previews=False))
+    assert mixed == MemberSettings(size="landscape", steps=30, count=4, previews=False)
+    assert await store.member_settings(2) == MemberSettings()  # another member's are their own
+    after_reset = await store.update_member_settings(1, MemberSettings(steps=9), reset=True)
+    assert after_reset == MemberSettings(steps=9)
+    assert await store.update_member_settings(1, MemberSettings(), reset=True) == MemberSettings()
+    with raw(db_path) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM member_settings WHERE user_id = 1").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        MemberSettings(steps=0),
+        MemberSettings(count=5),
+        MemberSettings(count=True),  # type: ignore[arg-type]
+        MemberSettings(previews=1),  # type: ignore[arg-type]
+        MemberSettings(size=""),
+    ],
+)
+async def test_member_settings_out_of_range_are_refused_and_nothing_is_written(store: Store, bad) -> None:
+    await store.update_member_settings(1, MemberSettings(steps=5))
+    with pytest.raises(ValueError):
+        await store.update_member_settings(1, bad, reset=True)
+    assert await store.member_settings(1) == MemberSettings(steps=5)
+
+
+async def test_member_settings_answer_busy_within_the_deadline(store: Store) -> None:
+    async with store._db.locked():  # another operation holds the connection
+        with pytest.raises(StoreBusy):
+            await store.member_settings(1, deadline_s=0.05)
+        with pytest.raises(StoreBusy):
+            await store.update_member_settings(1, MemberSettings(steps=3), deadline_s=0.05)
+    assert await store.member_settings(1) == MemberSettings()
+
+
 # ----------------------------------------------------------------------------- migrations
 
 
@@ -699,6 +743,10 @@ async def test_migrates_from_every_earlier_version(db_path: Path, from_version: 
             assert (await store.get_job(4)) is not None  # ids continue after the old rows
         else:
             assert (await admit(store, 1)).status is AdmissionStatus.ACCEPTED
+        # Members' settings (migration 4): none chosen yet, and they can be.
+        assert await store.member_settings(1) == MemberSettings()
+        saved = await store.update_member_settings(1, MemberSettings(size="portrait", previews=False))
+        assert saved == MemberSettings(size="portrait", previews=False)
     with raw(db_path) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == LATEST_VERSION
         indexes = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
@@ -723,6 +771,36 @@ async def test_failed_migration_rolls_back_with_its_version_bump(db_path: Path) 
         assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
         columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
         assert "progress_message_id" not in columns  # ALTERs of the failed step were undone
+        assert conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 3
+
+
+async def test_migration_4_adds_member_settings_and_its_checks_keep_bad_rows_out(db_path: Path) -> None:
+    build_db_at(db_path, 3)
+    seed_v1_rows(db_path)
+    async with await Store.open(db_path, default_daily_limit=5) as store:
+        assert await store.schema_version() == 4
+        assert [j.id for j in await store.active_jobs()] == [1, 2]  # the ledger is untouched
+    with raw(db_path) as conn:
+        columns = [row[1] for row in conn.execute("PRAGMA table_info(member_settings)")]
+        assert columns == ["user_id", "size", "steps", "count", "previews"]
+        conn.execute("INSERT INTO member_settings (user_id) VALUES (7)")  # nothing chosen: all NULL
+        for bad in ("count = 5", "count = 0", "steps = 0", "previews = 2", "size = ''"):
+            with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+                conn.execute(f"UPDATE member_settings SET {bad} WHERE user_id = 7")
+        conn.execute(
+            "UPDATE member_settings SET count = 4, steps = 50, previews = 0, size = 'square' WHERE user_id = 7"
+        )
+
+
+async def test_failed_migration_4_leaves_version_3(db_path: Path) -> None:
+    build_db_at(db_path, 3)
+    seed_v1_rows(db_path)
+    with raw(db_path) as conn:  # something in the way of migration 4
+        conn.execute("CREATE TABLE member_settings (x)")
+    with pytest.raises(StoreError, match=r"migration 4 .* failed.*left at version 3"):
+        await Store.open(db_path, default_daily_limit=5)
+    with raw(db_path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
         assert conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 3
 
 

@@ -58,7 +58,8 @@ class FluxBot(commands.Bot):
         # Runs once, after login and before the gateway connects (on_ready may fire many times).
         s = self.settings
         self._store = await Store.open(s.storage.database, default_daily_limit=s.quota.daily_limit)
-        self._queue = JobQueue(self._store, s, DiscordDelivery(self), self.engine_loader, metrics=self.metrics)
+        delivery = DiscordDelivery(self, store=self._store, previews=s.discord.previews)
+        self._queue = JobQueue(self._store, s, delivery, self.engine_loader, metrics=self.metrics)
         address = s.metrics.address
         if address is not None:
             self._metrics_server = MetricsServer(self.metrics, self.health)

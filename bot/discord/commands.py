@@ -11,6 +11,7 @@ range, which comes from the settings.
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar, cast
 
@@ -20,8 +21,16 @@ from discord import app_commands
 from ..config import Settings
 from ..jobs import CancelOutcome
 from ..logs import redact
+from ..params import MAX_COUNT
 from ..store import StoreBusy, StoreError
-from ..validation import MAX_SEED, ValidationError, check_imagine, size_presets
+from ..validation import (
+    MAX_SEED,
+    ValidationError,
+    check_imagine,
+    check_member_settings,
+    check_reset,
+    size_presets,
+)
 from . import messages
 from .interactions import ANSWER_DEADLINE_S, Interaction, enqueue, is_admin, tell
 
@@ -47,14 +56,46 @@ class AdminGroup(app_commands.Group):
 
 
 async def imagine(interaction: Interaction, prompt: object, seed: object, steps: object, size: object) -> None:
-    """/imagine: every value is checked again here (a raw request can carry anything), then admitted."""
-    settings = interaction.client.settings
+    """/imagine: every value is checked again here (a raw request can carry anything), what is not
+    given comes from the member's /settings (else the bot's), then it is admitted."""
+    bot = interaction.client
+    started = time.monotonic()
+    try:  # the reading and the admission share Discord's 3 s
+        mine = await bot.store.member_settings(interaction.user.id, deadline_s=ANSWER_DEADLINE_S / 2)
+    except StoreBusy:
+        await tell(interaction, messages.DATABASE_BUSY)
+        return
     try:
-        params = check_imagine(prompt, seed, steps, size, settings.generation, settings.moderation)
+        params = check_imagine(prompt, seed, steps, size, bot.settings.generation, bot.settings.moderation, mine)
     except ValidationError as exc:
         await tell(interaction, messages.not_queued(exc))
         return
-    await enqueue(interaction, params, "imagine")
+    left = max(0.2, ANSWER_DEADLINE_S - (time.monotonic() - started))
+    await enqueue(interaction, params, "imagine", deadline_s=left)
+
+
+async def member_settings(
+    interaction: Interaction, size: object, steps: object, count: object, previews: object, reset: object
+) -> None:
+    """/settings: without options it shows the member's defaults; with some it changes those (after
+    `reset`, which forgets the rest) and shows the result. A bad value changes nothing."""
+    bot = interaction.client
+    try:
+        changes = check_member_settings(size, steps, count, previews, bot.settings.generation)
+        forget = check_reset(reset)
+    except ValidationError as exc:
+        await tell(interaction, messages.settings_refused(exc))
+        return
+    store, user = bot.store, interaction.user.id
+    try:
+        if changes.is_empty() and not forget:
+            mine = await store.member_settings(user, deadline_s=ANSWER_DEADLINE_S)
+        else:
+            mine = await store.update_member_settings(user, changes, reset=forget, deadline_s=ANSWER_DEADLINE_S)
+    except StoreBusy:
+        await tell(interaction, messages.DATABASE_FAILED)
+        return
+    await tell(interaction, messages.settings_text(mine, bot.settings, changed=forget or not changes.is_empty()))
 
 
 async def show_queue(interaction: Interaction) -> None:
@@ -193,6 +234,35 @@ def imagine_command(settings: Settings) -> app_commands.Command[Any, ..., None]:
     return command
 
 
+def settings_command(settings: Settings) -> app_commands.Command[Any, ..., None]:
+    """/settings with this bot's step range and sizes in what Discord shows and enforces."""
+    gen = settings.generation
+    presets = size_presets(gen.width, gen.height)
+
+    async def settings_options(
+        interaction: Interaction,
+        size: str | None = None,
+        steps: app_commands.Range[int, 1, gen.max_steps] | None = None,
+        count: app_commands.Range[int, 1, MAX_COUNT] | None = None,
+        previews: bool | None = None,
+        reset: bool | None = None,
+    ) -> None:
+        await member_settings(interaction, size, steps, count, previews, reset)
+
+    command: app_commands.Command[Any, ..., None] = app_commands.Command(
+        name="settings", description=messages.SETTINGS, callback=settings_options
+    )
+    app_commands.describe(
+        size=messages.SETTINGS_SIZE,
+        steps=messages.SETTINGS_STEPS.format(max_steps=gen.max_steps),
+        count=messages.SETTINGS_COUNT.format(max_count=MAX_COUNT),
+        previews=messages.SETTINGS_PREVIEWS,
+        reset=messages.SETTINGS_RESET,
+    )(command)
+    app_commands.choices(size=[app_commands.Choice(name=p.label, value=p.name) for p in presets.values()])(command)
+    return command
+
+
 def build_commands(settings: Settings) -> list[app_commands.Command[Any, ..., None] | app_commands.Group]:
     """The command tree's top-level commands, shaped by the settings (step limit, sizes)."""
     admin = AdminGroup(  # discord.py runs a group's check for its own commands only: each group is one
@@ -209,6 +279,7 @@ def build_commands(settings: Settings) -> list[app_commands.Command[Any, ..., No
     quota_admin.command(name="default", description=messages.QUOTA_DEFAULT)(quota_default)
     return [
         imagine_command(settings),
+        settings_command(settings),
         app_commands.Command(name="queue", description=messages.QUEUE, callback=show_queue),
         app_commands.Command(name="cancel", description=messages.CANCEL, callback=cancel),
         app_commands.Command(name="quota", description=messages.QUOTA, callback=quota),

@@ -17,7 +17,7 @@ import contextlib
 import io
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, cast
@@ -25,9 +25,10 @@ from typing import Any, cast
 import aiohttp
 import discord
 
+from ..engine.api import Preview
 from ..images import fit_upload
 from ..jobs import DeliveryFailed
-from ..store import JobRecord
+from ..store import JobRecord, Store, StoreError
 from . import messages
 from .views import result_view
 
@@ -91,9 +92,16 @@ def _may_read_history(channel: object) -> bool:
     return perms.view_channel and perms.read_message_history
 
 
+PREVIEW_STEM = "preview"  # a preview's file name (never a result's `fluxbot-<job>-` prefix)
+
+
 class DiscordDelivery:
-    def __init__(self, bot: discord.Client):
+    """`store` answers whether a member turned previews off; `previews` is the bot's `[discord] previews`."""
+
+    def __init__(self, bot: discord.Client, *, store: Store | None = None, previews: bool = False):
         self.bot = bot
+        self.store = store
+        self.previews = previews
 
     # ------------------------------------------------------------------ plumbing
     def _webhook(self, job: JobRecord) -> discord.Webhook | None:
@@ -103,12 +111,20 @@ class DiscordDelivery:
             return None
         return discord.Webhook.partial(job.application_id, job.interaction_token, client=self.bot)
 
-    async def _edit_status(self, job: JobRecord, content: str) -> bool:
-        """Edit the progress message; False when there is none to edit (no fresh token or message)."""
+    async def _edit_status(
+        self, job: JobRecord, content: str, *, attachments: Sequence[discord.File] | None = None
+    ) -> bool:
+        """Edit the progress message; False when there is none to edit (no fresh token or message).
+        `attachments` replace the message's files (a preview); None leaves them as they are."""
         webhook = self._webhook(job)
         if webhook is None or job.progress_message_id is None:
             return False
-        await webhook.edit_message(job.progress_message_id, content=content, allowed_mentions=messages.NO_PINGS)
+        if attachments is None:
+            await webhook.edit_message(job.progress_message_id, content=content, allowed_mentions=messages.NO_PINGS)
+        else:
+            await webhook.edit_message(
+                job.progress_message_id, content=content, attachments=attachments, allowed_mentions=messages.NO_PINGS
+            )
         return True
 
     async def _channel(self, job: JobRecord):
@@ -129,16 +145,38 @@ class DiscordDelivery:
     async def started(self, job: JobRecord, *, compiling: bool = False) -> None:
         await self._edit_status(job, messages.starting(compiling=compiling))
 
-    async def progress(self, job: JobRecord, step: int, total: int) -> None:
-        await self._edit_status(job, messages.progress(step, total))
+    async def wants_previews(self, job: JobRecord) -> bool:
+        """The bot sends previews and the member did not turn theirs off (/settings)."""
+        if not self.previews:
+            return False
+        if self.store is None:
+            return True
+        try:
+            mine = await self.store.member_settings(job.user_id)
+        except StoreError as exc:
+            log.warning("job %d: could not read the member's settings (%s); previews stay on", job.id, exc)
+            return True
+        return mine.previews is not False
+
+    async def progress(self, job: JobRecord, step: int, total: int, *, preview: Preview | None = None) -> None:
+        text = messages.progress(step, total)
+        if preview is None:
+            await self._edit_status(job, text)
+            return
+        image = await asyncio.to_thread(preview.encode)  # waits for the GPU's copy, then the JPEG
+        file = discord.File(io.BytesIO(image.data), filename=f"{PREVIEW_STEM}.{image.ext}")
+        await self._edit_status(job, text, attachments=[file])
 
     async def cancelled(self, job: JobRecord) -> None:
-        await self._edit_status(job, messages.cancelled())
+        await self._edit_status(job, messages.cancelled(), attachments=[])  # a preview goes with the job
 
     async def failed(self, job: JobRecord, reason: str) -> None:
         text = messages.failed(reason)
+        # A job that never made its image leaves a preview at most, which goes; once it was made, the
+        # message may hold the result (its posting failed half-way), which stays as it is.
+        drop_preview: list[discord.File] | None = [] if job.result_path is None else None
         try:
-            if await self._edit_status(job, text):
+            if await self._edit_status(job, text, attachments=drop_preview):
                 return
         except discord.NotFound:
             pass

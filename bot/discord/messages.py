@@ -9,7 +9,9 @@ from datetime import datetime
 import discord
 
 from ..config import Settings
+from ..params import MemberSettings
 from ..store import AdmissionStatus, JobRecord, LedgerStats, QuotaStatus
+from ..validation import member_defaults, size_presets
 
 NO_PINGS = discord.AllowedMentions.none()
 
@@ -136,6 +138,12 @@ QUOTA_DEFAULT = "Daily limit for everyone without a personal one"
 ADMIN_STATS = "Images, failures and speed today and this week; the queue; the busiest members"
 OPTION_MEMBER = "The member"
 OPTION_LIMIT = "Images per day (0 to {max_limit})"
+SETTINGS = "Your defaults for /imagine: size, steps, count, live previews"
+SETTINGS_SIZE = "Image shape when /imagine is not told one"
+SETTINGS_STEPS = "Denoising steps when /imagine is not told them (1 to {max_steps})"
+SETTINGS_COUNT = "Images per /imagine, 1 to {max_count} (kept for grids: one image at a time for now)"
+SETTINGS_PREVIEWS = "Show a small preview of the image while it is painted"
+SETTINGS_RESET = "Forget your choices: the bot's defaults again"
 REROLL_LABEL = "Re-roll"
 DELETE_LABEL = "Delete"
 
@@ -160,6 +168,43 @@ def too_late_to_cancel(job_id: int) -> str:
 
 
 NOTHING_TO_CANCEL = "You have nothing waiting or being painted."
+
+
+def settings_refused(reason: object) -> str:
+    return f"Nothing changed: {reason}."
+
+
+def settings_text(mine: MemberSettings, settings: Settings, *, changed: bool = False) -> str:
+    """A member's /settings: each default, whether it is theirs or the bot's, and how to change it."""
+    gen = settings.generation
+    steps, size = member_defaults(mine, gen)
+    preset = size_presets(gen.width, gen.height)[size]
+
+    def whose(value: object) -> str:
+        return "yours" if value is not None else "the bot's default"
+
+    steps_note = whose(mine.steps)
+    if mine.steps is not None and mine.steps > steps:
+        steps_note = f"yours was {mine.steps}, capped to the most this bot allows"
+    count = 1 if mine.count is None else mine.count
+    count_note = whose(mine.count) + "; kept for grids: /imagine paints one image at a time for now"
+    if not settings.discord.previews:
+        previews = "off: this bot sends none" + ("" if mine.previews is None else f" (yours: {_on(mine.previews)})")
+    else:
+        previews = f"{_on(mine.previews is not False)}, {whose(mine.previews)}"
+    lines = [
+        ("Saved. " if changed else "") + "**Your defaults for /imagine** (an option you give it wins):",
+        f"• Size: {preset.label}, {whose(mine.size if mine.size == size else None)}",
+        f"• Steps: {steps}, {steps_note}",
+        f"• Count: {count}, {count_note}",
+        f"• Live previews: {previews}",
+        "Change one with `/settings steps:30`; `/settings reset:True` goes back to the bot's defaults.",
+    ]
+    return "\n".join(lines)
+
+
+def _on(value: bool) -> str:
+    return "on" if value else "off"
 
 
 def bad_limit(max_limit: int) -> str:

@@ -7,6 +7,7 @@ for, what comes back, the errors it may raise, and the `ImageEngine` protocol th
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -17,6 +18,39 @@ from ..params import JobParams
 
 ProgressFn = Callable[[int, int], None]
 """Called from the engine's thread after each denoising step: (step, total)."""
+
+
+@dataclass(frozen=True)
+class PreviewImage:
+    """A live preview as a file: a small JPEG (or WebP) of the image being painted."""
+
+    data: bytes
+    ext: str  # the file name's extension: "jpg" or "webp"
+    width: int
+    height: int
+
+
+class Preview(Protocol):
+    """A preview made on the engine's device at one step. Its pixels may still be on their way to host
+    memory: `encode` waits for them, then compresses them (a few ms of CPU), so call it off the
+    engine's thread."""
+
+    def encode(self) -> PreviewImage: ...
+
+
+PreviewFn = Callable[[], "Preview | None"]
+"""Makes a preview of the newest step the engine has queued (GPU work, no VAE); None when there is
+none yet. Valid only during the progress report it came with."""
+
+
+class ProgressWithPreviews(ABC):
+    """An `on_progress` that takes live previews: seeing this type, the engine hands each report a
+    `PreviewFn`. A preview costs GPU work, so call it only for a report that will be shown.
+    Any other `ProgressFn` is called with (step, total) alone."""
+
+    @abstractmethod
+    def __call__(self, step: int, total: int, preview: PreviewFn | None = None) -> None: ...
+
 
 CancelFn = Callable[[], bool]
 """Read by the engine between steps: true stops the job (`GenerationCancelled`)."""
@@ -61,7 +95,9 @@ class ImageEngine(Protocol):
         *,
         on_progress: ProgressFn | None = None,
         should_cancel: CancelFn | None = None,
-    ) -> GenerationResult: ...
+    ) -> GenerationResult:
+        """Paint one image. `on_progress` may be a `ProgressWithPreviews` (live previews)."""
+        ...
 
     def compiles_for(self, width: int, height: int) -> bool:
         """Whether a job at this size compiles first (a minute or more before its first step)."""

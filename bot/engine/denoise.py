@@ -2,8 +2,9 @@
 
 DiffSynth hands its timesteps to a progress-bar callable and iterates what that returns; the
 `DenoiseLoop` is that callable. It gets control back between two steps, so it is where a job is
-cancelled and where a step is reported once the GPU has really finished it; it also keeps the clock
-marks and CUDA events the job's timings come from.
+cancelled and where a step is reported once the GPU has really finished it (with a way to make a
+live preview of it, for a `ProgressWithPreviews`); it also keeps the clock marks and CUDA events the
+job's timings come from.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .api import CancelFn, GenerationCancelled, ProgressFn
+from .api import CancelFn, GenerationCancelled, PreviewFn, ProgressFn, ProgressWithPreviews
 from .offload import to_device_nonblocking
 
 
@@ -32,6 +33,9 @@ class DenoiseLoop:
     on the GPU) the CPU queues step i+1 before waiting for step i, so the GPU never idles between
     steps; without it (streamed layers) it waits at once: the CPU must not run far ahead of the
     copies. On the CPU each step is done when it returns.
+
+    With `preview` and an `on_progress` that takes previews, each report comes with `preview`: called
+    then, it previews the newest step queued (with `queue_ahead`, the one after the step reported).
     """
 
     def __init__(
@@ -41,10 +45,12 @@ class DenoiseLoop:
         on_progress: ProgressFn | None = None,
         should_cancel: CancelFn | None = None,
         queue_ahead: bool = False,
+        preview: PreviewFn | None = None,
     ):
         self.device = device
         self.cuda = device.type == "cuda"
         self.on_progress = on_progress
+        self.preview = preview if isinstance(on_progress, ProgressWithPreviews) else None
         self.should_cancel = should_cancel
         self.queue_ahead = self.cuda and queue_ahead
         self.start = time.perf_counter()
@@ -70,7 +76,9 @@ class DenoiseLoop:
         self.decode_start = time.perf_counter()
 
     def _report(self, step: int) -> None:
-        if self.on_progress is not None:
+        if isinstance(self.on_progress, ProgressWithPreviews):
+            self.on_progress(step, self.total, self.preview)
+        elif self.on_progress is not None:
             self.on_progress(step, self.total)
 
     def _queued(self, step: int) -> None:

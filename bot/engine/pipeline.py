@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from . import attention, fp8, graphs, hostmem, inductor, modulation, offload, patches, weights
+from . import attention, fp8, graphs, hostmem, inductor, modulation, offload, patches, preview, weights
 from .api import CancelFn, GenerationOOM, GenerationRequest, GenerationResult, ProgressFn
 from .budget import GIB, Plan, cap_allocator, use_expandable_segments
 from .denoise import DenoiseLoop
@@ -39,6 +39,8 @@ class Engine:
         self._lock = threading.Lock()
         patches.install_prompt_cache(pipe, self.prompt_cache)
         patches.install_device_guidance(pipe)
+        self.step_tap = preview.StepTap()  # what live previews are made from (`ProgressWithPreviews`)
+        self.step_tap.install(pipe)
         patches.cache_image_ids(pipe.dit)
         if plan.fused_attention:
             attention.install(pipe.dit)
@@ -201,7 +203,8 @@ class Engine:
         on_progress: ProgressFn | None = None,
         should_cancel: CancelFn | None = None,
     ) -> GenerationResult:
-        """Paint one image. Blocking; call from a worker thread. Same request -> same pixels."""
+        """Paint one image. Blocking; call from a worker thread. Same request -> same pixels.
+        An `on_progress` that is a `ProgressWithPreviews` can have a live preview made of a step."""
         with self._lock:
             cuda = self.device.type == "cuda"
             # With the DiT all on the GPU nothing is copied in during a step: the CPU may queue ahead.
@@ -210,6 +213,7 @@ class Engine:
                 on_progress=on_progress,
                 should_cancel=should_cancel,
                 queue_ahead=self.placement.dit.streamed == 0,
+                preview=self.step_tap.preview,
             )
             if cuda:
                 torch.cuda.reset_peak_memory_stats(self.device)
@@ -244,6 +248,7 @@ class Engine:
             ) from None
         finally:
             self.modulations.clear()
+            self.step_tap.clear()
             for streamer in self.streamers.values():
                 streamer.flush()
             if not self.plan.keep_resident:

@@ -18,6 +18,7 @@ from typing import Any
 
 import aiosqlite
 
+from ..params import MAX_COUNT, MemberSettings
 from .database import Database, execute, fetch_all, fetch_one, fetch_value
 from .days import as_utc, next_reset, utc_day
 from .records import (
@@ -92,6 +93,21 @@ SQL_RESET_USAGE = "UPDATE usage SET used = 0 WHERE user_id = ? AND day = ?"
 # After a reset, today's charged jobs no longer hold a unit: a later refund must not credit one.
 SQL_FORGIVE_CHARGES = "UPDATE jobs SET charged_day = NULL WHERE user_id = ? AND charged_day = ?"
 
+# --------------------------------------------------------------------------- members' settings SQL
+
+SQL_GET_MEMBER_SETTINGS = "SELECT size, steps, count, previews FROM member_settings WHERE user_id = ?"
+SQL_DELETE_MEMBER_SETTINGS = "DELETE FROM member_settings WHERE user_id = ?"
+# Only what is given (not NULL) changes; the rest keeps its stored value.
+SQL_UPSERT_MEMBER_SETTINGS = """
+INSERT INTO member_settings (user_id, size, steps, count, previews)
+VALUES (:user_id, :size, :steps, :count, :previews)
+ON CONFLICT (user_id) DO UPDATE SET
+    size = COALESCE(excluded.size, size),
+    steps = COALESCE(excluded.steps, steps),
+    count = COALESCE(excluded.count, count),
+    previews = COALESCE(excluded.previews, previews)
+"""
+
 # --------------------------------------------------------------------------- job SQL
 
 SQL_ACTIVE_COUNTS = f"""
@@ -144,6 +160,35 @@ def _check_limit(limit: int, what: str) -> int:
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
         raise ValueError(f"{what} must be an integer >= 0, got {limit!r}")
     return limit
+
+
+def _check_member_settings(changes: MemberSettings) -> MemberSettings:
+    """What the store accepts; the bot's own checks (`bot.validation`) come first and name the option."""
+    if changes.size is not None and (not isinstance(changes.size, str) or not changes.size):
+        raise ValueError(f"size must be a preset name, got {changes.size!r}")
+    for name, low, high in (("steps", 1, None), ("count", 1, MAX_COUNT)):
+        value = getattr(changes, name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+            raise ValueError(
+                f"{name} must be an integer from {low}" + (f" to {high}" if high else "") + f", got {value!r}"
+            )
+    if changes.previews is not None and not isinstance(changes.previews, bool):
+        raise ValueError(f"previews must be true or false, got {changes.previews!r}")
+    return changes
+
+
+def _member_settings_from_row(row: sqlite3.Row | None) -> MemberSettings:
+    if row is None:
+        return MemberSettings()
+    previews = row["previews"]
+    return MemberSettings(
+        size=row["size"],
+        steps=row["steps"],
+        count=row["count"],
+        previews=None if previews is None else bool(previews),
+    )
 
 
 async def _job_state(conn: aiosqlite.Connection, job_id: int) -> sqlite3.Row:
@@ -286,6 +331,38 @@ class Store:
         async with self._db.transaction() as conn:
             await execute(conn, SQL_RESET_USAGE, (user_id, day))
             await execute(conn, SQL_FORGIVE_CHARGES, (user_id, day))
+
+    # ---------------------------------------------------------------- members' settings
+
+    async def member_settings(self, user_id: int, *, deadline_s: float | None = None) -> MemberSettings:
+        """The member's own defaults (all None when they chose none). With `deadline_s`, `StoreBusy`
+        if the database is not free by then."""
+        async with self._db.locked(deadline_s) as conn:
+            return _member_settings_from_row(await fetch_one(conn, SQL_GET_MEMBER_SETTINGS, (user_id,)))
+
+    async def update_member_settings(
+        self, user_id: int, changes: MemberSettings, *, reset: bool = False, deadline_s: float | None = None
+    ) -> MemberSettings:
+        """In one transaction: with `reset` forget every choice first, then store those `changes`
+        gives (a None there keeps what is stored). Returns what is stored now. With `deadline_s`,
+        `StoreBusy` (nothing written) when another writer holds the database past it."""
+        _check_member_settings(changes)
+        values = {
+            "user_id": user_id,
+            "size": changes.size,
+            "steps": changes.steps,
+            "count": changes.count,
+            "previews": None if changes.previews is None else int(changes.previews),
+        }
+
+        def update_in_db_thread(db: sqlite3.Connection) -> tuple[bool, MemberSettings]:
+            if reset:
+                db.execute(SQL_DELETE_MEMBER_SETTINGS, (user_id,))
+            if not changes.is_empty():
+                db.execute(SQL_UPSERT_MEMBER_SETTINGS, values)
+            return True, _member_settings_from_row(db.execute(SQL_GET_MEMBER_SETTINGS, (user_id,)).fetchone())
+
+        return await self._db.transaction_in_db_thread(update_in_db_thread, deadline_s=deadline_s)
 
     # ---------------------------------------------------------------- admission
 

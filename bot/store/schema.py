@@ -100,10 +100,24 @@ MIGRATION_3_UPLOAD_LIMIT = """
 ALTER TABLE jobs ADD COLUMN upload_limit INTEGER;
 """
 
+# A member's /settings: NULL in a column means "not chosen" (the bot's default applies). The size
+# is a preset's name, checked by the bot (presets may be added without a migration); steps have no
+# upper bound here because the configured maximum can change (the bot caps them when it uses them).
+MIGRATION_4_MEMBER_SETTINGS = """
+CREATE TABLE member_settings (
+    user_id  INTEGER PRIMARY KEY,
+    size     TEXT    CHECK (size IS NULL OR length(size) > 0),
+    steps    INTEGER CHECK (steps IS NULL OR steps >= 1),
+    count    INTEGER CHECK (count IS NULL OR count BETWEEN 1 AND 4),
+    previews INTEGER CHECK (previews IS NULL OR previews IN (0, 1))
+);
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial: settings, user_limits, usage, jobs", MIGRATION_1_INITIAL),
     Migration(2, "delivery and recovery columns, active-job indexes", MIGRATION_2_DELIVERY_RECOVERY),
     Migration(3, "the interaction's upload limit, kept across restarts", MIGRATION_3_UPLOAD_LIMIT),
+    Migration(4, "members' own defaults (/settings)", MIGRATION_4_MEMBER_SETTINGS),
 )
 
 
