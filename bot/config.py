@@ -323,6 +323,11 @@ class GenerationSettings(_Section):
     height: int = _opt(1024, _dimension(256, 2048, 16))
     max_prompt_chars: int = _opt(1000, _int(1, 4000))
     guidance: float = _opt(3.5, _number(0, 20))
+    # The result buttons' img2img passes: the denoising strength each starts from (1 = from noise,
+    # lower keeps more of the image). Vary (Subtle) / (Strong) as a ComfyUI FLUX bot does, Upscale low.
+    vary_subtle_strength: float = _opt(0.48, _number(0.05, 1))
+    vary_strong_strength: float = _opt(0.75, _number(0.05, 1))
+    upscale_strength: float = _opt(0.3, _number(0.05, 1))
 
     def _check_together(self) -> None:
         if self.default_steps > self.max_steps:
@@ -335,6 +340,9 @@ class GenerationSettings(_Section):
 class QuotaSettings(_Section):
     SECTION: ClassVar[str] = "quota"
     daily_limit: int = _opt(20, _int(0))
+    # Relax mode: a member whose quota is used up may still queue images, free, painted only when no
+    # charged job waits (a limit of 0 stays a ban: it has no quota to use up).
+    relax: bool = _opt(False, _bool)
 
 
 @dataclass(frozen=True)

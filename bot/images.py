@@ -14,9 +14,14 @@ from .params import PARAM_FIELDS, JobParams
 
 def png_metadata(params: JobParams, model: str, **extra: object) -> dict[str, object]:
     """The parameters an image carries in its PNG text chunks, so it can be painted again: every
-    field of `JobParams` (width and height as one `size`), the model, then `extra`."""
+    field of `JobParams` (width and height as one `size`), the model, then `extra`. Not the source
+    image's path (a file on the bot's disk: `extra` names the job it came from), and the denoising
+    strength only for an image painted from another one."""
     fields: dict[str, object] = {name: getattr(params, name) for name in PARAM_FIELDS}
     width, height = fields.pop("width"), fields.pop("height")
+    fields.pop("source_path")
+    if not params.from_image:
+        fields.pop("strength")
     return {**fields, "size": f"{width}x{height}", "model": model, **extra, "generator": "fluxbot"}
 
 

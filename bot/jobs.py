@@ -7,7 +7,10 @@ the process died runs again (up to `[jobs] max_attempts`), a finished image that
 delivered is delivered.
 
 Order is fair rather than first-come: the next job belongs to the user served least recently,
-so one member's three queued jobs do not hold back everyone else.
+so one member's three queued jobs do not hold back everyone else. Relax-mode jobs (admitted free
+once their member's quota was used up, `[quota] relax`) come after every charged job, in the same
+round robin among themselves: one runs only when no charged job waits, and they come back from the
+ledger as relax jobs after a restart.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from .engine.api import (
     Preview,
     PreviewFn,
     ProgressWithPreviews,
+    SourceImageMissing,
 )
 from .gpu_thread import GpuThread
 from .images import png_metadata, save_png
@@ -76,6 +80,31 @@ LEDGER_DOWN = (
     "refunded as soon as it answers again, and this message will say so (if the bot restarts "
     "first, the image is painted then); you are never charged twice"
 )
+LEDGER_DOWN_RELAX = (
+    "the bot's database is not answering, so this image could not be finished. It was a free "
+    "relax-mode image, so nothing is owed; this message will say when the database answers again "
+    "(if the bot restarts first, the image is painted then)"
+)
+
+REFUNDED = "your quota was refunded"
+NOTHING_CHARGED = "nothing was charged (it was a free relax-mode image)"
+
+
+SOURCE_GONE = "the image it starts from is gone from the bot's disk; your quota was refunded"
+
+
+class EngineNotReady(Exception):
+    """The model is still loading (or failed to load): nothing can be asked of the engine yet."""
+
+
+def for_job(job: JobRecord, reason: str) -> str:
+    """The failure notice `reason` as `job`'s member must read it: a relax job took no quota, so it is
+    promised no refund."""
+    if not job.relax:
+        return reason
+    if reason == LEDGER_DOWN:
+        return LEDGER_DOWN_RELAX
+    return reason.replace(REFUNDED, NOTHING_CHARGED)
 
 
 def _background_pauses() -> Iterator[float]:
@@ -100,6 +129,29 @@ def _undeliverable(exc: Exception) -> str:
         return "the finished image is gone from the bot's disk; your quota was refunded"
     detail = str(exc) if isinstance(exc, DeliveryFailed) else type(exc).__name__
     return f"the finished image could not be posted ({detail}); your quota was refunded"
+
+
+def _round_robin(jobs: list[JobRecord], served: dict[int, int], turn: int) -> list[JobRecord]:
+    """`jobs` in the order they run: the next is the oldest one of the user served least recently
+    (`served`: user -> turn last served; updated here as if each job were served, from `turn` on)."""
+    per_user: dict[int, list[JobRecord]] = {}
+    for job in jobs:
+        per_user.setdefault(job.user_id, []).append(job)
+    heap: list[tuple[int, int, int]] = []
+    for user, mine in per_user.items():
+        mine.sort(key=lambda j: j.id, reverse=True)  # pop() takes the oldest
+        heap.append((served.get(user, -1), mine[-1].id, user))
+    heapq.heapify(heap)
+    order: list[JobRecord] = []
+    while heap:
+        _, _, user = heapq.heappop(heap)
+        mine = per_user[user]
+        order.append(mine.pop())
+        turn += 1
+        served[user] = turn
+        if mine:
+            heapq.heappush(heap, (turn, mine[-1].id, user))
+    return order
 
 
 class DeliveryFailed(Exception):
@@ -265,13 +317,20 @@ class JobQueue:
 
     # ------------------------------------------------------------------ admission
     async def submit(self, new: NewJob, *, deadline_s: float | None = None) -> Admission:
-        """Admit `new` (see `Store.admit`); `StoreBusy` when the database is not free by `deadline_s`."""
+        """Admit `new` (see `Store.admit`; in relax mode when `[quota] relax` is on and the member's
+        quota is used up); `StoreBusy` when the database is not free by `deadline_s`."""
         q = self.settings.queue
         admission = await self.store.admit(
-            new, max_queue=q.max_size, max_per_user=q.max_per_user, deadline_s=deadline_s
+            new,
+            max_queue=q.max_size,
+            max_per_user=q.max_per_user,
+            deadline_s=deadline_s,
+            relax=self.settings.quota.relax,
         )
         if admission.status is AdmissionStatus.QUOTA_EXHAUSTED:
             self.metrics.quota_refusals.inc()
+        if admission.relax:
+            self.metrics.relax_jobs.inc()
         if admission.status is AdmissionStatus.ACCEPTED:
             assert admission.job is not None
             self._entries[admission.job.id] = _Entry(admission.job)
@@ -288,27 +347,19 @@ class JobQueue:
 
     # ------------------------------------------------------------------ views
     def waiting(self) -> list[JobRecord]:
-        """Waiting jobs in the order they will run."""
-        # Round robin: the next job is the oldest one of the user served least recently.
-        per_user: dict[int, list[JobRecord]] = {}
-        for entry in self._entries.values():
-            if entry is not self._running:
-                per_user.setdefault(entry.job.user_id, []).append(entry.job)
-        heap: list[tuple[int, int, int]] = []
-        for user, jobs in per_user.items():
-            jobs.sort(key=lambda j: j.id, reverse=True)  # pop() takes the oldest
-            heap.append((self._served.get(user, -1), jobs[-1].id, user))
-        heapq.heapify(heap)
-        order: list[JobRecord] = []
-        turn = self._turn
-        while heap:
-            _, _, user = heapq.heappop(heap)
-            jobs = per_user[user]
-            order.append(jobs.pop())
-            turn += 1
-            if jobs:
-                heapq.heappush(heap, (turn, jobs[-1].id, user))
-        return order
+        """Waiting jobs in the order they will run: the charged ones, then the relax-mode ones, each
+        in round robin (the next job is the oldest one of the user served least recently)."""
+        jobs = [entry.job for entry in self._entries.values() if entry is not self._running]
+        served = dict(self._served)  # updated as each charged job would be served: relax turns come after
+        charged = _round_robin([j for j in jobs if not j.relax], served, self._turn)
+        return charged + _round_robin([j for j in jobs if j.relax], served, self._turn + len(charged))
+
+    def upscale_size(self, width: int, height: int) -> tuple[int, int] | None:
+        """The size Upscale paints an image of this size at, as the engine's plan decides (2x, or
+        1.5x where 2x does not fit; None: not at all). `EngineNotReady` while the model loads."""
+        if self._engine is None:
+            raise EngineNotReady(self._engine_error or "the model is still loading")
+        return self._engine.upscale_size(width, height)
 
     def compiles_first(self, job: JobRecord) -> bool:
         """Whether the engine compiles for this job's size before painting it (the first job at a
@@ -367,10 +418,11 @@ class JobQueue:
             log.exception("could not tell Discord about %s", what)
 
     async def _fail(self, job: JobRecord, error: str, reason: str | None = None) -> None:
-        """Record the failure (refunding the quota unit) and tell the member `reason` (default: `error`)."""
+        """Record the failure (refunding the quota unit, if it took one) and tell the member `reason`
+        (default: `error`)."""
         job = await self.store.mark_failed(job.id, error, refund=True)
         self.metrics.job_ended("failed")
-        await self._safe("a failure", self.delivery.failed(job, reason or error))
+        await self._safe("a failure", self.delivery.failed(job, for_job(job, reason or error)))
 
     async def _notify_positions(self, limit: int = 10) -> None:
         loading = not self.engine_ready.is_set()
@@ -451,6 +503,9 @@ class JobQueue:
         if self._engine is None:
             await self._fail(job, self._engine_error or "no model")
             return
+        if job.source_path is not None and not await asyncio.to_thread(Path(job.source_path).is_file):
+            await self._fail(job, f"source image {job.source_path} is gone", SOURCE_GONE)
+            return
         self._spawn(self._notify_positions())
         await self._safe("a start", self.delivery.started(job, compiling=self.compiles_first(job)))
         result = await self._generate(entry)
@@ -460,7 +515,8 @@ class JobQueue:
         if result.peak_vram_gib is not None:
             self.last_peak_vram_gib = result.peak_vram_gib
         path = Path(self.settings.storage.results_dir) / f"job-{job.id}.png"
-        meta = png_metadata(job, self._engine.preset, job=job.id)
+        derived = {} if job.source_job_id is None else {"from_job": job.source_job_id, "made_by": job.origin}
+        meta = png_metadata(job, self._engine.preset, job=job.id, **derived)
         await asyncio.to_thread(save_png, result.image, path, meta)
         job = await self.store.mark_generated(job.id, str(path), result.seconds)
         entry.job = job
@@ -500,6 +556,9 @@ class JobQueue:
             job = await self.store.mark_cancelled(job.id, refund=True)
             self.metrics.job_ended("cancelled")
             await self._safe("a cancel", self.delivery.cancelled(job))
+        except SourceImageMissing as exc:  # deleted or damaged after the job's start checked it
+            log.error("job %d: %s", job.id, exc)
+            await self._fail(job, str(exc), SOURCE_GONE)
         except GenerationOOM as exc:
             log.error("job %d: %s", job.id, exc)
             await self._fail(
@@ -545,7 +604,7 @@ class JobQueue:
             self.metrics.discord_error("delivery")
             failed = await self.store.mark_failed(job.id, f"delivery failed: {exc}", refund=True)
             self.metrics.job_ended("failed")
-            await self._safe("a failed delivery", self.delivery.failed(failed, _undeliverable(exc)))
+            await self._safe("a failed delivery", self.delivery.failed(failed, for_job(failed, _undeliverable(exc))))
             return
         await self._record_done(job, message_id)
 
@@ -589,13 +648,13 @@ class JobQueue:
                 log.warning("job %d: the ledger did not take its failure (%s); trying again", job.id, again)
                 return False
             self.metrics.job_ended("failed")
-            await self._safe("a failure", self.delivery.failed(failed, _unexpected(exc)))
+            await self._safe("a failure", self.delivery.failed(failed, for_job(failed, _unexpected(exc))))
             return True
 
         if await self._tries(end, (0.0, *LEDGER_RETRY_DELAYS_S)):
             return
         log.error("job %d: the ledger is not answering; its failure is written once it answers again", job.id)
-        await self._safe("a failure", self.delivery.failed(job, LEDGER_DOWN))
+        await self._safe("a failure", self.delivery.failed(job, for_job(job, LEDGER_DOWN)))
         self._keep_trying(job.id, end)  # after LEDGER_DOWN reached the member: the final word comes last
 
     @staticmethod

@@ -50,6 +50,11 @@ class Metrics:
         self.quota_refusals = Counter(
             "fluxbot_quota_refusals", "Jobs refused because the member's daily quota was used up.", registry=r
         )
+        self.relax_jobs = Counter(
+            "fluxbot_relax_jobs",
+            "Jobs admitted in relax mode: the member's quota was used up, so free and after charged jobs.",
+            registry=r,
+        )
         for status in JOB_END_STATUSES:  # every series exists from the start (a rate over 0s, not absent)
             self.jobs.labels(status=status)
         for kind in DISCORD_ERROR_KINDS:

@@ -5,6 +5,10 @@ The slash command builds a `JobParams`; the ledger row (`NewJob`, `JobRecord`), 
 columns for it are derived from its fields. Adding a parameter is one field here, with a default,
 plus a migration that adds its column (see `bot/store/schema.py`).
 
+A job derived from an earlier result (Vary, Upscale: the result buttons) paints from that result's
+image: img2img from `source_path`, resized to width x height, at denoising `strength`. A plain job
+paints from pure noise (`strength` 1, no `source_path`).
+
 `MemberSettings` is what a member chose with /settings: the defaults their /imagine uses for what it
 is not told (stored in the ledger's `member_settings` table).
 """
@@ -22,6 +26,13 @@ class JobParams:
     steps: int = 20
     width: int = 1024
     height: int = 1024
+    strength: float = 1.0  # denoising strength: 1 paints from noise, less keeps more of the source image
+    source_path: str | None = None  # the image an img2img job starts from (a result on the bot's disk)
+
+    @property
+    def from_image(self) -> bool:
+        """Painted from an earlier image (img2img), not from noise alone."""
+        return self.source_path is not None
 
     def params(self) -> JobParams:
         """Only the parameters, without what a subclass (ledger row, request) adds."""

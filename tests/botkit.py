@@ -48,6 +48,9 @@ class ControlledEngine:
     def compiles_for(self, width: int, height: int) -> bool:
         return self.engine.compiles_for(width, height)
 
+    def upscale_size(self, width: int, height: int):
+        return self.engine.upscale_size(width, height)
+
     def generate(self, request, *, on_progress=None, should_cancel=None):
         self.calls.append(request.prompt)
         self.busy.set()

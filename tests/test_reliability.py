@@ -189,7 +189,14 @@ async def test_a_follow_up_answered_502_is_not_doubled_where_the_bot_may_not_pos
         assert job.status is JobStatus.DONE
         [msg] = images_for(fake, job.id)
         assert msg["webhook_id"] == str(fake.application_id) and job.result_message_id == int(msg["id"])
-        assert [b.get("label") for row in msg["components"] for b in row["components"]] == ["Re-roll", "Delete"]
+        assert [b.get("label") for row in msg["components"] for b in row["components"]] == [
+            "Re-roll",
+            "Vary (Subtle)",
+            "Vary (Strong)",
+            "Upscale",
+            "Remix",
+            "Delete",
+        ]
     posts = [ev for ev in fake.events if ev.method == "POST" and ev.path.startswith("/channels/")]
     assert posts and {ev.response["code"] for ev in posts} == {50013}  # the channel refused it: a follow-up
     followups = [ev for ev in fake.events if ev.method == "POST" and ev.path.startswith("/webhooks/")]

@@ -175,7 +175,7 @@ async def test_admission_charges_one_unit_and_writes_the_row(store: Store, db_pa
 
 async def test_unknown_origin_is_refused(store: Store, db_path: Path) -> None:
     with pytest.raises(ValueError, match="origin"):
-        await store.admit(new_job(origin="upscale"), max_queue=BIG, max_per_user=BIG, now=NOW)
+        await store.admit(new_job(origin="frobnicate"), max_queue=BIG, max_per_user=BIG, now=NOW)
     assert job_count(db_path) == 0
 
 
@@ -304,6 +304,84 @@ async def test_cancelled_admissions_leave_no_half_transaction(store: Store, db_p
     with raw(db_path) as conn:
         charged = conn.execute("SELECT COUNT(*) FROM jobs WHERE charged_day = ?", (DAY,)).fetchone()[0]
     assert usage_rows(db_path)[(1, DAY)] == charged == job_count(db_path)
+
+
+# ----------------------------------------------------------------------------- relax mode
+
+
+async def admit_relax(store: Store, user_id: int = 1, now: datetime = NOW, **caps: int) -> Admission:
+    """An admission as the bot makes it with `[quota] relax = true`."""
+    return await store.admit(
+        new_job(user_id),
+        max_queue=caps.get("max_queue", BIG),
+        max_per_user=caps.get("max_per_user", BIG),
+        now=now,
+        relax=True,
+    )
+
+
+async def test_relax_admission_only_once_the_quota_is_used_up_and_charges_nothing(store: Store, db_path: Path) -> None:
+    await store.set_user_limit(1, 2)
+    first = await admit_relax(store)  # quota left: an ordinary, charged job even with relax on
+    assert first.status is AdmissionStatus.ACCEPTED and not first.relax
+    assert first.job is not None and (first.job.relax, first.job.charged_day) == (False, DAY)
+    await accepted_job_id(store)
+    assert usage_rows(db_path) == {(1, DAY): 2}
+    assert (await admit(store)).status is AdmissionStatus.QUOTA_EXHAUSTED  # relax off: refused as before
+    free = await admit_relax(store)
+    assert free.status is AdmissionStatus.ACCEPTED and free.relax
+    job = free.job
+    assert job is not None and job.relax and job.charged_day is None and job.status is JobStatus.QUEUED
+    assert (free.quota.used, free.quota.limit, free.quota.remaining) == (2, 2, 0)  # nothing taken
+    assert usage_rows(db_path) == {(1, DAY): 2} and job_count(db_path) == 3
+    assert await store.get_job(job.id) == job
+    with raw(db_path) as conn:
+        rows = conn.execute("SELECT relax, charged_day FROM jobs ORDER BY id").fetchall()
+    assert rows == [(0, DAY), (0, DAY), (1, None)]
+    assert [j.relax for j in await store.active_jobs()] == [False, False, True]
+
+
+async def test_relax_admission_keeps_the_caps_and_a_zero_limit_shuts_out(store: Store, db_path: Path) -> None:
+    await store.set_user_limit(1, 1)
+    await accepted_job_id(store)
+    assert (await admit_relax(store, max_per_user=2)).relax
+    refused = await admit_relax(store, max_per_user=2)  # her third active job: over the per-user cap
+    assert refused.status is AdmissionStatus.USER_CAP and refused.job is None
+    assert (await admit_relax(store, max_queue=2)).status is AdmissionStatus.QUEUE_FULL
+    await store.set_user_limit(2, 0)  # an admin's limit of 0: no quota to use up, so no relax either
+    shut = await admit_relax(store, 2)
+    assert shut.status is AdmissionStatus.QUOTA_EXHAUSTED and shut.job is None
+    assert job_count(db_path) == 2 and usage_rows(db_path) == {(1, DAY): 1}
+
+
+async def test_a_relax_job_that_fails_or_is_cancelled_refunds_nothing(store: Store, db_path: Path) -> None:
+    await store.set_user_limit(1, 1)
+    charged = await accepted_job_id(store)
+    failing = (await admit_relax(store)).job
+    cancelled = (await admit_relax(store)).job
+    assert failing is not None and cancelled is not None
+    await store.mark_running(failing.id, now=NOW)
+    assert (await store.mark_failed(failing.id, "boom", now=NOW)).relax
+    assert (await store.mark_cancelled(cancelled.id, now=NOW)).charged_day is None
+    assert await store.refund(failing.id) is False
+    assert usage_rows(db_path) == {(1, DAY): 1}  # the charged job's unit is still taken, nothing more
+    await store.mark_failed(charged, "boom", now=NOW)  # the charged job's refund still returns its unit
+    assert usage_rows(db_path) == {(1, DAY): 0}
+
+
+async def test_a_relax_job_stays_relax_through_requeue_and_a_reopen(db_path: Path) -> None:
+    async with await Store.open(db_path, default_daily_limit=0) as store:
+        await store.set_user_limit(1, 1)
+        await accepted_job_id(store)
+        job = (await admit_relax(store)).job
+        assert job is not None
+        await store.mark_running(job.id, now=NOW)
+    async with await Store.open(db_path, default_daily_limit=0) as store:  # a restart
+        running = await store.get_job(job.id)
+        assert running is not None and running.relax and running.status is JobStatus.RUNNING
+        requeued = await store.requeue(job.id)
+        assert requeued.relax and requeued.charged_day is None
+        assert [(j.id, j.relax) for j in await store.active_jobs()] == [(1, False), (job.id, True)]
 
 
 # ----------------------------------------------------------------------------- quotas
@@ -747,6 +825,12 @@ async def test_migrates_from_every_earlier_version(db_path: Path, from_version: 
         assert await store.member_settings(1) == MemberSettings()
         saved = await store.update_member_settings(1, MemberSettings(size="portrait", previews=False))
         assert saved == MemberSettings(size="portrait", previews=False)
+        # Relax mode (migration 5): the rows from before are charged jobs; a relax job can be admitted.
+        assert not any(j.relax for j in await store.active_jobs())
+        await store.set_user_limit(7, 1)
+        assert not (await admit(store, 7)).relax
+        relaxed = await admit_relax(store, 7)
+        assert relaxed.relax and relaxed.job is not None and relaxed.job.charged_day is None
     with raw(db_path) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == LATEST_VERSION
         indexes = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
@@ -778,7 +862,7 @@ async def test_migration_4_adds_member_settings_and_its_checks_keep_bad_rows_out
     build_db_at(db_path, 3)
     seed_v1_rows(db_path)
     async with await Store.open(db_path, default_daily_limit=5) as store:
-        assert await store.schema_version() == 4
+        assert await store.schema_version() == LATEST_VERSION
         assert [j.id for j in await store.active_jobs()] == [1, 2]  # the ledger is untouched
     with raw(db_path) as conn:
         columns = [row[1] for row in conn.execute("PRAGMA table_info(member_settings)")]
@@ -801,6 +885,31 @@ async def test_failed_migration_4_leaves_version_3(db_path: Path) -> None:
         await Store.open(db_path, default_daily_limit=5)
     with raw(db_path) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 3
+
+
+async def test_migration_5_adds_relax_to_jobs_and_old_rows_are_charged_jobs(db_path: Path) -> None:
+    build_db_at(db_path, 4)
+    seed_v1_rows(db_path)
+    async with await Store.open(db_path, default_daily_limit=5) as store:
+        assert await store.schema_version() == LATEST_VERSION
+        assert [(j.id, j.relax, j.charged_day) for j in await store.active_jobs()] == [(1, False, DAY), (2, False, DAY)]
+    with raw(db_path) as conn:
+        assert conn.execute("SELECT relax FROM jobs ORDER BY id").fetchall() == [(0,), (0,), (0,)]
+        for bad in ("2", "NULL", "-1"):
+            with pytest.raises(sqlite3.IntegrityError, match="CHECK|NOT NULL"):
+                conn.execute(f"UPDATE jobs SET relax = {bad} WHERE id = 1")
+
+
+async def test_failed_migration_5_leaves_version_4(db_path: Path) -> None:
+    build_db_at(db_path, 4)
+    seed_v1_rows(db_path)
+    with raw(db_path) as conn:  # something in the way of migration 5
+        conn.execute("ALTER TABLE jobs ADD COLUMN relax TEXT")
+    with pytest.raises(StoreError, match=r"migration 5 .* failed.*left at version 4"):
+        await Store.open(db_path, default_daily_limit=5)
+    with raw(db_path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 4
         assert conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 3
 
 

@@ -18,7 +18,7 @@ from . import messages
 from .commands import build_commands, on_tree_error
 from .delivery import DiscordDelivery
 from .interactions import Interaction
-from .views import RESULT_BUTTONS, answer_stray_component
+from .views import RESULT_BUTTONS, answer_modal, answer_stray_component
 
 log = logging.getLogger("fluxbot.discord")
 HEALTH_DB_DEADLINE_S = 2.0
@@ -90,6 +90,9 @@ class FluxBot(commands.Bot):
         )
 
     async def on_interaction(self, interaction: Interaction) -> None:
+        if interaction.type is discord.InteractionType.modal_submit:
+            await answer_modal(interaction)  # Remix's form: discord.py keeps none of ours (views.remix_form)
+            return
         await answer_stray_component(interaction)
 
     async def health(self) -> dict[str, bool]:

@@ -100,15 +100,16 @@ async def member_settings(
 
 async def show_queue(interaction: Interaction) -> None:
     queue = interaction.client.queue
-    await tell(interaction, messages.queue_listing(queue.running, queue.waiting(), interaction.user.id))
+    listing = messages.queue_listing(queue.running, queue.waiting(), interaction.user.id, admin=is_admin(interaction))
+    await tell(interaction, listing)
 
 
 async def cancel(interaction: Interaction) -> None:
     outcome, job = await interaction.client.queue.cancel(interaction.user.id)
     if outcome is CancelOutcome.CANCELLED and job is not None:
-        await tell(interaction, messages.cancelled_waiting(job.id))
+        await tell(interaction, messages.cancelled_waiting(job.id, relax=job.relax))
     elif outcome is CancelOutcome.STOPPING and job is not None:
-        await tell(interaction, messages.stopping(job.id))
+        await tell(interaction, messages.stopping(job.id, relax=job.relax))
     elif outcome is CancelOutcome.TOO_LATE and job is not None:
         await tell(interaction, messages.too_late_to_cancel(job.id))
     else:
@@ -121,7 +122,7 @@ async def quota(interaction: Interaction) -> None:
     except StoreBusy:
         await tell(interaction, messages.DATABASE_BUSY)
         return
-    await tell(interaction, messages.quota_text(status))
+    await tell(interaction, messages.quota_text(status, relax=interaction.client.settings.quota.relax))
 
 
 # ---------------------------------------------------------------- admin commands

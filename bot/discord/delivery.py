@@ -138,12 +138,23 @@ class DiscordDelivery:
                 raise DeliveryFailed(f"channel {job.channel_id} is gone or hidden: {exc.text}") from None
         return channel
 
+    async def _source_of(self, job: JobRecord) -> JobRecord | None:
+        """The result a button's job came from (an Upscale's embed says by how much it grew it);
+        None for an /imagine, or when the ledger cannot say (the embed then leaves that out)."""
+        if job.source_job_id is None or self.store is None:
+            return None
+        try:
+            return await self.store.get_job(job.source_job_id)
+        except StoreError as exc:
+            log.warning("job %d: could not read the job it came from (%s)", job.id, exc)
+            return None
+
     # ------------------------------------------------------------------ Delivery protocol
     async def position(self, job: JobRecord, position: int, *, model_loading: bool = False) -> None:
-        await self._edit_status(job, messages.queued(position, model_loading=model_loading))
+        await self._edit_status(job, messages.queued(position, model_loading=model_loading, relax=job.relax))
 
     async def started(self, job: JobRecord, *, compiling: bool = False) -> None:
-        await self._edit_status(job, messages.starting(compiling=compiling))
+        await self._edit_status(job, messages.starting(compiling=compiling, relax=job.relax))
 
     async def wants_previews(self, job: JobRecord) -> bool:
         """The bot sends previews and the member did not turn theirs off (/settings)."""
@@ -159,7 +170,7 @@ class DiscordDelivery:
         return mine.previews is not False
 
     async def progress(self, job: JobRecord, step: int, total: int, *, preview: Preview | None = None) -> None:
-        text = messages.progress(step, total)
+        text = messages.progress(step, total, relax=job.relax)
         if preview is None:
             await self._edit_status(job, text)
             return
@@ -168,7 +179,7 @@ class DiscordDelivery:
         await self._edit_status(job, text, attachments=[file])
 
     async def cancelled(self, job: JobRecord) -> None:
-        await self._edit_status(job, messages.cancelled(), attachments=[])  # a preview goes with the job
+        await self._edit_status(job, messages.cancelled(relax=job.relax), attachments=[])  # a preview goes with the job
 
     async def failed(self, job: JobRecord, reason: str) -> None:
         text = messages.failed(reason)
@@ -246,7 +257,7 @@ class DiscordDelivery:
         def file() -> discord.File:  # a File is consumed by one request; each attempt needs its own
             return discord.File(io.BytesIO(data), filename=name)
 
-        embed = messages.result_embed(job)
+        embed = messages.result_embed(job, source=await self._source_of(job))
         embed.set_image(url=f"attachment://{name}")
         webhook = self._webhook(job)
         if webhook is not None and job.progress_message_id is not None:

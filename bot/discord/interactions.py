@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, TypeAlias
 import discord
 
 from ..params import JobParams
-from ..store import AdmissionStatus, NewJob, StoreBusy
+from ..store import AdmissionStatus, JobRecord, NewJob, StoreBusy
 from . import messages
 
 if TYPE_CHECKING:
@@ -53,9 +53,17 @@ async def tell(interaction: Interaction, text: str) -> None:
 
 
 async def enqueue(
-    interaction: Interaction, params: JobParams, origin: str, *, deadline_s: float = ANSWER_DEADLINE_S
+    interaction: Interaction,
+    params: JobParams,
+    origin: str,
+    *,
+    deadline_s: float = ANSWER_DEADLINE_S,
+    source: JobRecord | None = None,
+    units: int = 1,
 ) -> None:
-    """Admit (ledger row + quota charge in one transaction), then acknowledge, then show the position."""
+    """Admit (ledger row + quota charge in one transaction), then acknowledge, then show the position
+    (and, for a job admitted in relax mode, that it is free and waits for everyone else's). A result
+    button's job names the result it came from (`source`, also said in the reply) and takes `units`."""
     bot = interaction.client
     new = NewJob(
         **vars(params.params()),
@@ -68,6 +76,8 @@ async def enqueue(
         application_id=interaction.application_id,
         origin=origin,
         upload_limit=interaction.filesize_limit or None,
+        source_job_id=None if source is None else source.id,
+        units=units,
     )
     try:
         admission = await bot.queue.submit(new, deadline_s=deadline_s)
@@ -76,7 +86,7 @@ async def enqueue(
         await tell(interaction, messages.DATABASE_BUSY)
         return
     if admission.status is not AdmissionStatus.ACCEPTED:
-        await tell(interaction, messages.refusal(admission.status, admission.quota, bot.settings))
+        await tell(interaction, messages.refusal(admission.status, admission.quota, bot.settings, units=units))
         return
     job = admission.job
     assert job is not None  # accepted admissions carry their row
@@ -84,10 +94,12 @@ async def enqueue(
         await interaction.response.defer(thinking=True)
         position = bot.queue.position(job.id)
         text = (
-            messages.starting(compiling=bot.queue.compiles_first(job))
+            messages.starting(compiling=bot.queue.compiles_first(job), relax=job.relax)
             if position == 0
-            else messages.queued(position or 1, model_loading=not bot.queue.engine_ready.is_set())
+            else messages.queued(position or 1, model_loading=not bot.queue.engine_ready.is_set(), relax=job.relax)
         )
+        if source is not None:
+            text = messages.derived_queued(job, source) + "\n" + text
         msg = await interaction.edit_original_response(content=text, allowed_mentions=messages.NO_PINGS)
     except discord.HTTPException as exc:
         # The job is admitted and charged: it still runs, and delivery finds another way

@@ -28,19 +28,29 @@ def _ts(when: datetime, style: str = "R") -> str:
     return f"<t:{int(when.timestamp())}:{style}>"
 
 
-def queued(position: int, *, model_loading: bool = False) -> str:
+def queued(position: int, *, model_loading: bool = False, relax: bool = False) -> str:
     where = "you are next" if position <= 1 else f"position {position}"
     loading = " The model is loading (after a start: a minute or two, once)." if model_loading else ""
+    if relax:
+        return (
+            f"💤 Queued in relax mode: your daily quota is used up, so this image is free and is painted "
+            f"after everyone else's ({where} for now).{loading} `/cancel` withdraws it."
+        )
     return f"🕒 Queued: {where}.{loading} `/cancel` withdraws it."
 
 
-def starting(*, compiling: bool = False) -> str:
+RELAX_NOTE = " Relax mode: your daily quota is used up, so this image is free (it waits for everyone else's)."
+RELAX_FREE = "It was a free relax-mode image: nothing was charged, so nothing is refunded."
+
+
+def starting(*, compiling: bool = False, relax: bool = False) -> str:
+    note = RELAX_NOTE if relax else ""
     if compiling:
         return (
             "🎨 Painting: starting… The first image at this size since the bot started prepares "
-            "the model for it first: a minute or two more, once."
+            "the model for it first: a minute or two more, once." + note
         )
-    return "🎨 Painting: starting…"
+    return "🎨 Painting: starting…" + note
 
 
 def progress_bar(step: int, total: int, width: int = 16) -> str:
@@ -48,19 +58,21 @@ def progress_bar(step: int, total: int, width: int = 16) -> str:
     return "▰" * filled + "▱" * (width - filled)
 
 
-def progress(step: int, total: int) -> str:
-    return f"🎨 Painting: step {step}/{total}  {progress_bar(step, total)}  {round(100 * step / max(total, 1))}%"
+def progress(step: int, total: int, *, relax: bool = False) -> str:
+    text = f"🎨 Painting: step {step}/{total}  {progress_bar(step, total)}  {round(100 * step / max(total, 1))}%"
+    return text + ("  💤 relax mode, free" if relax else "")
 
 
 def failed(reason: str) -> str:
     return f"❌ Could not paint this image: {reason}"
 
 
-def cancelled() -> str:
-    return "🛑 Cancelled. Your quota was refunded."
+def cancelled(*, relax: bool = False) -> str:
+    return "🛑 Cancelled. " + (RELAX_FREE if relax else "Your quota was refunded.")
 
 
-def refusal(status: AdmissionStatus, quota: QuotaStatus, settings: Settings) -> str:
+def refusal(status: AdmissionStatus, quota: QuotaStatus, settings: Settings, *, units: int = 1) -> str:
+    """Why a job was not admitted (`units`: what it would have taken of the quota)."""
     if status is AdmissionStatus.QUEUE_FULL:
         return (
             f"The queue is full ({settings.queue.max_size} images waiting). "
@@ -71,43 +83,63 @@ def refusal(status: AdmissionStatus, quota: QuotaStatus, settings: Settings) -> 
             f"You already have {settings.queue.max_per_user} images waiting, the most one member may queue. "
             "Nothing was charged; wait for one to finish."
         )
+    if 0 < quota.remaining < units:
+        return (
+            f"This takes {units} images of your daily quota and you have {quota.remaining} left, so nothing was "
+            f"charged. It resets {_ts(quota.resets_at)} ({quota.resets_at:%H:%M} UTC)."
+        )
     return (
         f"Your daily quota of {quota.limit} images is used up. It resets {_ts(quota.resets_at)} "
         f"({quota.resets_at:%H:%M} UTC)."
     )
 
 
-def quota_text(q: QuotaStatus, *, whose: str = "You have") -> str:
+def quota_text(q: QuotaStatus, *, whose: str = "You have", relax: bool = False) -> str:
+    """`relax`: the bot has relax mode on, and this is the member's own quota."""
+    relax_note = relax and q.limit > 0 and q.remaining == 0
     return (
         f"{whose} used {q.used} of {q.limit} images today; {q.remaining} left. "
         f"Resets {_ts(q.resets_at)} ({q.resets_at:%H:%M} UTC)."
         + (" (personal limit set by an admin)" if q.has_override else "")
+        + (" Relax mode is on: your next images are free, painted after everyone else's." if relax_note else "")
     )
 
 
-def result_embed(job: JobRecord) -> discord.Embed:
+def result_embed(job: JobRecord, *, source: JobRecord | None = None) -> discord.Embed:
+    """The result's embed; a button's result says what it came from (`source`: that job's row, which
+    an Upscale's factor is read from; None where it could not be read)."""
     prompt = job.prompt if len(job.prompt) <= 4000 else job.prompt[:3999] + "…"
-    embed = discord.Embed(description=prompt, colour=COLOR)
+    embed = discord.Embed(description=prompt, colour=COLOR, title=derived_title(job))
     embed.add_field(name="Seed", value=str(job.seed))
     embed.add_field(name="Steps", value=str(job.steps))
     embed.add_field(name="Size", value=f"{job.width}x{job.height}")
     if job.duration_s is not None:
         embed.add_field(name="Time", value=f"{job.duration_s:.1f} s")
     embed.add_field(name="Requested by", value=f"<@{job.user_id}>")
+    if job.from_image:
+        embed.add_field(name="Strength", value=f"{job.strength:g}")
+    if job.origin == "upscale" and source is not None:
+        embed.add_field(name="Upscaled", value=upscale_note(source.width, source.height, job.width, job.height))
+    if job.relax:
+        embed.add_field(name="Mode", value="Relax (free)")
     embed.set_footer(text=f"job {job.id}")
     return embed
 
 
-def queue_listing(running: JobRecord | None, waiting: list[JobRecord], me: int) -> str:
+def queue_listing(running: JobRecord | None, waiting: list[JobRecord], me: int, *, admin: bool = False) -> str:
+    """What waits, the caller's own marked; relax-mode jobs are marked for admins (and for their owner)."""
     if running is None and not waiting:
         return "The queue is empty: your next `/imagine` starts at once."
+
+    def marks(job: JobRecord) -> str:
+        relax = "  💤 relax (free)" if job.relax and (admin or job.user_id == me) else ""
+        return relax + ("  ← yours" if job.user_id == me else "")
+
     lines: list[str] = []
     if running is not None:
-        lines.append(
-            f"▶️ now: <@{running.user_id}>, {running.steps} steps" + ("  ← yours" if running.user_id == me else "")
-        )
+        lines.append(f"▶️ now: <@{running.user_id}>, {running.steps} steps" + marks(running))
     for pos, job in enumerate(waiting[:20], start=1):
-        lines.append(f"{pos}. <@{job.user_id}>, {job.steps} steps" + ("  ← yours" if job.user_id == me else ""))
+        lines.append(f"{pos}. <@{job.user_id}>, {job.steps} steps" + marks(job))
     if len(waiting) > 20:
         lines.append(f"… and {len(waiting) - 20} more")
     return "\n".join(lines)
@@ -145,7 +177,13 @@ SETTINGS_COUNT = "Images per /imagine, 1 to {max_count} (kept for grids: one ima
 SETTINGS_PREVIEWS = "Show a small preview of the image while it is painted"
 SETTINGS_RESET = "Forget your choices: the bot's defaults again"
 REROLL_LABEL = "Re-roll"
+VARY_SUBTLE_LABEL = "Vary (Subtle)"
+VARY_STRONG_LABEL = "Vary (Strong)"
+UPSCALE_LABEL = "Upscale"
+REMIX_LABEL = "Remix"
 DELETE_LABEL = "Delete"
+REMIX_PROMPT_LABEL = "Prompt"
+REMIX_SEED_LABEL = "Seed (empty or -1: a random one)"
 
 
 # ---------------------------------------------------------------- replies to commands and buttons
@@ -155,12 +193,14 @@ def not_queued(reason: object) -> str:
     return f"Not queued: {reason}."
 
 
-def cancelled_waiting(job_id: int) -> str:
-    return f"Cancelled your waiting image (job {job_id}). Your quota was refunded."
+def cancelled_waiting(job_id: int, *, relax: bool = False) -> str:
+    return f"Cancelled your waiting image (job {job_id}). " + (RELAX_FREE if relax else "Your quota was refunded.")
 
 
-def stopping(job_id: int) -> str:
-    return f"Stopping your image (job {job_id}) at the next step. Your quota will be refunded."
+def stopping(job_id: int, *, relax: bool = False) -> str:
+    return f"Stopping your image (job {job_id}) at the next step. " + (
+        RELAX_FREE if relax else "Your quota will be refunded."
+    )
 
 
 def too_late_to_cancel(job_id: int) -> str:
@@ -225,6 +265,75 @@ def cannot_reroll(reason: object) -> str:
 
 def only_owner_deletes(owner_id: int) -> str:
     return f"Only <@{owner_id}> (who asked for it) or an admin can delete this image."
+
+
+# ---------------------------------------------------------------- the result buttons that paint from a result
+
+DERIVED_LABELS = {
+    "reroll": REROLL_LABEL,
+    "vary_subtle": VARY_SUBTLE_LABEL,
+    "vary_strong": VARY_STRONG_LABEL,
+    "upscale": UPSCALE_LABEL,
+    "remix": REMIX_LABEL,
+}
+ACTIONS = {
+    "reroll": "re-rolled",
+    "vary_subtle": "varied",
+    "vary_strong": "varied",
+    "upscale": "upscaled",
+    "remix": "remixed",
+    "delete": "deleted",
+}
+
+
+def derived_title(job: JobRecord) -> str | None:
+    """What a button's result came from: "Vary (Subtle) of #123" (None for an /imagine)."""
+    label = DERIVED_LABELS.get(job.origin)
+    if label is None or job.source_job_id is None:
+        return None
+    return f"{label} of #{job.source_job_id}"
+
+
+def upscale_note(width: int, height: int, new_width: int, new_height: int) -> str:
+    """How an Upscale grew its source, and why not 2x where it did not."""
+    factor = new_width / width if width else 0
+    text = f"{factor:g}× ({width}x{height} → {new_width}x{new_height})"
+    return text if factor >= 2 else text + ": 2× does not fit this GPU's memory budget"
+
+
+def derived_queued(job: JobRecord, source: JobRecord) -> str:
+    """The first line of a button's reply, before the queue position: what it paints, from what."""
+    title = derived_title(job) or ""
+    if job.origin == "upscale":
+        return f"**{title}**: {upscale_note(source.width, source.height, job.width, job.height)}."
+    return f"**{title}**."
+
+
+def button_refused(job_id: int, action: str, reason: str) -> str:
+    """A result button that cannot do its work: nothing was queued or charged."""
+    return f"That image (job {job_id}) cannot be {ACTIONS.get(action, action)}: {reason}. Nothing was charged."
+
+
+NOT_THIS_RESULT = "this button is not on that image's own message"
+RESULT_DELETED = "it was deleted"
+RESULT_NOT_FINISHED = "it is not finished yet (try again once it is posted)"
+RESULT_FILE_GONE = "its file is no longer on the bot's disk"
+MODEL_LOADING = "the model is still loading, so the bot cannot tell yet how large it can make it; try again in a minute"
+
+
+def too_large_to_upscale(width: int, height: int, max_pixels: int) -> str:
+    return (
+        f"it is {width}x{height} already, and this bot upscales to at most {max_pixels / 1e6:.1f} megapixels "
+        "(and within its GPU's memory budget)"
+    )
+
+
+def remix_title(job_id: int) -> str:
+    return f"Remix #{job_id}"
+
+
+def remix_refused(reason: object) -> str:
+    return f"Not queued: {reason}. Nothing was charged."
 
 
 DATABASE_BUSY = "The bot's database is busy right now, so nothing was queued or charged. Try again in a moment."

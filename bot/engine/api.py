@@ -64,6 +64,19 @@ class GenerationOOM(RuntimeError):
     """The GPU ran out of memory; the engine freed what it could and can take the next job."""
 
 
+class SourceImageMissing(FileNotFoundError):
+    """A job painted from an earlier image (img2img) found that image gone or unreadable."""
+
+
+UPSCALE_FACTORS = (2.0, 1.5)
+"""What Upscale multiplies both sides by: the first whose result the engine's plan fits (`upscale_size`)."""
+
+MAX_UPSCALED_PIXELS = 2048 * 2048
+"""The largest image Upscale makes (4.2 megapixels: 2x of the bot's 1024x1024 and its portrait and
+landscape sizes). An upscaled image is not upscaled again: each step of a tiled pass costs about one
+image per 1024x1024 tile, and the result must still reach Discord under its upload limit."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class GenerationRequest(JobParams):
     """A job's parameters plus what the engine needs beyond them (the configured guidance)."""
@@ -101,4 +114,9 @@ class ImageEngine(Protocol):
 
     def compiles_for(self, width: int, height: int) -> bool:
         """Whether a job at this size compiles first (a minute or more before its first step)."""
+        ...
+
+    def upscale_size(self, width: int, height: int) -> tuple[int, int] | None:
+        """The size Upscale paints an image of this size at: the first of `UPSCALE_FACTORS` that the
+        engine's plan fits and `MAX_UPSCALED_PIXELS` allows; None when none does."""
         ...

@@ -37,6 +37,15 @@ MIN_ALLOCATOR_CAP_GIB = 1.5
 TILED_VAE_BELOW_GIB = 16.0
 # Below this budget the text encoders are streamed layer by layer instead of resident.
 TEXT_ENCODERS_RESIDENT_FROM_GIB = 30.0
+# Upscale (a tiled img2img pass, bot/engine/tiling.py): each tile's activations are a plain job's, so
+# what it needs beyond one is the whole image held on the GPU a few times over while it is encoded and
+# decoded: the source's pixels (compute dtype, and a scaled copy), the decoder's float32 blend and its
+# weights, the decoded image and its conversion to 8 bits; latents are 1/64 of that. Counted
+# generously per output pixel, it must fit what HEADROOM_GIB leaves unused by a 1024x1024 step (3.25
+# - 1.0 for the card - 0.75 context - 1.2 step measured: 0.3 GiB; 0.25 counted). Not measured yet:
+# benchmarks/derive_bench.py records Upscale's peak at a budget.
+UPSCALE_BYTES_PER_PIXEL = 40
+UPSCALE_SPARE_GIB = 0.25
 
 
 @dataclass(frozen=True)
@@ -169,6 +178,13 @@ def make_plan(model_settings, device: torch.device | None = None) -> Plan:
         else max(MIN_ALLOCATOR_CAP_GIB, budget - CARD_KEEPS_GIB - CONTEXT_GIB),
         fused_attention=not missing and _fused_attention(model_settings.fused_attention, device),
     )
+
+
+def upscale_fits(plan: Plan, width: int, height: int) -> bool:
+    """Whether an Upscale to width x height keeps within the plan's budget (always, without one)."""
+    if plan.budget_gib is None:  # unlimited, or the CPU
+        return True
+    return width * height * UPSCALE_BYTES_PER_PIXEL <= UPSCALE_SPARE_GIB * GIB
 
 
 def _fused_attention(value: str, device: torch.device) -> bool:

@@ -9,7 +9,6 @@ the models too: offload.py, modulation.py.)
 
 from __future__ import annotations
 
-import threading
 from collections import OrderedDict
 from typing import Any
 
@@ -98,19 +97,41 @@ def cache_image_ids(dit) -> None:
     dit.prepare_image_ids = cached
 
 
-def tile_vae_decoder(decoder) -> None:
-    """Decode 512x512-pixel tiles with overlap instead of the whole latent at once."""
-    forward = decoder.forward
-    inside = threading.local()
+class VaeTiles:
+    """Whether the VAE works in tiles for the job being painted (`Engine` sets it per job): a budget
+    under `budget.TILED_VAE_BELOW_GIB` decodes every image so; an image larger than the model's native
+    size (Upscale) is encoded and decoded so at any budget."""
 
-    def tiled_forward(sample, **kwargs):
-        if getattr(inside, "active", False):  # DiffSynth's tiler calls forward again for each tile
-            return forward(sample)
-        inside.active = True
-        try:
-            kwargs.update(tiled=True, tile_size=64, tile_stride=48)
-            return forward(sample, **kwargs)
-        finally:
-            inside.active = False
+    def __init__(self) -> None:
+        self.decode = False
+        self.encode = False
 
-    decoder.forward = tiled_forward
+
+def tile_vae(pipe, tiles: VaeTiles) -> None:
+    """Decode 512x512-pixel tiles, and encode 512x512-pixel tiles, with overlap instead of the whole
+    image at once, when `tiles` says so (`tiling.tiled`: the tiles cover the whole image; DiffSynth's
+    own VAE tiler left the last 128 rows and columns of a 1024x1024 image black)."""
+    from . import tiling
+
+    decode = pipe.vae_decoder.forward
+
+    def tiled_decode(sample, **kwargs):
+        if not tiles.decode:
+            return decode(sample, **kwargs)
+        size, stride = (tiling.VAE_DECODE_TILE,) * 2, (tiling.VAE_DECODE_STRIDE,) * 2
+        return tiling.tiled(lambda t: decode(t), sample, size, stride, scale=tiling.LATENT_SCALE)
+
+    pipe.vae_decoder.forward = tiled_decode
+    if pipe.vae_encoder is None:
+        return
+    encode = pipe.vae_encoder.forward
+
+    def tiled_encode(sample, **kwargs):
+        if not tiles.encode:
+            return encode(sample, **kwargs)
+        size, stride = (tiling.VAE_ENCODE_TILE,) * 2, (tiling.VAE_ENCODE_STRIDE,) * 2
+        return tiling.tiled(
+            lambda t: encode(t), sample, size, stride, scale=1 / tiling.LATENT_SCALE, align=tiling.LATENT_SCALE
+        )
+
+    pipe.vae_encoder.forward = tiled_encode

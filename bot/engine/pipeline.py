@@ -4,27 +4,50 @@
 allocator, DiffSynth's loader, patches, placement, compilation, CUDA graph) and owns what lives as
 long as the loaded models do. `Engine.generate` is blocking and meant for one worker thread; it
 reports each denoising step and stops between steps when asked to (`denoise.DenoiseLoop`).
+
+A request with a `source_path` (Vary, Upscale) is img2img: DiffSynth's `input_image` (the source,
+resized to the request's size, encoded by the VAE encoder) and `denoising_strength`. The steps are
+the same denoising steps as text-to-image, on latents that start from the noised source, so they
+take the same path: compiled blocks, and with a CUDA graph its replay (its inputs are the same
+tensors; the modulation table is made from the scheduler's timesteps, which the strength shortened).
+An image larger than the model's native size is painted in tiles (`tiling.DiTTiles`, VAE in tiles
+too), each of the size the source was painted at, so an Upscale needs no more GPU memory than a job
+of that size (`budget.upscale_fits` says what it does need beyond one, for `upscale_size`).
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import math
 import threading
 import time
 from pathlib import Path
 
 import torch
+from PIL import Image
 
-from . import attention, fp8, graphs, hostmem, inductor, modulation, offload, patches, preview, weights
-from .api import CancelFn, GenerationOOM, GenerationRequest, GenerationResult, ProgressFn
-from .budget import GIB, Plan, cap_allocator, use_expandable_segments
+from . import attention, fp8, graphs, hostmem, inductor, modulation, offload, patches, preview, tiling, weights
+from .api import (
+    MAX_UPSCALED_PIXELS,
+    UPSCALE_FACTORS,
+    CancelFn,
+    GenerationOOM,
+    GenerationRequest,
+    GenerationResult,
+    ProgressFn,
+    SourceImageMissing,
+)
+from .budget import GIB, Plan, cap_allocator, upscale_fits, use_expandable_segments
 from .denoise import DenoiseLoop
 from .loading import MODELS, build_pipeline, model_root
 from .offload import Placement
 from .streaming import MIB, Streamer
 
 log = logging.getLogger("fluxbot.engine")
+
+NATIVE_PIXELS = 1024 * 1024
+"""FLUX's own scale: an img2img job larger than this is painted in tiles of at most this many pixels."""
 
 
 class Engine:
@@ -46,8 +69,9 @@ class Engine:
             attention.install(pipe.dit)
         self.modulations = modulation.Modulations(pipe.dit)
         patches.keep_models_in_place(pipe)
-        if plan.tiled_vae:
-            patches.tile_vae_decoder(pipe.vae_decoder)
+        self.vae_tiles = patches.VaeTiles()  # per job: on for every job under a small budget, and for large ones
+        self.vae_tiles.decode = plan.tiled_vae
+        patches.tile_vae(pipe, self.vae_tiles)
         for name in MODELS:
             fp8.configure_linears(
                 getattr(pipe, name), fp8_matmul=plan.fp8_matmul and name == "dit", fast_accum=plan.fast_accum
@@ -67,6 +91,10 @@ class Engine:
         self.compiled = self._maybe_compile()
         self.step_graph = self._maybe_graph()
         self.token_counts_run: set[int] = set()  # image token counts painted since loading
+        # Large img2img jobs run the DiT once per tile: inside the modulation table (one row per
+        # step for every tile), outside the step graph (one replay per tile).
+        self.dit_tiles = tiling.DiTTiles(pipe.model_fn, pipe.dit)
+        pipe.model_fn = self.dit_tiles
         modulation.install(pipe, self.modulations)  # outside the graph: it fills the table per job
 
     # ------------------------------------------------------------------ loading
@@ -175,6 +203,17 @@ class Engine:
         The blocks see tokens, not sides: portrait and landscape share one compiled graph."""
         return self.compiled and _image_tokens(width, height) not in self.token_counts_run
 
+    def upscale_size(self, width: int, height: int) -> tuple[int, int] | None:
+        """The size Upscale paints an image of width x height at: 2x each side if the plan fits it
+        (the tiles cost what a job at the source's size does; only the whole image held on the GPU
+        while the VAE works grows: `budget.upscale_fits`), else 1.5x; None when neither fits the plan
+        or `MAX_UPSCALED_PIXELS`."""
+        for factor in UPSCALE_FACTORS:
+            w, h = _round16(width * factor), _round16(height * factor)
+            if w * h <= MAX_UPSCALED_PIXELS and upscale_fits(self.plan, w, h):
+                return w, h
+        return None
+
     def warm_up(self, width: int, height: int) -> float:
         """Run a short generation so compilation happens now, not in a member's first job."""
         t0 = time.perf_counter()
@@ -217,19 +256,34 @@ class Engine:
             )
             if cuda:
                 torch.cuda.reset_peak_memory_stats(self.device)
-            image = self._paint(request, loop)
+            tile_runs = self.dit_tiles.runs
+            image, tile = self._paint(request, loop)
             seconds, timings = loop.finish()
             self.token_counts_run.add(_image_tokens(request.width, request.height))
+            if tile is not None:  # the blocks ran at the tile's size
+                self.token_counts_run.add((tile[0] // 2) * (tile[1] // 2))
+                timings["dit_tile_forwards"] = float(self.dit_tiles.runs - tile_runs)
             peak = torch.cuda.max_memory_allocated(self.device) / GIB if cuda else None
             return GenerationResult(image=image, request=request, seconds=seconds, peak_vram_gib=peak, timings=timings)
 
-    def _paint(self, req: GenerationRequest, loop: DenoiseLoop):
+    def _paint(self, req: GenerationRequest, loop: DenoiseLoop) -> tuple[Image.Image, tuple[int, int] | None]:
         """The pipeline's call for one job: the models placed for it (keep_resident off) and
-        released after it, the job's state dropped, a GPU out of memory turned into GenerationOOM."""
+        released after it, the job's state dropped, a GPU out of memory turned into GenerationOOM.
+        Returns the image and the DiT's tile (latent rows, columns; None: painted whole)."""
         if not self.plan.keep_resident:
             self.placement = self._place()
+        tile = None
         try:
-            return self.pipe(
+            img2img = {}
+            if req.source_path is not None:
+                source = _source_image(req.source_path)
+                tile = _dit_tile(req.width, req.height, source.size)
+                if source.size != (req.width, req.height):
+                    source = source.resize((req.width, req.height), Image.Resampling.LANCZOS)
+                img2img = {"input_image": source, "denoising_strength": req.strength}
+            self.dit_tiles.tile = tile
+            self.vae_tiles.decode = self.vae_tiles.encode = self.plan.tiled_vae or tile is not None
+            image = self.pipe(
                 prompt=req.prompt,
                 seed=req.seed,
                 height=req.height,
@@ -237,7 +291,9 @@ class Engine:
                 num_inference_steps=req.steps,
                 embedded_guidance=req.guidance,
                 progress_bar_cmd=loop,
+                **img2img,
             )
+            return image, tile
         except torch.cuda.OutOfMemoryError as exc:
             if self.step_graph is not None:
                 self.step_graph.reset()  # its memory pool goes back; the next job captures again
@@ -247,6 +303,8 @@ class Engine:
                 f"the GPU ran out of memory at {req.width}x{req.height} (budget {budget}): {str(exc).splitlines()[0]}"
             ) from None
         finally:
+            self.dit_tiles.tile = None
+            self.vae_tiles.decode, self.vae_tiles.encode = self.plan.tiled_vae, False
             self.modulations.clear()
             self.step_tap.clear()
             for streamer in self.streamers.values():
@@ -258,3 +316,32 @@ class Engine:
 def _image_tokens(width: int, height: int) -> int:
     """The DiT's image tokens: 8x8-pixel latents in 2x2 patches."""
     return (width // 16) * (height // 16)
+
+
+def _round16(value: float) -> int:
+    return max(16, round(value / 16) * 16)
+
+
+def _source_image(path: str) -> Image.Image:
+    """The image an img2img job starts from, as RGB; SourceImageMissing when it cannot be read."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, ValueError) as exc:  # gone, unreadable, not an image (PIL's errors are OSErrors)
+        raise SourceImageMissing(f"the image this job starts from cannot be read ({type(exc).__name__})") from exc
+
+
+def _dit_tile(width: int, height: int, source: tuple[int, int]) -> tuple[int, int] | None:
+    """The DiT's tile (latent rows, columns) for an img2img job of width x height from an image of
+    `source` size, or None to paint it whole. An upscale is tiled at the source's size (the size its
+    own job was painted at: those compiled graphs serve again); any other job larger than
+    NATIVE_PIXELS at the largest tile of its shape that NATIVE_PIXELS allows."""
+    pixels = width * height
+    if source[0] * source[1] < pixels and source[0] * source[1] <= NATIVE_PIXELS:
+        tile_w, tile_h = source
+    elif pixels > NATIVE_PIXELS:
+        shrink = math.sqrt(NATIVE_PIXELS / pixels)
+        tile_w, tile_h = max(16, int(width * shrink) // 16 * 16), max(16, int(height * shrink) // 16 * 16)
+    else:
+        return None
+    return tile_h // tiling.LATENT_SCALE // 2 * 2, tile_w // tiling.LATENT_SCALE // 2 * 2

@@ -2,7 +2,9 @@
 
 The ledger is the truth. A job is accepted only when its row and its quota charge are committed
 together (:meth:`Store.admit`), and a job row remembers which UTC day it was charged to
-(``charged_day``), so a refund returns the unit to that day, at most once. Each status change is
+(``charged_day``), so a refund returns the unit to that day, at most once. A relax-mode job
+(``[quota] relax``, quota used up) is recorded with ``relax`` set and no ``charged_day``: it took
+nothing, so nothing is refunded for it. Each status change is
 checked against where the job may come from, in the same transaction that makes it.
 """
 
@@ -83,11 +85,12 @@ SELECT
     (SELECT value FROM settings WHERE key = '{SETTING_DEFAULT_LIMIT}') AS db_default,
     COALESCE((SELECT used FROM usage WHERE user_id = :user_id AND day = :day), 0) AS used
 """
+# A job takes its `units` (Upscale 2, every other job 1) and a refund gives them all back.
 SQL_CHARGE = """
-INSERT INTO usage (user_id, day, used) VALUES (?, ?, 1)
-ON CONFLICT (user_id, day) DO UPDATE SET used = used + 1
+INSERT INTO usage (user_id, day, used) VALUES (?, ?, ?)
+ON CONFLICT (user_id, day) DO UPDATE SET used = used + excluded.used
 """
-SQL_UNCHARGE = "UPDATE usage SET used = MAX(used - 1, 0) WHERE user_id = ? AND day = ?"
+SQL_UNCHARGE = "UPDATE usage SET used = MAX(used - ?, 0) WHERE user_id = ? AND day = ?"
 SQL_CLEAR_CHARGE = "UPDATE jobs SET charged_day = NULL WHERE id = ?"
 SQL_RESET_USAGE = "UPDATE usage SET used = 0 WHERE user_id = ? AND day = ?"
 # After a reset, today's charged jobs no longer hold a unit: a later refund must not credit one.
@@ -116,7 +119,7 @@ SELECT
     (SELECT COUNT(*) FROM jobs WHERE user_id = :user_id AND status IN ({_ACTIVE_IN})) AS active_user
 """
 # A new row: every field of NewJob (the job's parameters among them) plus its starting state.
-_INSERT_FIELDS = (*(f.name for f in dataclasses.fields(NewJob)), "status", "charged_day", "queued_at")
+_INSERT_FIELDS = (*(f.name for f in dataclasses.fields(NewJob)), "status", "charged_day", "queued_at", "relax")
 SQL_INSERT_JOB = (
     f"INSERT INTO jobs ({', '.join(_INSERT_FIELDS)}, attempts) "
     f"VALUES ({', '.join(':' + name for name in _INSERT_FIELDS)}, 0)"
@@ -125,7 +128,8 @@ SQL_SELECT_JOBS = f"SELECT {_JOB_COLUMNS} FROM jobs"
 SQL_GET_JOB = SQL_SELECT_JOBS + " WHERE id = ?"
 SQL_ACTIVE_JOBS = SQL_SELECT_JOBS + f" WHERE status IN ({_ACTIVE_IN}) ORDER BY id"
 SQL_RECENT_JOBS = SQL_SELECT_JOBS + " ORDER BY id DESC LIMIT ?"
-SQL_JOB_STATE = "SELECT status, user_id, charged_day FROM jobs WHERE id = ?"
+SQL_JOB_STATE = "SELECT status, user_id, charged_day, units FROM jobs WHERE id = ?"
+SQL_MARK_RESULT_DELETED = "UPDATE jobs SET result_deleted_at = ? WHERE id = ? AND result_deleted_at IS NULL"
 
 SQL_MARK_RUNNING = "UPDATE jobs SET status = :status, attempts = attempts + 1, started_at = :now WHERE id = :id"
 SQL_MARK_GENERATED = """
@@ -153,6 +157,7 @@ _ALLOWED_FROM: dict[JobStatus, frozenset[JobStatus]] = {
 def _job_from_row(row: sqlite3.Row) -> JobRecord:
     values: dict[str, Any] = {name: row[name] for name in _JOB_FIELDS}
     values["status"] = JobStatus(values["status"])
+    values["relax"] = bool(values["relax"])
     return JobRecord(**values)
 
 
@@ -198,10 +203,12 @@ async def _job_state(conn: aiosqlite.Connection, job_id: int) -> sqlite3.Row:
     return state
 
 
-async def _refund_in(conn: aiosqlite.Connection, job_id: int, user_id: int, charged_day: str | None) -> bool:
+async def _refund_in(
+    conn: aiosqlite.Connection, job_id: int, user_id: int, charged_day: str | None, units: int = 1
+) -> bool:
     if charged_day is None:
         return False
-    await execute(conn, SQL_UNCHARGE, (user_id, charged_day))
+    await execute(conn, SQL_UNCHARGE, (units, user_id, charged_day))
     await execute(conn, SQL_CLEAR_CHARGE, (job_id,))
     return True
 
@@ -374,20 +381,29 @@ class Store:
         max_per_user: int,
         now: datetime | None = None,
         deadline_s: float | None = None,
+        relax: bool = False,
     ) -> Admission:
-        """Check caps and quota and, if all pass, insert the job and charge one unit, atomically.
+        """Check caps and quota and, if all pass, insert the job and charge its `units` (one, an
+        Upscale two), atomically.
 
         Refusals, in order: QUEUE_FULL (active jobs of everyone >= max_queue), USER_CAP
-        (the user's active jobs >= max_per_user), QUOTA_EXHAUSTED (used >= limit).
+        (the user's active jobs >= max_per_user), QUOTA_EXHAUSTED (used + units > limit). With `relax`
+        ([quota] relax), a quota that cannot pay for the job (used up, or short of its units) is no
+        refusal: the job is inserted in relax mode instead
+        (`relax` set, `charged_day` NULL, no unit taken, so nothing is ever refunded for it), unless
+        the limit is 0 (no quota at all: a member an admin shut out). The caps hold for relax jobs too.
         A refusal writes nothing. With `deadline_s`, `StoreBusy` (nothing written) when another
         writer holds the database past it.
         """
         if job.origin not in ORIGINS:
             raise ValueError(f"job origin must be one of {ORIGINS}, got {job.origin!r}")
+        if isinstance(job.units, bool) or not isinstance(job.units, int) or job.units < 1:
+            raise ValueError(f"job units must be an integer >= 1, got {job.units!r}")
         now = as_utc(now)
         day = utc_day(now)
         params = dataclasses.asdict(job)
-        params.update(status=JobStatus.QUEUED.value, charged_day=day, queued_at=now.timestamp())
+        params.update(status=JobStatus.QUEUED.value, charged_day=day, queued_at=now.timestamp(), relax=0)
+        relax_params = {**params, "charged_day": None, "relax": 1}
 
         def admit_in_db_thread(db: sqlite3.Connection) -> tuple[bool, Admission]:
             counts = db.execute(SQL_ACTIVE_COUNTS, {"user_id": job.user_id}).fetchone()
@@ -397,12 +413,16 @@ class Store:
                 return False, Admission(AdmissionStatus.QUEUE_FULL, None, quota)
             if counts["active_user"] >= max_per_user:
                 return False, Admission(AdmissionStatus.USER_CAP, None, quota)
-            if quota.used >= quota.limit:
-                return False, Admission(AdmissionStatus.QUOTA_EXHAUSTED, None, quota)
+            if quota.used + job.units > quota.limit:
+                if not relax or quota.limit == 0:
+                    return False, Admission(AdmissionStatus.QUOTA_EXHAUSTED, None, quota)
+                job_id = db.execute(SQL_INSERT_JOB, relax_params).lastrowid  # free: no unit taken
+                row = db.execute(SQL_GET_JOB, (job_id,)).fetchone()
+                return True, Admission(AdmissionStatus.ACCEPTED, _job_from_row(row), quota)
             job_id = db.execute(SQL_INSERT_JOB, params).lastrowid
-            db.execute(SQL_CHARGE, (job.user_id, day))
+            db.execute(SQL_CHARGE, (job.user_id, day, job.units))
             row = db.execute(SQL_GET_JOB, (job_id,)).fetchone()
-            used = quota.used + 1
+            used = quota.used + job.units
             charged = dataclasses.replace(quota, used=used, remaining=max(0, quota.limit - used))
             return True, Admission(AdmissionStatus.ACCEPTED, _job_from_row(row), charged)
 
@@ -474,7 +494,7 @@ class Store:
                 raise InvalidTransition(f"job {job_id} cannot go from {current.value} to {target.value}")
             await execute(conn, sql, {**params, "status": target.value, "id": job_id})
             if refund:
-                await _refund_in(conn, job_id, state["user_id"], state["charged_day"])
+                await _refund_in(conn, job_id, state["user_id"], state["charged_day"], state["units"])
             row = await fetch_one(conn, SQL_GET_JOB, (job_id,))
             assert row is not None
             return _job_from_row(row)
@@ -517,10 +537,18 @@ class Store:
                 raise StoreError(f"job {job_id} does not exist")
 
     async def refund(self, job_id: int) -> bool:
-        """Return the job's unit to the usage of the day it was charged (never below 0).
+        """Return the job's units to the usage of the day it was charged (never below 0).
 
         Idempotent: False when the job is not (or no longer) charged.
         """
         async with self._db.transaction() as conn:
             state = await _job_state(conn, job_id)
-            return await _refund_in(conn, job_id, state["user_id"], state["charged_day"])
+            return await _refund_in(conn, job_id, state["user_id"], state["charged_day"], state["units"])
+
+    async def mark_result_deleted(self, job_id: int, now: datetime | None = None) -> bool:
+        """Record that the job's result message was deleted (its Delete button): its other buttons,
+        should a stale copy of the message still be clicked, refuse from now on. False when the job
+        does not exist or was marked already. Changes neither the status nor the quota."""
+        async with self._db.transaction() as conn:
+            changed, _ = await execute(conn, SQL_MARK_RESULT_DELETED, (as_utc(now).timestamp(), job_id))
+        return changed > 0

@@ -12,7 +12,9 @@ from datetime import datetime
 
 from ..params import JobParams
 
-ORIGINS = ("imagine", "reroll")
+ORIGINS = ("imagine", "reroll", "vary_subtle", "vary_strong", "upscale", "remix")
+"""How a job was asked for: /imagine, or a result's button (every one but /imagine names its
+`source_job_id`, the result it came from)."""
 
 
 class StoreError(Exception):
@@ -51,8 +53,10 @@ class NewJob(JobParams):
     interaction_token: str | None = None
     interaction_created_at: float | None = None  # unix seconds
     application_id: int | None = None
-    origin: str = "imagine"  # "imagine" | "reroll"
+    origin: str = "imagine"  # one of ORIGINS
     upload_limit: int | None = None  # bytes the interaction may upload (boosted servers allow more)
+    source_job_id: int | None = None  # the result a button's job came from (Re-roll, Vary, Upscale, Remix)
+    units: int = 1  # quota units the job takes (Upscale: 2), all refunded if it fails
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,6 +84,10 @@ class JobRecord(JobParams):
     result_message_id: int | None  # the delivered message
     duration_s: float | None  # generation seconds
     upload_limit: int | None  # bytes the interaction may upload; None: Discord's default
+    relax: bool = False  # admitted in relax mode (quota used up): charged nothing, runs after charged jobs
+    source_job_id: int | None = None  # the result a button's job came from
+    units: int = 1  # quota units taken at admission (given back together on a refund)
+    result_deleted_at: float | None = None  # the result's message was deleted with its Delete button
 
 
 @dataclass(frozen=True)
@@ -105,6 +113,11 @@ class Admission:
     status: AdmissionStatus
     job: JobRecord | None
     quota: QuotaStatus
+
+    @property
+    def relax(self) -> bool:
+        """Accepted in relax mode: the quota was used up, so nothing was charged."""
+        return self.job is not None and self.job.relax
 
 
 @dataclass(frozen=True)

@@ -113,11 +113,31 @@ CREATE TABLE member_settings (
 );
 """
 
+# Relax mode ([quota] relax): a job admitted after its member's quota was used up, charged nothing
+# (its charged_day stays NULL), painted only when no charged job waits. Rows from before are not.
+MIGRATION_5_RELAX = """
+ALTER TABLE jobs ADD COLUMN relax INTEGER NOT NULL DEFAULT 0 CHECK (relax IN (0, 1));
+"""
+
+# Derived jobs (the result buttons Vary, Upscale, Remix): the job a result came from, the image an
+# img2img job paints from (its path kept here, so a restart re-runs the job without the source's
+# row), its denoising strength (1: from noise, as every earlier row), the quota units the job took
+# (Upscale takes 2; every earlier row took 1) and when the Delete button removed a result.
+MIGRATION_6_DERIVED = """
+ALTER TABLE jobs ADD COLUMN strength REAL NOT NULL DEFAULT 1.0 CHECK (strength > 0 AND strength <= 1);
+ALTER TABLE jobs ADD COLUMN source_path TEXT;
+ALTER TABLE jobs ADD COLUMN source_job_id INTEGER;
+ALTER TABLE jobs ADD COLUMN units INTEGER NOT NULL DEFAULT 1 CHECK (units >= 1);
+ALTER TABLE jobs ADD COLUMN result_deleted_at REAL;
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial: settings, user_limits, usage, jobs", MIGRATION_1_INITIAL),
     Migration(2, "delivery and recovery columns, active-job indexes", MIGRATION_2_DELIVERY_RECOVERY),
     Migration(3, "the interaction's upload limit, kept across restarts", MIGRATION_3_UPLOAD_LIMIT),
     Migration(4, "members' own defaults (/settings)", MIGRATION_4_MEMBER_SETTINGS),
+    Migration(5, "relax-mode jobs (free, after the charged ones)", MIGRATION_5_RELAX),
+    Migration(6, "derived jobs: source, strength, units, deleted results", MIGRATION_6_DERIVED),
 )
 
 
