@@ -366,7 +366,7 @@ def stats_text(stats: LedgerStats, *, queue_depth: int, peak_vram_gib: float | N
     mean = "n/a" if stats.mean_seconds_week is None else f"{stats.mean_seconds_week:.1f} s"
     lines = [
         f"**Images** today {stats.images_today}, last 7 days {stats.images_week}",
-        f"**Failed** today {stats.failed_today}, last 7 days {stats.failed_week} (each refunded)",
+        f"**Failed** today {stats.failed_today}, last 7 days {stats.failed_week} (refunded, except relax jobs: those cost nothing)",
         f"**Mean time per image** (7 days): {mean}",
         f"**Queue**: {queue_depth} waiting or being painted",
         "**GPU memory** (last image): " + ("n/a" if peak_vram_gib is None else f"{peak_vram_gib:.2f} GiB"),
