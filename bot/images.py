@@ -22,6 +22,8 @@ def png_metadata(params: JobParams, model: str, **extra: object) -> dict[str, ob
     fields.pop("source_path")
     if not params.from_image:
         fields.pop("strength")
+    if params.count == 1:
+        fields.pop("count")
     return {**fields, "size": f"{width}x{height}", "model": model, **extra, "generator": "fluxbot"}
 
 
@@ -46,6 +48,27 @@ def save_png(image: Image.Image, path: Path, metadata: dict[str, object]) -> Pat
         tmp.unlink(missing_ok=True)  # a full disk or a bad folder leaves no half file behind
         raise
     return path
+
+
+def grid_shape(count: int) -> tuple[int, int]:
+    """(columns, rows) of a grid of `count` images: 1x2, 1x3 in a row, four as 2x2."""
+    return (2, 2) if count == 4 else (count, 1)
+
+
+def grid_image(images: list[Image.Image]) -> Image.Image:
+    """The images side by side at full size (2x2 for four), in order, left to right, top to bottom."""
+    columns, rows = grid_shape(len(images))
+    width, height = images[0].size
+    grid = Image.new("RGB", (columns * width, rows * height))
+    for index, image in enumerate(images):
+        grid.paste(image.convert("RGB"), ((index % columns) * width, (index // columns) * height))
+    return grid
+
+
+def grid_part_path(result_path: str | Path, index: int) -> Path:
+    """Where image `index` (1-based) of the grid saved at `result_path` is kept: beside it."""
+    path = Path(result_path)
+    return path.with_name(f"{path.stem}-{index}{path.suffix}")
 
 
 def fit_upload(png: bytes, limit: int) -> tuple[bytes, str]:

@@ -28,6 +28,7 @@ class JobParams:
     height: int = 1024
     strength: float = 1.0  # denoising strength: 1 paints from noise, less keeps more of the source image
     source_path: str | None = None  # the image an img2img job starts from (a result on the bot's disk)
+    count: int = 1  # images in the job (a grid of `count`, seeds seed, seed + 1, ...); 1: one image
 
     @property
     def from_image(self) -> bool:
@@ -46,13 +47,18 @@ MAX_COUNT = 4
 """The most images one /imagine may ask for (a grid of four)."""
 
 
+def image_seed(seed: int, index: int) -> int:
+    """The seed of a grid's image `index` (0-based): seed, seed + 1, ..., wrapping within 32 bits."""
+    return (seed + index) % 2**32
+
+
 @dataclass(frozen=True)
 class MemberSettings:
     """A member's own defaults (/settings). None: not chosen, so the bot's default applies."""
 
     size: str | None = None  # a size preset's name: "square", "portrait", "landscape"
     steps: int | None = None
-    count: int | None = None  # 1..MAX_COUNT; kept for grids (each /imagine paints one image for now)
+    count: int | None = None  # 1..MAX_COUNT: images per /imagine (more than one: a grid)
     previews: bool | None = None  # live previews on progress edits
 
     def is_empty(self) -> bool:

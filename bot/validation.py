@@ -160,13 +160,17 @@ def check_imagine(
     generation: GenerationSettings,
     moderation: ModerationSettings,
     mine: MemberSettings | None = None,
+    count: object = None,
 ) -> JobParams:
     """Every /imagine option checked against this bot's generation and moderation settings; what is
-    not given comes from the member's own defaults (`mine`), else the bot's."""
+    not given comes from the member's own defaults (`mine`), else the bot's (`count`: 1)."""
     text = check_prompt(prompt, max_chars=generation.max_prompt_chars, blocked_terms=moderation.blocked_terms)
     value, _ = check_seed(seed)
     default_steps, default_size = member_defaults(mine or MemberSettings(), generation)
     n = check_steps(steps, default=default_steps, maximum=generation.max_steps)
     presets = size_presets(generation.width, generation.height)
     preset = presets[check_size(size, presets) or default_size]
-    return JobParams(text, value, n, preset.width, preset.height)
+    images = check_count(count)
+    if images is None:
+        images = (mine or MemberSettings()).count or 1
+    return JobParams(text, value, n, preset.width, preset.height, count=images)

@@ -15,7 +15,7 @@ def field_names(cls) -> set[str]:
 
 
 def test_every_job_type_carries_every_parameter():
-    assert PARAM_FIELDS == ("prompt", "seed", "steps", "width", "height", "strength", "source_path")
+    assert PARAM_FIELDS == ("prompt", "seed", "steps", "width", "height", "strength", "source_path", "count")
     for cls in (NewJob, JobRecord, GenerationRequest):
         assert issubclass(cls, JobParams)
         assert set(PARAM_FIELDS) <= field_names(cls), cls

@@ -49,7 +49,7 @@ async def test_settings_shows_changes_and_applies_the_defaults_to_the_next_imagi
         shown = await settings_reply(fake)
         assert "Size: Square 256x256, the bot's default" in shown
         assert "Steps: 3, the bot's default" in shown and "Live previews: on, the bot's default" in shown
-        assert "Count: 1, the bot's default; kept for grids" in shown
+        assert "Count: 1, the bot's default" in shown
         assert await bot.store.member_settings(ALICE) == MemberSettings()  # showing writes nothing
 
         changed = await settings_reply(fake, options={"size": "portrait", "steps": 2, "count": 4, "previews": False})
@@ -58,9 +58,10 @@ async def test_settings_shows_changes_and_applies_the_defaults_to_the_next_imagi
         assert "Count: 4, yours" in changed and "Live previews: off, yours" in changed
         assert await bot.store.member_settings(ALICE) == MemberSettings("portrait", 2, 4, False)
 
-        mine = await paint(fake)  # no size, no steps: hers
+        mine = await paint(fake)  # no size, no steps, no count: hers (a grid of four, four units)
+        assert embed_field(mine, "Seeds") is not None and len(mine["components"][0]["components"]) == 4
         assert (embed_field(mine, "Size"), embed_field(mine, "Steps")) == ("208x304", "2")
-        given = await paint(fake, steps=3, size="landscape")  # what /imagine is told wins
+        given = await paint(fake, steps=3, size="landscape", count=1)  # what /imagine is told wins
         assert (embed_field(given, "Size"), embed_field(given, "Steps")) == ("304x208", "3")
         theirs = await paint(fake, user=BOB)  # another member keeps the bot's defaults
         assert (embed_field(theirs, "Size"), embed_field(theirs, "Steps")) == ("256x256", "3")

@@ -55,7 +55,9 @@ class AdminGroup(app_commands.Group):
 # ---------------------------------------------------------------- members' commands
 
 
-async def imagine(interaction: Interaction, prompt: object, seed: object, steps: object, size: object) -> None:
+async def imagine(
+    interaction: Interaction, prompt: object, seed: object, steps: object, size: object, count: object = None
+) -> None:
     """/imagine: every value is checked again here (a raw request can carry anything), what is not
     given comes from the member's /settings (else the bot's), then it is admitted."""
     bot = interaction.client
@@ -66,12 +68,14 @@ async def imagine(interaction: Interaction, prompt: object, seed: object, steps:
         await tell(interaction, messages.DATABASE_BUSY)
         return
     try:
-        params = check_imagine(prompt, seed, steps, size, bot.settings.generation, bot.settings.moderation, mine)
+        params = check_imagine(
+            prompt, seed, steps, size, bot.settings.generation, bot.settings.moderation, mine, count=count
+        )
     except ValidationError as exc:
         await tell(interaction, messages.not_queued(exc))
         return
     left = max(0.2, ANSWER_DEADLINE_S - (time.monotonic() - started))
-    await enqueue(interaction, params, "imagine", deadline_s=left)
+    await enqueue(interaction, params, "imagine", deadline_s=left, units=params.count)  # a grid: one unit an image
 
 
 async def member_settings(
@@ -218,8 +222,9 @@ def imagine_command(settings: Settings) -> app_commands.Command[Any, ..., None]:
         seed: app_commands.Range[int, -1, MAX_SEED] | None = None,
         steps: app_commands.Range[int, 1, gen.max_steps] | None = None,
         size: str | None = None,
+        count: app_commands.Range[int, 1, MAX_COUNT] | None = None,
     ) -> None:
-        await imagine(interaction, prompt, seed, steps, size)
+        await imagine(interaction, prompt, seed, steps, size, count)
 
     command: app_commands.Command[Any, ..., None] = app_commands.Command(
         name="imagine", description=messages.IMAGINE, callback=imagine_options
@@ -229,6 +234,7 @@ def imagine_command(settings: Settings) -> app_commands.Command[Any, ..., None]:
         seed=messages.IMAGINE_SEED,
         steps=messages.IMAGINE_STEPS.format(max_steps=gen.max_steps, default_steps=gen.default_steps),
         size=messages.IMAGINE_SIZE,
+        count=messages.IMAGINE_COUNT.format(max_count=MAX_COUNT),
     )(command)
     choices = [app_commands.Choice(name=p.label, value=p.name) for p in presets.values()]
     app_commands.choices(size=choices)(command)

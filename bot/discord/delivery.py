@@ -30,7 +30,7 @@ from ..images import fit_upload
 from ..jobs import DeliveryFailed
 from ..store import JobRecord, Store, StoreError
 from . import messages
-from .views import result_view
+from .views import view_for
 
 log = logging.getLogger("fluxbot.discord")
 
@@ -267,7 +267,7 @@ class DiscordDelivery:
                     content="",
                     embed=embed,
                     attachments=[file()],
-                    view=result_view(job.id),
+                    view=view_for(job),
                     allowed_mentions=messages.NO_PINGS,
                 )
                 return msg.id
@@ -307,7 +307,7 @@ class DiscordDelivery:
                 raise DeliveryFailed("the interaction's token ran out while the follow-up was being sent again")
             try:
                 msg = await once.send(
-                    embed=embed, file=file(), view=result_view(job.id), allowed_mentions=messages.NO_PINGS, wait=True
+                    embed=embed, file=file(), view=view_for(job), allowed_mentions=messages.NO_PINGS, wait=True
                 )
                 return msg.id
             except (discord.NotFound, discord.Forbidden) as exc:
@@ -338,7 +338,7 @@ class DiscordDelivery:
                 messages.ready_in_channel(job.user_id),
                 embed=embed,
                 file=file(),
-                view=result_view(job.id),
+                view=view_for(job),
                 nonce=f"fluxbot-{job.id}",  # Discord drops a repeat of this post (enforce_nonce)
                 allowed_mentions=messages.ping_only(job.user_id),
             )

@@ -9,7 +9,7 @@ from datetime import datetime
 import discord
 
 from ..config import Settings
-from ..params import MemberSettings
+from ..params import MemberSettings, image_seed
 from ..store import AdmissionStatus, JobRecord, LedgerStats, QuotaStatus
 from ..validation import member_defaults, size_presets
 
@@ -110,7 +110,7 @@ def result_embed(job: JobRecord, *, source: JobRecord | None = None) -> discord.
     an Upscale's factor is read from; None where it could not be read)."""
     prompt = job.prompt if len(job.prompt) <= 4000 else job.prompt[:3999] + "…"
     embed = discord.Embed(description=prompt, colour=COLOR, title=derived_title(job))
-    embed.add_field(name="Seed", value=str(job.seed))
+    embed.add_field(name="Seed" if job.count == 1 else "Seeds", value=seeds_text(job))
     embed.add_field(name="Steps", value=str(job.steps))
     embed.add_field(name="Size", value=f"{job.width}x{job.height}")
     if job.duration_s is not None:
@@ -124,6 +124,11 @@ def result_embed(job: JobRecord, *, source: JobRecord | None = None) -> discord.
         embed.add_field(name="Mode", value="Relax (free)")
     embed.set_footer(text=f"job {job.id}")
     return embed
+
+
+def seeds_text(job: JobRecord) -> str:
+    """The seed, or a grid's seeds in order (seed, seed + 1, ...)."""
+    return str(job.seed) if job.count == 1 else ", ".join(str(image_seed(job.seed, i)) for i in range(job.count))
 
 
 def queue_listing(running: JobRecord | None, waiting: list[JobRecord], me: int, *, admin: bool = False) -> str:
@@ -158,6 +163,7 @@ IMAGINE_PROMPT = "What to paint (up to {max_chars} characters)"
 IMAGINE_SEED = "Seed for the same image again; leave empty or -1 for a random one"
 IMAGINE_STEPS = "Denoising steps, 1 to {max_steps} (default {default_steps}); more is slower"
 IMAGINE_SIZE = "Image shape"
+IMAGINE_COUNT = "Images, 1 to {max_count}: more than one come as a grid (default: your /settings, else 1)"
 QUEUE = "Show what is waiting for the GPU"
 CANCEL = "Cancel your newest waiting image, or the one being painted"
 QUOTA = "How many images you may still make today"
@@ -173,7 +179,7 @@ OPTION_LIMIT = "Images per day (0 to {max_limit})"
 SETTINGS = "Your defaults for /imagine: size, steps, count, live previews"
 SETTINGS_SIZE = "Image shape when /imagine is not told one"
 SETTINGS_STEPS = "Denoising steps when /imagine is not told them (1 to {max_steps})"
-SETTINGS_COUNT = "Images per /imagine, 1 to {max_count} (kept for grids: one image at a time for now)"
+SETTINGS_COUNT = "Images per /imagine, 1 to {max_count} (more than one come as a grid)"
 SETTINGS_PREVIEWS = "Show a small preview of the image while it is painted"
 SETTINGS_RESET = "Forget your choices: the bot's defaults again"
 REROLL_LABEL = "Re-roll"
@@ -227,7 +233,7 @@ def settings_text(mine: MemberSettings, settings: Settings, *, changed: bool = F
     if mine.steps is not None and mine.steps > steps:
         steps_note = f"yours was {mine.steps}, capped to the most this bot allows"
     count = 1 if mine.count is None else mine.count
-    count_note = whose(mine.count) + "; kept for grids: /imagine paints one image at a time for now"
+    count_note = whose(mine.count) + ("; more than one come as a grid" if count > 1 else "")
     if not settings.discord.previews:
         previews = "off: this bot sends none" + ("" if mine.previews is None else f" (yours: {_on(mine.previews)})")
     else:
@@ -275,6 +281,7 @@ DERIVED_LABELS = {
     "vary_strong": VARY_STRONG_LABEL,
     "upscale": UPSCALE_LABEL,
     "remix": REMIX_LABEL,
+    "pick": "Image",
 }
 ACTIONS = {
     "reroll": "re-rolled",
@@ -283,6 +290,7 @@ ACTIONS = {
     "upscale": "upscaled",
     "remix": "remixed",
     "delete": "deleted",
+    "pick": "posted alone",
 }
 
 
@@ -291,6 +299,8 @@ def derived_title(job: JobRecord) -> str | None:
     label = DERIVED_LABELS.get(job.origin)
     if label is None or job.source_job_id is None:
         return None
+    if job.origin == "pick":
+        return f"Image of the grid #{job.source_job_id}"
     return f"{label} of #{job.source_job_id}"
 
 
@@ -312,6 +322,18 @@ def derived_queued(job: JobRecord, source: JobRecord) -> str:
 def button_refused(job_id: int, action: str, reason: str) -> str:
     """A result button that cannot do its work: nothing was queued or charged."""
     return f"That image (job {job_id}) cannot be {ACTIONS.get(action, action)}: {reason}. Nothing was charged."
+
+
+NOT_A_GRID = "it is not a grid"
+
+
+def no_such_image(index: int, count: int) -> str:
+    return f"its grid has {count} images, so there is no image {index}"
+
+
+def grid_label(kind: str, index: int) -> str:
+    """A grid's buttons: U1..Un post image n alone, V1..Vn vary it (subtly)."""
+    return f"{kind.upper()}{index}"
 
 
 NOT_THIS_RESULT = "this button is not on that image's own message"

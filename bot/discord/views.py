@@ -29,9 +29,10 @@ from typing import Any
 import discord
 
 from ..engine.api import MAX_UPSCALED_PIXELS
+from ..images import grid_part_path
 from ..jobs import EngineNotReady
-from ..params import JobParams
-from ..store import JobRecord, JobStatus, StoreBusy, StoreError
+from ..params import MAX_COUNT, JobParams, image_seed
+from ..store import JobRecord, JobStatus, NewJob, StoreBusy, StoreError
 from ..validation import MAX_SEED, ValidationError, check_prompt, check_seed, size_presets
 from . import messages
 from .interactions import ANSWER_DEADLINE_S, Interaction, enqueue, is_admin, tell
@@ -43,7 +44,10 @@ VARY_ID = re.compile(rf"{PREFIX}vary-(?P<kind>subtle|strong):(?P<job_id>[0-9]+)"
 UPSCALE_ID = re.compile(rf"{PREFIX}upscale:(?P<job_id>[0-9]+)")
 REMIX_ID = re.compile(rf"{PREFIX}remix:(?P<job_id>[0-9]+)")
 DELETE_ID = re.compile(rf"{PREFIX}delete:(?P<job_id>[0-9]+)")
-JOB_BUTTON_ID = re.compile(rf"{PREFIX}(?:reroll|vary-subtle|vary-strong|upscale|remix|delete):[0-9]+")  # any above
+GRID_ID = re.compile(rf"{PREFIX}grid-(?P<kind>[uv])(?P<index>[0-9]):(?P<job_id>[0-9]+)")  # U1..U4, V1..V4
+JOB_BUTTON_ID = re.compile(
+    rf"{PREFIX}(?:reroll|vary-subtle|vary-strong|upscale|remix|delete|grid-[uv][0-9]):[0-9]+"
+)  # any above
 REMIX_FORM_ID = re.compile(rf"{PREFIX}remix-form:(?P<job_id>[0-9]+)")
 REMIX_PROMPT, REMIX_SEED = "prompt", "seed"  # the form's text inputs
 UPSCALE_UNITS = 2
@@ -297,7 +301,103 @@ class DeleteButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=DELE
             log.warning("job %d: its result was deleted, but the ledger did not record it (%s)", job.id, exc)
 
 
-RESULT_BUTTONS = (RerollButton, VaryButton, UpscaleButton, RemixButton, DeleteButton)
+class GridButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=GRID_ID):
+    """A grid's `U1`..`Un` (image n alone, full size, as a result of its own with the six result
+    buttons; nothing is painted, so nothing is charged) and `V1`..`Vn` (Vary (Subtle) of image n,
+    one unit to whoever clicks). The index is checked against the grid's own count."""
+
+    def __init__(self, job_id: int, kind: str, index: int) -> None:
+        style = discord.ButtonStyle.primary if kind == "u" else discord.ButtonStyle.secondary
+        super().__init__(
+            discord.ui.Button(
+                label=messages.grid_label(kind, index),
+                style=style,
+                custom_id=f"{PREFIX}grid-{kind}{index}:{job_id}",
+                row=0 if kind == "u" else 1,
+            )
+        )
+        self.job_id, self.kind, self.index = job_id, kind, index
+
+    @classmethod
+    async def from_custom_id(  # type: ignore[override]  # only our bot's interactions reach it
+        cls, interaction: Interaction, item: discord.ui.Item[Any], match: re.Match[str]
+    ) -> GridButton:
+        return cls(int(match["job_id"]), match["kind"], int(match["index"]))
+
+    async def callback(self, interaction: Interaction) -> None:  # type: ignore[override]  # ours only
+        started = time.monotonic()
+        action = "pick" if self.kind == "u" else "vary_subtle"
+        job = await _result(interaction, self.job_id, action, needs_file=False, deadline_s=ANSWER_DEADLINE_S / 2)
+        if job is None:
+            return
+        refusal = None
+        if job.count < 2:
+            refusal = messages.NOT_A_GRID
+        elif not 1 <= self.index <= job.count:
+            refusal = messages.no_such_image(self.index, job.count)
+        part = None if job.result_path is None else str(grid_part_path(job.result_path, self.index))
+        if refusal is None and not await _is_file(part):
+            refusal = messages.RESULT_FILE_GONE
+        if refusal is not None or part is None:
+            log.info("a grid %s%d click on job %d was refused: %s", self.kind, self.index, job.id, refusal)
+            await tell(interaction, messages.button_refused(job.id, action, refusal or messages.RESULT_FILE_GONE))
+            return
+        one = dataclasses.replace(job.params(), seed=image_seed(job.seed, self.index - 1), count=1)
+        if self.kind == "u":
+            await _post_picked(interaction, job, one, part)
+            return
+        try:
+            prompt = _checked_prompt(interaction, job.prompt)
+        except ValidationError as exc:
+            await tell(interaction, messages.button_refused(job.id, action, str(exc)))
+            return
+        gen = interaction.client.settings.generation
+        seed, _ = check_seed(None)
+        params = dataclasses.replace(
+            one,
+            prompt=prompt,
+            seed=seed,
+            steps=min(job.steps, gen.max_steps),
+            strength=gen.vary_subtle_strength,
+            source_path=part,
+        )
+        await enqueue(interaction, params, action, deadline_s=_left(started), source=job)
+
+
+async def _post_picked(interaction: Interaction, grid: JobRecord, params: JobParams, part: str) -> None:
+    """U<n>: the grid's image n as a result of its own (a row born painted, nothing charged), posted
+    as the reply to the click (which the result then replaces) with the result buttons."""
+    bot = interaction.client
+    new = NewJob(
+        **vars(params),
+        user_id=interaction.user.id,
+        guild_id=interaction.guild_id,
+        channel_id=interaction.channel_id,
+        interaction_id=interaction.id,
+        interaction_token=interaction.token,
+        interaction_created_at=interaction.created_at.timestamp(),
+        application_id=interaction.application_id,
+        origin="pick",
+        upload_limit=interaction.filesize_limit or None,
+        source_job_id=grid.id,
+    )
+    try:
+        job = await bot.store.record_pick(new, part, deadline_s=ANSWER_DEADLINE_S / 2)
+    except StoreBusy:
+        await tell(interaction, messages.DATABASE_BUSY)
+        return
+    try:
+        await interaction.response.defer(thinking=True)
+        msg = await interaction.edit_original_response(
+            content=f"**{messages.derived_title(job)}**", allowed_mentions=messages.NO_PINGS
+        )
+        await bot.queue.attach_message(job.id, msg.id)
+    except discord.HTTPException as exc:  # delivery finds another way (the channel)
+        log.warning("job %d: could not answer the U click (%s); posting it anyway", job.id, exc)
+    await bot.queue.deliver_picked(job)
+
+
+RESULT_BUTTONS = (RerollButton, VaryButton, UpscaleButton, RemixButton, DeleteButton, GridButton)
 
 
 def result_view(job_id: int) -> discord.ui.View:
@@ -314,6 +414,20 @@ def result_view(job_id: int) -> discord.ui.View:
     ):
         view.add_item(item)
     return view
+
+
+def grid_view(job_id: int, count: int) -> discord.ui.View:
+    """The buttons under a grid of `count` images: U1..Un, then V1..Vn."""
+    view = discord.ui.View(timeout=None)
+    for kind in ("u", "v"):
+        for index in range(1, min(count, MAX_COUNT) + 1):
+            view.add_item(GridButton(job_id, kind, index))
+    return view
+
+
+def view_for(job: JobRecord) -> discord.ui.View:
+    """What goes under a job's result: a grid's U and V buttons, else the six result buttons."""
+    return grid_view(job.id, job.count) if job.count > 1 else result_view(job.id)
 
 
 # ---------------------------------------------------------------- Remix's form

@@ -428,6 +428,23 @@ class Store:
 
         return await self._db.transaction_in_db_thread(admit_in_db_thread, deadline_s=deadline_s)
 
+    async def record_pick(
+        self, job: NewJob, result_path: str, *, now: datetime | None = None, deadline_s: float | None = None
+    ) -> JobRecord:
+        """A grid's U button: one of its images, already painted, as a result of its own (a row born
+        `generated`, its file `result_path`). Nothing is charged (no `charged_day`), so nothing is
+        refunded either; no cap applies (nothing is painted)."""
+        now = as_utc(now)
+        params = dataclasses.asdict(job)
+        params.update(status=JobStatus.GENERATED.value, charged_day=None, queued_at=now.timestamp(), relax=0)
+
+        def record_in_db_thread(db: sqlite3.Connection) -> tuple[bool, JobRecord]:
+            job_id = db.execute(SQL_INSERT_JOB, params).lastrowid
+            db.execute("UPDATE jobs SET result_path = ?, duration_s = 0 WHERE id = ?", (result_path, job_id))
+            return True, _job_from_row(db.execute(SQL_GET_JOB, (job_id,)).fetchone())
+
+        return await self._db.transaction_in_db_thread(record_in_db_thread, deadline_s=deadline_s)
+
     # ---------------------------------------------------------------- jobs
 
     async def stats(self, now: datetime | None = None) -> LedgerStats:

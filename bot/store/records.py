@@ -12,7 +12,7 @@ from datetime import datetime
 
 from ..params import JobParams
 
-ORIGINS = ("imagine", "reroll", "vary_subtle", "vary_strong", "upscale", "remix")
+ORIGINS = ("imagine", "reroll", "vary_subtle", "vary_strong", "upscale", "remix", "pick")  # pick: a grid's U
 """How a job was asked for: /imagine, or a result's button (every one but /imagine names its
 `source_job_id`, the result it came from)."""
 

@@ -131,6 +131,12 @@ ALTER TABLE jobs ADD COLUMN units INTEGER NOT NULL DEFAULT 1 CHECK (units >= 1);
 ALTER TABLE jobs ADD COLUMN result_deleted_at REAL;
 """
 
+# A grid (/imagine count 2..4): the images one job paints, each with its own seed (seed, seed + 1, ...);
+# its `units` are the count. Every earlier row painted one image.
+MIGRATION_7_COUNT = """
+ALTER TABLE jobs ADD COLUMN count INTEGER NOT NULL DEFAULT 1 CHECK (count >= 1 AND count <= 4);
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial: settings, user_limits, usage, jobs", MIGRATION_1_INITIAL),
     Migration(2, "delivery and recovery columns, active-job indexes", MIGRATION_2_DELIVERY_RECOVERY),
@@ -138,6 +144,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(4, "members' own defaults (/settings)", MIGRATION_4_MEMBER_SETTINGS),
     Migration(5, "relax-mode jobs (free, after the charged ones)", MIGRATION_5_RELAX),
     Migration(6, "derived jobs: source, strength, units, deleted results", MIGRATION_6_DERIVED),
+    Migration(7, "grids: the images one job paints", MIGRATION_7_COUNT),
 )
 
 
