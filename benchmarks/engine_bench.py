@@ -145,8 +145,10 @@ def ours_engine(budget: float | None, root: Path, device: str, preset: str):
     if "STREAM_WINDOW_MIB" in os.environ:
         engine.streamers["dit"].window = int(float(os.environ["STREAM_WINDOW_MIB"]) * 2**20)
     if os.environ.get("H2D_GBPS"):
-        for streamer in engine.streamers.values():
-            EXTRA["h2d_cap"] = streamer.cap_rate(float(os.environ["H2D_GBPS"]))
+        first, *rest = engine.streamers.values()
+        EXTRA["h2d_cap"] = first.cap_rate(float(os.environ["H2D_GBPS"]))
+        for streamer in rest:
+            streamer.cap_like(first)
     return engine
 
 

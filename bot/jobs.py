@@ -100,7 +100,7 @@ class EngineNotReady(Exception):
 
 def for_job(job: JobRecord, reason: str) -> str:
     """The failure notice `reason` as `job`'s member must read it: a relax job took no quota, so it is
-    promised no refund."""
+    promised no refund (`Delivery.failed` words every notice through this)."""
     if not job.relax:
         return reason
     if reason == LEDGER_DOWN:
@@ -119,10 +119,10 @@ def _background_pauses() -> Iterator[float]:
 def _unexpected(exc: Exception) -> str:
     """What the member is told when a job ends on an error no step expected."""
     if isinstance(exc, OSError):
-        return f"the bot could not save the image ({exc.strerror or type(exc).__name__}); your quota was refunded"
+        return f"the bot could not save the image ({exc.strerror or type(exc).__name__}); {REFUNDED}"
     if isinstance(exc, StoreError):
-        return "the bot's database was busy; your quota was refunded. Try again in a minute."
-    return f"something went wrong on the bot's side ({type(exc).__name__}); your quota was refunded"
+        return f"the bot's database was busy; {REFUNDED}. Try again in a minute."
+    return f"something went wrong on the bot's side ({type(exc).__name__}); {REFUNDED}"
 
 
 def _undeliverable(exc: Exception) -> str:
@@ -172,7 +172,10 @@ class Delivery(Protocol):
     async def find_delivered(self, job: JobRecord) -> int | None:
         """After a crash between sending and recording: the id of the result message if it already arrived."""
 
-    async def failed(self, job: JobRecord, reason: str) -> None: ...
+    async def failed(self, job: JobRecord, reason: str) -> None:
+        """Tell the member the job failed: `reason` as the queue words it (a relax job's notice then
+        promises no refund: `for_job`)."""
+
     async def cancelled(self, job: JobRecord) -> None: ...
 
 
@@ -439,7 +442,7 @@ class JobQueue:
         (default: `error`)."""
         job = await self.store.mark_failed(job.id, error, refund=True)
         self.metrics.job_ended("failed")
-        await self._safe("a failure", self.delivery.failed(job, for_job(job, reason or error)))
+        await self._safe("a failure", self.delivery.failed(job, reason or error))
 
     async def _notify_positions(self, limit: int = 10) -> None:
         loading = not self.engine_ready.is_set()
@@ -639,7 +642,7 @@ class JobQueue:
             self.metrics.discord_error("delivery")
             failed = await self.store.mark_failed(job.id, f"delivery failed: {exc}", refund=True)
             self.metrics.job_ended("failed")
-            await self._safe("a failed delivery", self.delivery.failed(failed, for_job(failed, _undeliverable(exc))))
+            await self._safe("a failed delivery", self.delivery.failed(failed, _undeliverable(exc)))
             return
         await self._record_done(job, message_id)
 
@@ -683,13 +686,13 @@ class JobQueue:
                 log.warning("job %d: the ledger did not take its failure (%s); trying again", job.id, again)
                 return False
             self.metrics.job_ended("failed")
-            await self._safe("a failure", self.delivery.failed(failed, for_job(failed, _unexpected(exc))))
+            await self._safe("a failure", self.delivery.failed(failed, _unexpected(exc)))
             return True
 
         if await self._tries(end, (0.0, *LEDGER_RETRY_DELAYS_S)):
             return
         log.error("job %d: the ledger is not answering; its failure is written once it answers again", job.id)
-        await self._safe("a failure", self.delivery.failed(job, for_job(job, LEDGER_DOWN)))
+        await self._safe("a failure", self.delivery.failed(job, LEDGER_DOWN))
         self._keep_trying(job.id, end)  # after LEDGER_DOWN reached the member: the final word comes last
 
     @staticmethod

@@ -67,6 +67,16 @@ def job_row(db: Path, job_id: int) -> tuple[str, str | None]:
         return conn.execute("SELECT status, charged_day FROM jobs WHERE id = ?", (job_id,)).fetchone()
 
 
+async def painting(fake, bot, engine, prompt: str):
+    """Alice's /imagine of `prompt`, once its message is in the ledger and the GPU paints it: (interaction, job)."""
+    inter = await fake.slash("imagine", {"prompt": prompt}, user_id=ALICE)
+    await inter.response()
+    [job] = await bot.store.recent_jobs(1)
+    await ledger_says(bot, job.id, lambda j: j.progress_message_id is not None, "the job's message recorded")
+    await eventually(engine.busy.is_set, what="GPU busy")
+    return inter, job
+
+
 async def queue_up_to_the_cap(fake, bot, engine) -> None:
     """The member queues max_per_user images at once: every one is accepted and painted."""
     inters = [await fake.slash("imagine", {"prompt": f"again {i}"}, user_id=ALICE) for i in range(MAX_PER_USER)]
@@ -85,11 +95,7 @@ async def test_a_ledger_locked_past_the_retries_ends_the_job_once_it_answers(
     to max_per_user again. The job is not painted again."""
     engine.gate.clear()
     async with running_bot(fake, settings, engine, progress_interval=60) as bot:
-        inter = await fake.slash("imagine", {"prompt": "stranded"}, user_id=ALICE)
-        await inter.response()
-        [job] = await bot.store.recent_jobs(1)
-        await ledger_says(bot, job.id, lambda j: j.progress_message_id is not None, "the job's message recorded")
-        await eventually(engine.busy.is_set, what="GPU busy")
+        inter, job = await painting(fake, bot, engine, "stranded")
         async with write_lock_held(Path(settings.storage.database)):
             engine.gate.set()  # the image is painted and saved; the ledger will not take it
             down = await inter.wait_original(lambda m: jobs.LEDGER_DOWN in (m.get("content") or ""), START)
@@ -158,11 +164,7 @@ async def test_a_stop_while_the_ledger_is_still_locked_leaves_the_job_to_the_nex
     the job and delivers it once, charged once."""
     engine.gate.clear()
     async with running_bot(fake, settings, engine, progress_interval=60) as bot:
-        inter = await fake.slash("imagine", {"prompt": "stopped while stranded"}, user_id=ALICE)
-        await inter.response()
-        [job] = await bot.store.recent_jobs(1)
-        await ledger_says(bot, job.id, lambda j: j.progress_message_id is not None, "the job's message recorded")
-        await eventually(engine.busy.is_set, what="GPU busy")
+        inter, job = await painting(fake, bot, engine, "stopped while stranded")
         async with write_lock_held(Path(settings.storage.database)):
             engine.gate.set()
             await inter.wait_original(lambda m: jobs.LEDGER_DOWN in (m.get("content") or ""), START)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,6 +26,7 @@ from botkit import (
 )
 from ceilings import START, WAIT
 from fake_discord import READ_MESSAGE_HISTORY, SEND_MESSAGES
+from processkit import write_lock_held
 
 
 @pytest.fixture
@@ -538,16 +538,6 @@ async def test_a_result_file_gone_at_restart_is_refunded_and_told(fake, settings
         assert told["content"].startswith(f"<@{ALICE}> ") and "refunded" in told["content"]
 
 
-LOCK_HOLDER = """
-import sqlite3, sys
-conn = sqlite3.connect(sys.argv[1], isolation_level=None)
-conn.execute("BEGIN IMMEDIATE")  # a write lock, as another program (or a backup tool) would take
-print("locked", flush=True)
-sys.stdin.readline()
-conn.rollback()
-"""
-
-
 async def test_a_database_locked_by_another_process_still_gets_answers(fake, settings, engine):
     """Members get an answer inside Discord's 3 s whatever the database does (#15 item 5); admins'
     commands are acknowledged at once and say plainly that nothing changed."""
@@ -556,17 +546,7 @@ async def test_a_database_locked_by_another_process_still_gets_answers(fake, set
             has_image
         )
         await bot.queue.wait_idle(WAIT)
-        holder = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-c",
-            LOCK_HOLDER,
-            str(settings.storage.database),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-        )
-        try:
-            assert holder.stdout is not None and holder.stdin is not None
-            assert await asyncio.wait_for(holder.stdout.readline(), START) == b"locked\n"
+        async with write_lock_held(settings.storage.database):
             refused = await fake.slash("imagine", {"prompt": "while locked"}, user_id=ALICE)
             await refused.response()
             assert "database is busy" in ephemeral_texts(fake, refused)[0]
@@ -585,11 +565,6 @@ async def test_a_database_locked_by_another_process_still_gets_answers(fake, set
             await admin.response()  # acknowledged at once (deferred)...
             await eventually(lambda: ephemeral_texts(fake, admin), timeout=START, what="the admin's answer")
             assert "nothing was changed" in ephemeral_texts(fake, admin)[0]  # ...then told, once the wait ended
-        finally:
-            if holder.stdin is not None:
-                holder.stdin.write(b"\n")
-                await holder.stdin.drain()
-            await asyncio.wait_for(holder.wait(), START)
         assert len(await bot.store.recent_jobs(5)) == 1
         assert (await bot.store.quota_status(ALICE)).used == 1
         bob = await bot.store.quota_status(BOB)

@@ -27,7 +27,7 @@ import discord
 
 from ..engine.api import Preview
 from ..images import fit_upload
-from ..jobs import DeliveryFailed
+from ..jobs import DeliveryFailed, for_job
 from ..store import JobRecord, Store, StoreError
 from . import messages
 from .views import view_for
@@ -182,7 +182,7 @@ class DiscordDelivery:
         await self._edit_status(job, messages.cancelled(relax=job.relax), attachments=[])  # a preview goes with the job
 
     async def failed(self, job: JobRecord, reason: str) -> None:
-        text = messages.failed(reason)
+        text = messages.failed(for_job(job, reason))  # a relax job is promised no refund
         # A job that never made its image leaves a preview at most, which goes; once it was made, the
         # message may hold the result (its posting failed half-way), which stays as it is.
         drop_preview: list[discord.File] | None = [] if job.result_path is None else None

@@ -52,6 +52,26 @@ async def tell(interaction: Interaction, text: str) -> None:
         await interaction.response.send_message(text, ephemeral=True, allowed_mentions=messages.NO_PINGS)
 
 
+def new_job(
+    interaction: Interaction, params: JobParams, origin: str, *, source_job_id: int | None = None, units: int = 1
+) -> NewJob:
+    """The ledger row a click or command asks for: its parameters, who asked, where, and how to answer."""
+    return NewJob(
+        **vars(params.params()),
+        user_id=interaction.user.id,
+        guild_id=interaction.guild_id,
+        channel_id=interaction.channel_id,
+        interaction_id=interaction.id,
+        interaction_token=interaction.token,
+        interaction_created_at=interaction.created_at.timestamp(),
+        application_id=interaction.application_id,
+        origin=origin,
+        upload_limit=interaction.filesize_limit or None,
+        source_job_id=source_job_id,
+        units=units,
+    )
+
+
 async def enqueue(
     interaction: Interaction,
     params: JobParams,
@@ -65,20 +85,7 @@ async def enqueue(
     (and, for a job admitted in relax mode, that it is free and waits for everyone else's). A result
     button's job names the result it came from (`source`, also said in the reply) and takes `units`."""
     bot = interaction.client
-    new = NewJob(
-        **vars(params.params()),
-        user_id=interaction.user.id,
-        guild_id=interaction.guild_id,
-        channel_id=interaction.channel_id,
-        interaction_id=interaction.id,
-        interaction_token=interaction.token,
-        interaction_created_at=interaction.created_at.timestamp(),
-        application_id=interaction.application_id,
-        origin=origin,
-        upload_limit=interaction.filesize_limit or None,
-        source_job_id=None if source is None else source.id,
-        units=units,
-    )
+    new = new_job(interaction, params, origin, source_job_id=None if source is None else source.id, units=units)
     try:
         admission = await bot.queue.submit(new, deadline_s=deadline_s)
     except StoreBusy:

@@ -32,10 +32,10 @@ from ..engine.api import MAX_UPSCALED_PIXELS
 from ..images import grid_part_path
 from ..jobs import EngineNotReady
 from ..params import MAX_COUNT, JobParams, image_seed
-from ..store import JobRecord, JobStatus, NewJob, StoreBusy, StoreError
+from ..store import JobRecord, JobStatus, StoreBusy, StoreError
 from ..validation import MAX_SEED, ValidationError, check_prompt, check_seed, size_presets
 from . import messages
-from .interactions import ANSWER_DEADLINE_S, Interaction, enqueue, is_admin, tell
+from .interactions import ANSWER_DEADLINE_S, Interaction, enqueue, is_admin, new_job, tell
 
 log = logging.getLogger("fluxbot.discord")
 PREFIX = "fluxbot:"
@@ -368,19 +368,7 @@ async def _post_picked(interaction: Interaction, grid: JobRecord, params: JobPar
     """U<n>: the grid's image n as a result of its own (a row born painted, nothing charged), posted
     as the reply to the click (which the result then replaces) with the result buttons."""
     bot = interaction.client
-    new = NewJob(
-        **vars(params),
-        user_id=interaction.user.id,
-        guild_id=interaction.guild_id,
-        channel_id=interaction.channel_id,
-        interaction_id=interaction.id,
-        interaction_token=interaction.token,
-        interaction_created_at=interaction.created_at.timestamp(),
-        application_id=interaction.application_id,
-        origin="pick",
-        upload_limit=interaction.filesize_limit or None,
-        source_job_id=grid.id,
-    )
+    new = new_job(interaction, params, "pick", source_job_id=grid.id)
     try:
         job = await bot.store.record_pick(new, part, deadline_s=ANSWER_DEADLINE_S / 2)
     except StoreBusy:

@@ -39,6 +39,10 @@ class Streamer:
         self.copied_bytes = 0
         self.spin_cycles_per_byte = 0.0  # benchmarks only: see `cap_rate`
 
+    def cap_like(self, other: Streamer) -> None:
+        """The same cap as `other` (measured once there: one link and one clock per device)."""
+        self.spin_cycles_per_byte = other.spin_cycles_per_byte
+
     def cap_rate(self, gb_per_s: float) -> dict[str, float]:
         """Benchmarks only: copy host->GPU at most `gb_per_s` (1e9 bytes/s), as a slower link would
         (a home card's PCIe 4.0 x8 moves about 13 GB/s). After each layer's copies the copy stream
