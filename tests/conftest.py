@@ -27,6 +27,21 @@ def pytest_sessionfinish(session, exitstatus):
 from bot.config import ModelSettings  # noqa: E402  (after the cache set-up)
 
 
+@pytest.fixture(autouse=True)
+def _drop_log_handlers_of_the_test():
+    """A test that runs a CLI command in-process gets setup_logging's stderr handler on the root
+    logger, bound to pytest's capture of that test; later tests then logged into a closed file
+    ("--- Logging error ---" in CI's output). Remove the handlers a test added when it ends."""
+    import logging
+
+    root = logging.getLogger()
+    before = list(root.handlers)
+    yield
+    for handler in [h for h in root.handlers if h not in before and getattr(h, "_fluxbot", False)]:
+        root.removeHandler(handler)
+        handler.close()
+
+
 def tiny_model_settings(dir: Path, **overrides) -> ModelSettings:
     """The [model] section for the tiny random model on the CPU."""
     return ModelSettings(**{"preset": "tiny-random", "dir": dir, "device": "cpu", **overrides})
