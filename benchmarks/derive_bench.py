@@ -1,6 +1,7 @@
 """What the result buttons that paint from an image cost (issue 16, item 2): Vary (Subtle), Vary
 (Strong) and Upscale, timed and their peak GPU memory taken at a VRAM budget, next to the plain
-text-to-image job they start from.
+text-to-image job they start from; and a grid of four (item 3: one batch, `grid_4`) against four
+single images (`grid_vs_four_singles`: the grid's seconds over four times text_to_image's).
 
 On the GPU (8 GB budget, as engine_bench.py emulates a card: PyTorch's allocator capped so that
 reserved memory plus this process's CUDA context stays under the whole-process target):
@@ -42,7 +43,7 @@ import engine_bench  # found beside this file (the line above); it puts the repo
 
 GIB = engine_bench.GIB
 PROMPT = engine_bench.PROMPT
-KINDS = ("text_to_image", "vary_subtle", "vary_strong", "upscale")
+KINDS = ("text_to_image", "grid_4", "vary_subtle", "vary_strong", "upscale")
 
 
 def sync(device: str) -> None:
@@ -61,6 +62,7 @@ def requests(size: int, steps: int, source: Path, strengths: dict[str, float], u
 
     out = {
         "text_to_image": GenerationRequest(PROMPT, seed=7, steps=steps, width=size, height=size),
+        "grid_4": GenerationRequest(PROMPT, seed=7, steps=steps, width=size, height=size, count=4),
         "vary_subtle": derived(strengths["vary_subtle"], size, size, steps),
         "vary_strong": derived(strengths["vary_strong"], size, size, steps),
     }
@@ -92,6 +94,7 @@ def measure(engine, request, device: str, *, warmup: int, repeats: int, ctx: flo
     rec = {
         "size": list(result.image.size),
         "steps": request.steps,
+        "count": len(result.images),
         "strength": request.strength,
         "sec": round(statistics.median(times), 3),
         "sec_all": [round(x, 3) for x in times],
@@ -181,6 +184,9 @@ def main(argv: list[str] | None = None) -> dict:
                     traceback.print_exc()
                     rec["kinds"][kind] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
                 print(f"  {kind}: {rec['kinds'][kind]}", file=sys.stderr, flush=True)
+        single, grid = rec["kinds"].get("text_to_image", {}), rec["kinds"].get("grid_4", {})
+        if "sec" in single and "sec" in grid:
+            rec["grid_vs_four_singles"] = round(grid["sec"] / (4 * single["sec"]), 3)
         rec["ok"] = all("error" not in k for k in rec["kinds"].values()) and set(rec["kinds"]) == set(KINDS)
     except Exception as exc:
         rec["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"

@@ -220,16 +220,6 @@ class _JobProgress(ProgressWithPreviews):
         self.loop.call_soon_threadsafe(self.queue._send_progress, entry, step, total, shot)
 
 
-class _GridProgress(ProgressWithPreviews):
-    """Image `index` of a grid of `count` reports its steps as part of the whole job's."""
-
-    def __init__(self, inner: _JobProgress, index: int, count: int) -> None:
-        self.inner, self.index, self.count = inner, index, count
-
-    def __call__(self, step: int, total: int, preview: PreviewFn | None = None) -> None:  # GPU thread
-        self.inner(self.index * total + step, self.count * total, preview)
-
-
 class JobQueue:
     def __init__(
         self,
@@ -528,24 +518,26 @@ class JobQueue:
             return
         self._spawn(self._notify_positions())
         await self._safe("a start", self.delivery.started(job, compiling=self.compiles_first(job)))
-        results = await self._generate(entry)
-        if results is None:
+        result = await self._generate(entry)
+        if result is None:
             return
-        for result in results:
-            self.metrics.image_painted(result.seconds, job.steps, result.peak_vram_gib)
-            if result.peak_vram_gib is not None:
-                self.last_peak_vram_gib = result.peak_vram_gib
+        self.metrics.image_painted(result.seconds, job.steps, result.peak_vram_gib)
+        if result.peak_vram_gib is not None:
+            self.last_peak_vram_gib = result.peak_vram_gib
+        if len(result.images) != job.count:  # the engine broke its contract: nothing half-delivered
+            await self._fail(job, f"the engine painted {len(result.images)} of {job.count} images")
+            return
         path = Path(self.settings.storage.results_dir) / f"job-{job.id}.png"
         derived = {} if job.source_job_id is None else {"from_job": job.source_job_id, "made_by": job.origin}
         meta = png_metadata(job, self._engine.preset, job=job.id, **derived)
         if job.count > 1:  # a grid: each image kept beside it (its U and V buttons take them), then the grid
-            for index, result in enumerate(results, start=1):
+            for index, one in enumerate(result.images, start=1):
                 part = dataclasses.replace(job, seed=image_seed(job.seed, index - 1), count=1)
                 part_meta = png_metadata(part, self._engine.preset, job=job.id, image=index)
-                await asyncio.to_thread(save_png, result.image, grid_part_path(path, index), part_meta)
-        image = results[0].image if job.count == 1 else grid_image([r.image for r in results])
+                await asyncio.to_thread(save_png, one, grid_part_path(path, index), part_meta)
+        image = result.image if job.count == 1 else grid_image(list(result.images))
         await asyncio.to_thread(save_png, image, path, meta)
-        job = await self.store.mark_generated(job.id, str(path), sum(r.seconds for r in results))
+        job = await self.store.mark_generated(job.id, str(path), result.seconds)
         entry.job = job
         if entry.cancel.is_set() and not self._stopping:  # /cancel came after the last step: keep its promise
             job = await self.store.mark_cancelled(job.id, refund=True)
@@ -562,26 +554,17 @@ class JobQueue:
             log.warning("job %d: could not tell whether it shows live previews; it does not", job.id, exc_info=True)
             return False
 
-    async def _generate(self, entry: _Entry) -> list[GenerationResult] | None:
-        """The job's images: one, or a grid's `count`, each with its own seed (seed, seed + 1, ...).
-        A grid's images are painted one after another in this one job (not as one batch), its
-        progress counted over all of them."""
+    async def _generate(self, entry: _Entry) -> GenerationResult | None:
+        """The job's images: one, or a grid's `count` painted in one batch, each from its own seed
+        (seed, seed + 1, ...: `image_seed`), with one progress count and previews of the whole grid."""
         job = entry.job
         request = GenerationRequest.of(job, guidance=self.settings.generation.guidance)
-        requests = [dataclasses.replace(request, seed=image_seed(job.seed, i), count=1) for i in range(job.count)]
         progress = _JobProgress(self, entry, asyncio.get_running_loop(), previews=await self._wants_previews(job))
         engine = self._engine
         assert engine is not None  # _process checked
 
-        def call() -> list[GenerationResult]:  # GPU thread
-            return [
-                engine.generate(
-                    one,
-                    on_progress=progress if job.count == 1 else _GridProgress(progress, index, job.count),
-                    should_cancel=entry.cancel.is_set,
-                )
-                for index, one in enumerate(requests)
-            ]
+        def call() -> GenerationResult:  # GPU thread
+            return engine.generate(request, on_progress=progress, should_cancel=entry.cancel.is_set)
 
         try:
             try:

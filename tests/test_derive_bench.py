@@ -34,7 +34,9 @@ def test_derive_bench_on_the_cpu_writes_every_kind(tmp_path, model_dir, capsys):
     assert rec["strengths"] == {"vary_subtle": 0.48, "vary_strong": 0.75, "upscale": 0.3}
     assert rec["upscale_size"] == [256, 256] and rec["upscale_factor"] == 2.0
     kinds = rec["kinds"]
-    assert set(kinds) == {"text_to_image", "vary_subtle", "vary_strong", "upscale"}
+    assert set(kinds) == {"text_to_image", "grid_4", "vary_subtle", "vary_strong", "upscale"}
+    assert (kinds["grid_4"]["count"], kinds["text_to_image"]["count"]) == (4, 1)
+    assert rec["grid_vs_four_singles"] == round(kinds["grid_4"]["sec"] / (4 * kinds["text_to_image"]["sec"]), 3)
     for name, kind in kinds.items():
         assert kind["sec"] > 0 and len(kind["sec_all"]) == 2, name
         assert kind["peak_vram_gib"] is None and "denoise_s" in kind and "decode_s" in kind, name

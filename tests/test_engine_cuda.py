@@ -325,3 +325,31 @@ def test_a_capped_streamer_copies_no_faster_than_its_cap():
     end.synchronize()
     seconds = start.elapsed_time(end) / 1e3
     assert seconds >= 0.9 * (4 * 64 * MIB) / 5e9
+
+
+@pytest.mark.parametrize("resident_gib,cuda_graphs", [(0.0004, False), (None, True)])
+def test_a_grid_batch_paints_its_seeds_singles_on_the_gpu(model_dir, resident_gib, cuda_graphs):
+    """A batch of four (a grid) streamed under a budget, and replayed as a CUDA graph unlimited:
+    each image is the single job of its seed, and the streamed weights crossed once per step."""
+    from bot.params import image_seed
+
+    fp8 = fp8_matmul_supported(torch.device("cuda", 0))
+    settings = tiny_model_settings(model_dir, device="cuda")
+    engine = Engine.load(settings, plan=plan(resident_gib=resident_gib, fp8=fp8, cuda_graphs=cuda_graphs))
+    streamer = engine.streamers["dit"]
+    engine.generate(REQ)  # compiles, learns the streaming order
+    before = streamer.copied_bytes
+    engine.generate(REQ)
+    single = streamer.copied_bytes - before
+    grid = dataclasses.replace(REQ, count=4)
+    engine.generate(grid)  # with a graph: the batch's eager call, then its capture
+    before = streamer.copied_bytes
+    result = engine.generate(grid)
+    assert streamer.copied_bytes - before == single
+    assert len(result.images) == 4
+    for i, image in enumerate(result.images):
+        one = pixels(engine, dataclasses.replace(REQ, seed=image_seed(REQ.seed, i)))
+        diff = np.abs(np.asarray(image).astype(int) - one)
+        assert diff.mean() < 1 and diff.max() <= 8, (i, diff.mean(), diff.max())
+    if cuda_graphs:
+        assert engine.step_graph is not None and engine.step_graph.replays > 0

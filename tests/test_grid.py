@@ -241,12 +241,16 @@ async def test_a_grid_button_on_another_message_or_with_its_file_gone_is_refused
         assert await snapshot(bot) == before
 
 
-async def test_a_grid_paints_its_images_one_after_another_in_one_job(fake, settings, engine):
+async def test_a_grid_is_one_batch_in_one_job(fake, settings, engine):
+    """One engine call paints the three images (one batch, test_batch.py), each from its own seed."""
     async with running_bot(fake, settings, engine) as bot:
         engine.calls.clear()
-        await grid(fake, bot, count=3)
-        assert engine.calls == ["four lighthouses"] * 3  # three engine calls (no batch), one job
+        _, job = await grid(fake, bot, count=3)
+        assert engine.calls == ["four lighthouses"]
         assert len(await bot.store.recent_jobs(50)) == 1
+        parts = [Image.open(grid_part_path(job.result_path, i)) for i in (1, 2, 3)]
+        assert [p.text["seed"] for p in parts] == [str(image_seed(job.seed, i)) for i in range(3)]
+        assert len({p.convert("RGB").tobytes() for p in parts}) == 3
 
 
 async def test_a_grid_that_fails_refunds_every_unit(fake, settings, engine):

@@ -90,11 +90,16 @@ class GenerationRequest(JobParams):
 
 @dataclass(frozen=True)
 class GenerationResult:
-    image: Image.Image
+    image: Image.Image  # the first of `images`
     request: GenerationRequest
-    seconds: float
-    peak_vram_gib: float | None  # torch max_memory_allocated during this image (GPU only)
+    seconds: float  # the whole job's, every image of a grid together
+    peak_vram_gib: float | None  # torch max_memory_allocated during this job (GPU only)
     timings: dict[str, float] = field(default_factory=dict)
+    images: tuple[Image.Image, ...] = ()  # every image painted: the request's `count`, in seed order
+
+    def __post_init__(self) -> None:
+        if not self.images:
+            object.__setattr__(self, "images", (self.image,))
 
 
 class ImageEngine(Protocol):
@@ -109,7 +114,8 @@ class ImageEngine(Protocol):
         on_progress: ProgressFn | None = None,
         should_cancel: CancelFn | None = None,
     ) -> GenerationResult:
-        """Paint one image. `on_progress` may be a `ProgressWithPreviews` (live previews)."""
+        """Paint the request's `count` images (one batch: a grid's seeds are `params.image_seed`).
+        `on_progress` may be a `ProgressWithPreviews` (live previews)."""
         ...
 
     def compiles_for(self, width: int, height: int) -> bool:

@@ -68,9 +68,8 @@ def install_device_guidance(pipe) -> None:
 
     class DeviceGuidance(FluxImageUnit_EmbeddedGuidanceEmbedder):
         def process(self, pipe, embedded_guidance, latents):
-            guidance = torch.full(
-                (latents.shape[0],), float(embedded_guidance), dtype=torch.float32, device=latents.device
-            )
+            # One value for a whole batch (a grid's images share it): the conditioning stays one row.
+            guidance = torch.full((1,), float(embedded_guidance), dtype=torch.float32, device=latents.device)
             return {"guidance": guidance.to(latents.dtype)}
 
     pipe.units = [DeviceGuidance() if isinstance(u, FluxImageUnit_EmbeddedGuidanceEmbedder) else u for u in pipe.units]

@@ -5,6 +5,11 @@ allocator, DiffSynth's loader, patches, placement, compilation, CUDA graph) and 
 long as the loaded models do. `Engine.generate` is blocking and meant for one worker thread; it
 reports each denoising step and stops between steps when asked to (`denoise.DenoiseLoop`).
 
+A request with `count` > 1 (a grid) paints its images in one denoising loop over a batch of latents,
+one per seed, with the DiT run image by image inside each block (`batch.per_image_dit`): a block's
+streamed weights cross PCIe once per step for the whole grid, and a step's GPU memory stays one
+image's. The result's `images` are the grid's, in seed order.
+
 A request with a `source_path` (Vary, Upscale) is img2img: DiffSynth's `input_image` (the source,
 resized to the request's size, encoded by the VAE encoder) and `denoising_strength`. The steps are
 the same denoising steps as text-to-image, on latents that start from the noised source, so they
@@ -27,7 +32,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from . import attention, fp8, graphs, hostmem, inductor, modulation, offload, patches, preview, tiling, weights
+from ..params import image_seed
+from . import attention, batch, fp8, graphs, hostmem, inductor, modulation, offload, patches, preview, tiling, weights
 from .api import (
     MAX_UPSCALED_PIXELS,
     UPSCALE_FACTORS,
@@ -72,6 +78,9 @@ class Engine:
         self.vae_tiles = patches.VaeTiles()  # per job: on for every job under a small budget, and for large ones
         self.vae_tiles.decode = plan.tiled_vae
         patches.tile_vae(pipe, self.vae_tiles)
+        self.batch = batch.BatchSeeds()  # per job: a grid's seeds (one batch of latents)
+        batch.install_noise(pipe, self.batch)
+        batch.install_decode(pipe)  # outside the tiled VAE: each image of a batch is tiled on its own
         for name in MODELS:
             fp8.configure_linears(
                 getattr(pipe, name), fp8_matmul=plan.fp8_matmul and name == "dit", fast_accum=plan.fast_accum
@@ -83,6 +92,7 @@ class Engine:
             "text_encoder_2": Streamer(plan.device, window=512 * MIB, wrap=False),
             "text_encoder_1": Streamer(plan.device, window=512 * MIB, wrap=False),
         }
+        batch.install_model_fn(pipe, self.streamers["dit"])  # innermost: the graph and the tiler wrap it
         if self._graph_planned():
             # The graph reads one modulation table filled by one matmul: join those weights now,
             # as they move to the GPU (after placement, old and new copies would meet there).
@@ -242,8 +252,9 @@ class Engine:
         on_progress: ProgressFn | None = None,
         should_cancel: CancelFn | None = None,
     ) -> GenerationResult:
-        """Paint one image. Blocking; call from a worker thread. Same request -> same pixels.
-        An `on_progress` that is a `ProgressWithPreviews` can have a live preview made of a step."""
+        """Paint one image, or a grid's `count` in one batch. Blocking; call from a worker thread. Same
+        request -> same pixels. An `on_progress` that is a `ProgressWithPreviews` can have a live
+        preview made of a step (of the whole grid, for a batch)."""
         with self._lock:
             cuda = self.device.type == "cuda"
             # With the DiT all on the GPU nothing is copied in during a step: the CPU may queue ahead.
@@ -257,19 +268,28 @@ class Engine:
             if cuda:
                 torch.cuda.reset_peak_memory_stats(self.device)
             tile_runs = self.dit_tiles.runs
-            image, tile = self._paint(request, loop)
+            images, tile = self._paint(request, loop)
             seconds, timings = loop.finish()
             self.token_counts_run.add(_image_tokens(request.width, request.height))
             if tile is not None:  # the blocks ran at the tile's size
                 self.token_counts_run.add((tile[0] // 2) * (tile[1] // 2))
                 timings["dit_tile_forwards"] = float(self.dit_tiles.runs - tile_runs)
             peak = torch.cuda.max_memory_allocated(self.device) / GIB if cuda else None
-            return GenerationResult(image=image, request=request, seconds=seconds, peak_vram_gib=peak, timings=timings)
+            return GenerationResult(
+                image=images[0],
+                images=tuple(images),
+                request=request,
+                seconds=seconds,
+                peak_vram_gib=peak,
+                timings=timings,
+            )
 
-    def _paint(self, req: GenerationRequest, loop: DenoiseLoop) -> tuple[Image.Image, tuple[int, int] | None]:
+    def _paint(self, req: GenerationRequest, loop: DenoiseLoop) -> tuple[list[Image.Image], tuple[int, int] | None]:
         """The pipeline's call for one job: the models placed for it (keep_resident off) and
         released after it, the job's state dropped, a GPU out of memory turned into GenerationOOM.
-        Returns the image and the DiT's tile (latent rows, columns; None: painted whole)."""
+        Returns the images (one, or a grid's) and the DiT's tile (latent rows, columns; None: painted whole)."""
+        if req.count > 1 and req.source_path is not None:
+            raise ValueError("a grid paints from noise: count > 1 with a source image is not a job")
         if not self.plan.keep_resident:
             self.placement = self._place()
         tile = None
@@ -282,6 +302,8 @@ class Engine:
                     source = source.resize((req.width, req.height), Image.Resampling.LANCZOS)
                 img2img = {"input_image": source, "denoising_strength": req.strength}
             self.dit_tiles.tile = tile
+            if req.count > 1:
+                self.batch.seeds = tuple(image_seed(req.seed, i) for i in range(req.count))
             self.vae_tiles.decode = self.vae_tiles.encode = self.plan.tiled_vae or tile is not None
             image = self.pipe(
                 prompt=req.prompt,
@@ -293,7 +315,7 @@ class Engine:
                 progress_bar_cmd=loop,
                 **img2img,
             )
-            return image, tile
+            return list(batch.iter_images(image)), tile
         except torch.cuda.OutOfMemoryError as exc:
             if self.step_graph is not None:
                 self.step_graph.reset()  # its memory pool goes back; the next job captures again
@@ -304,6 +326,7 @@ class Engine:
             ) from None
         finally:
             self.dit_tiles.tile = None
+            self.batch.seeds = None
             self.vae_tiles.decode, self.vae_tiles.encode = self.plan.tiled_vae, False
             self.modulations.clear()
             self.step_tap.clear()

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ..images import grid_shape
 from .api import PreviewImage
 
 # ComfyUI, comfy/latent_formats.py, class Flux: `latent_rgb_factors` (one row per latent channel:
@@ -75,6 +76,20 @@ class _Weights:
 
 
 _WEIGHTS = _Weights()
+
+
+def as_grid(latents: torch.Tensor) -> torch.Tensor:
+    """A batch's (n, 16, h, w) latents laid out as its grid will be (`images.grid_shape`): (1, 16, rows*h, columns*w)."""
+    count = latents.shape[0]
+    if count == 1:
+        return latents
+    columns, rows = grid_shape(count)
+    h, w = latents.shape[-2:]
+    grid = latents.new_zeros((1, latents.shape[1], rows * h, columns * w))
+    for i in range(count):
+        row, column = divmod(i, columns)
+        grid[0, :, row * h : (row + 1) * h, column * w : (column + 1) * w] = latents[i]
+    return grid
 
 
 def clean_latents(latents: torch.Tensor, velocity: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -163,10 +178,12 @@ class StepTap:
 
     @torch.no_grad()
     def preview(self, max_side: int = MAX_SIDE) -> TensorPreview | None:
-        """A preview of the newest step recorded (its GPU work is queued behind that step's)."""
+        """A preview of the newest step recorded (its GPU work is queued behind that step's); of a
+        batch, the whole grid in one preview."""
         x0 = self.clean_latents()
         if x0 is None:
             return None
+        x0 = as_grid(x0)
         h, w = x0.shape[-2:]
         return TensorPreview(latents_to_pixels(x0, preview_size(w * LATENT_SCALE, h * LATENT_SCALE, max_side)))
 

@@ -13,7 +13,9 @@ streams (it is what the tests exercise).
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
+from collections.abc import Iterator
 
 import torch
 
@@ -38,6 +40,9 @@ class Streamer:
         self.last_fetched = 0
         self.copied_bytes = 0
         self.spin_cycles_per_byte = 0.0  # benchmarks only: see `cap_rate`
+        # While `holding`: the layers fetched so far, kept for the next calls (a grid's images)
+        self.held: dict[int, list[torch.Tensor]] | None = None
+        self.held_bytes = 0
 
     def cap_like(self, other: Streamer) -> None:
         """The same cap as `other` (measured once there: one link and one clock per device)."""
@@ -105,9 +110,28 @@ class Streamer:
             event.synchronize()
             self.handed_out_bytes -= size
 
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[None]:
+        """Within this, a layer fetched once is held and handed out again to later calls (the same
+        block run for each image of a batch): its weights cross the link once for all of them. The
+        held bytes count against the window from the end of the block on, as one layer's would
+        from its one use: their memory is in use until the last image has passed."""
+        self.held, self.held_bytes = {}, 0
+        try:
+            yield
+        finally:
+            held_bytes, self.held, self.held_bytes = self.held_bytes, None, 0
+            if self.cuda and held_bytes:
+                event = torch.cuda.Event()
+                event.record(torch.cuda.current_stream(self.device))
+                self.handed_out.append((event, held_bytes))
+                self.handed_out_bytes += held_bytes
+
     def fetch(self, layer) -> list[torch.Tensor]:
         """The layer's tensors on the device, ready to use on the current stream."""
         key = id(layer)
+        if self.held is not None and key in self.held:
+            return self.held[key]  # already waited for, on this stream
         if key not in self.position:  # first use (a layer may first run after the order is known)
             self.position[key] = len(self.order)
             self.order.append(layer)
@@ -124,6 +148,10 @@ class Streamer:
             for t in tensors:
                 t.record_stream(current)  # allocated on the copy stream, used here
         self.last_fetched = self._size(layer)
+        if self.held is not None:  # counted when the hold ends, not at its first use
+            self.held[key] = tensors
+            self.held_bytes += self.last_fetched
+            self.last_fetched = 0
         if not self.recording:
             self._prefetch_after(self.position[key])
         return tensors
