@@ -570,18 +570,21 @@ def test_joined_modulation_weights_fill_the_table_in_one_float8_matmul(model_dir
 
 def test_guidance_is_made_on_the_device_with_diffsynths_values(tiny_engine):
     """The engine's guidance unit (no blocking copy) gives the tensor DiffSynth's own unit gives:
-    the same values, dtype and device, for guidance values that do and do not round."""
+    the same values, dtype and device, for guidance values that do and do not round; for a batch
+    (a grid) one value for all its images, so the conditioning stays one row (engine/batch.py)."""
     from diffsynth.pipelines.flux_image import FluxImageUnit_EmbeddedGuidanceEmbedder
 
     ours = [u for u in tiny_engine.pipe.units if isinstance(u, FluxImageUnit_EmbeddedGuidanceEmbedder)]
     assert len(ours) == 1 and type(ours[0]) is not FluxImageUnit_EmbeddedGuidanceEmbedder
     for dtype in (torch.float32, torch.bfloat16):
-        latents = torch.zeros(2, 16, 8, 8, dtype=dtype)
         for value in (3.5, 3.3, 1.0, 10.123456789):
-            want = FluxImageUnit_EmbeddedGuidanceEmbedder().process(tiny_engine.pipe, value, latents)["guidance"]
-            got = ours[0].process(tiny_engine.pipe, value, latents)["guidance"]
+            one = torch.zeros(1, 16, 8, 8, dtype=dtype)
+            want = FluxImageUnit_EmbeddedGuidanceEmbedder().process(tiny_engine.pipe, value, one)["guidance"]
+            got = ours[0].process(tiny_engine.pipe, value, one)["guidance"]
             assert got.dtype == want.dtype == dtype and got.device == want.device
             assert torch.equal(got, want)
+            batch = torch.zeros(3, 16, 8, 8, dtype=dtype)
+            assert torch.equal(ours[0].process(tiny_engine.pipe, value, batch)["guidance"], want)
 
 
 @pytest.fixture
