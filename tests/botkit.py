@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import threading
 import time
 from pathlib import Path
+
+from PIL import Image
 
 from bot.config import default_settings
 from bot.discord.app import FluxBot
@@ -130,3 +133,9 @@ def ephemeral_texts(fake: FakeDiscord, interaction) -> list[str]:
             if int(ev.json.get("flags") or 0) & 64:
                 out.append(ev.json.get("content") or "")
     return out
+
+
+def picture(fake: FakeDiscord, message: dict) -> Image.Image:
+    """The image a result message carries (its fluxbot-* attachment), as RGB."""
+    attachment = next(a for a in message["attachments"] if a["filename"].startswith("fluxbot-"))
+    return Image.open(io.BytesIO(fake.attachment_data[int(attachment["id"])])).convert("RGB")

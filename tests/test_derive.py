@@ -5,14 +5,12 @@ and a real SQLite file; after a restart; and every refusal, which charges nothin
 from __future__ import annotations
 
 import asyncio
-import io
 import math
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from bot.discord import views
 from bot.engine import pipeline
@@ -28,6 +26,7 @@ from botkit import (
     eventually,
     has_image,
     make_settings,
+    picture,
     running_bot,
 )
 from ceilings import WAIT
@@ -38,11 +37,6 @@ LABELS = [["Re-roll", "Vary (Subtle)", "Vary (Strong)", "Upscale"], ["Remix", "D
 @pytest.fixture
 def settings(tmp_path, model_dir, fake):
     return make_settings(tmp_path, model_dir, fake)
-
-
-def picture(fake, message: dict) -> Image.Image:
-    attachment = next(a for a in message["attachments"] if a["filename"].startswith("fluxbot-"))
-    return Image.open(io.BytesIO(fake.attachment_data[int(attachment["id"])])).convert("RGB")
 
 
 def title(message: dict) -> str | None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import sqlite3
 import time
 from pathlib import Path
@@ -20,7 +19,18 @@ from bot.images import grid_part_path
 from bot.params import image_seed
 from bot.store import JobStatus, NewJob, Store
 
-from botkit import ADMIN, ALICE, BOB, CAROL, embed_field, ephemeral_texts, has_image, make_settings, running_bot
+from botkit import (
+    ADMIN,
+    ALICE,
+    BOB,
+    CAROL,
+    embed_field,
+    ephemeral_texts,
+    has_image,
+    make_settings,
+    picture,
+    running_bot,
+)
 from ceilings import WAIT
 
 SIDE = 256  # the tiny settings' square size
@@ -29,11 +39,6 @@ SIDE = 256  # the tiny settings' square size
 @pytest.fixture
 def settings(tmp_path, model_dir, fake):
     return make_settings(tmp_path, model_dir, fake)
-
-
-def picture(fake, message: dict) -> Image.Image:
-    attachment = next(a for a in message["attachments"] if a["filename"].startswith("fluxbot-"))
-    return Image.open(io.BytesIO(fake.attachment_data[int(attachment["id"])])).convert("RGB")
 
 
 def buttons(message: dict) -> list[list[tuple[str, str]]]:

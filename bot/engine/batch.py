@@ -16,30 +16,26 @@ block calls.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-# model_fn_flux_image's inputs that switch on a feature `per_image_dit` does not have: a batch with
-# any of them set is refused (the bot never sets them; a caller of the engine must paint one image).
+from .graphs import FEATURES
+from .streaming import Streamer
+
+# model_fn_flux_image's inputs that switch on a feature `per_image_dit` does not have: the step
+# graph's list, and those that add tokens or conditions. A batch with any of them set is refused
+# (the bot never sets them; a caller of the engine must paint one image).
 UNSUPPORTED = (
-    "tiled",
-    "tea_cache",
-    "controlnet",
-    "controlnet_conditionings",
+    *FEATURES,
     "fill_condition",
     "kontext_latents",
     "entity_prompt_emb",
     "flex_condition",
-    "step1x_connector",
     "step1x_llm_embedding",
     "step1x_reference_latents",
-    "ipadapter_kwargs_list",
     "id_emb",
-    "use_gradient_checkpointing",
-    "use_gradient_checkpointing_offload",
 )
 
 
@@ -66,7 +62,7 @@ def install_noise(pipe: Any, batch: BatchSeeds) -> None:
     pipe.units = [BatchNoise() if isinstance(u, FluxImageUnit_NoiseInitializer) else u for u in pipe.units]
 
 
-def install_model_fn(pipe: Any, streamer: Any) -> None:
+def install_model_fn(pipe: Any, streamer: Streamer) -> None:
     """Wrap the pipeline's model function (innermost: the step graph and the tiler wrap this): a
     batch of latents goes through `per_image_dit`, one image through DiffSynth's own function."""
     model_fn = pipe.model_fn
@@ -113,10 +109,6 @@ def install_decode(pipe: Any) -> None:
     pipe.vae_output_to_image = to_images
 
 
-def _holding(streamer: Any) -> contextlib.AbstractContextManager[None]:
-    return streamer.holding() if streamer is not None else contextlib.nullcontext()
-
-
 def per_image_dit(
     dit: Any,
     latents: torch.Tensor,
@@ -126,7 +118,7 @@ def per_image_dit(
     pooled_prompt_emb: torch.Tensor,
     guidance: torch.Tensor | None,
     text_ids: torch.Tensor,
-    streamer: Any = None,
+    streamer: Streamer,
 ) -> torch.Tensor:
     """`model_fn_flux_image`'s plain text-to-image path for a batch of latents that share one prompt,
     timestep and guidance: the conditioning, positions and text embedding made once, then each
@@ -143,12 +135,12 @@ def per_image_dit(
     images = [dit.x_embedder(dit.patchify(latents[i : i + 1])) for i in range(count)]
     texts = [text] * count  # each image's text tokens diverge from the first block on
     for block in dit.blocks:
-        with _holding(streamer):
+        with streamer.holding():
             for i in range(count):
                 images[i], texts[i] = block(images[i], texts[i], conditioning, rotary, None, ipadapter_kwargs_list=None)
     joint = [torch.cat([texts[i], images[i]], dim=1) for i in range(count)]
     for block in dit.single_blocks:
-        with _holding(streamer):
+        with streamer.holding():
             for i in range(count):
                 joint[i], texts[i] = block(joint[i], texts[i], conditioning, rotary, None, ipadapter_kwargs_list=None)
     out = []
