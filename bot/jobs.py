@@ -525,7 +525,8 @@ class JobQueue:
         if result.peak_vram_gib is not None:
             self.last_peak_vram_gib = result.peak_vram_gib
         if len(result.images) != job.count:  # the engine broke its contract: nothing half-delivered
-            await self._fail(job, f"the engine painted {len(result.images)} of {job.count} images")
+            short = f"the engine painted {len(result.images)} of {job.count} images"
+            await self._fail(job, short, f"{short}; {REFUNDED}")
             return
         path = Path(self.settings.storage.results_dir) / f"job-{job.id}.png"
         derived = {} if job.source_job_id is None else {"from_job": job.source_job_id, "made_by": job.origin}

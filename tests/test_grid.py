@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import sqlite3
 import time
 from pathlib import Path
@@ -267,6 +268,24 @@ async def test_a_grid_that_fails_refunds_every_unit(fake, settings, engine):
         job = (await bot.store.recent_jobs(1))[0]
         assert (job.status, job.units) == (JobStatus.FAILED, 4)
         assert (await bot.store.quota_status(ALICE)).used == 0
+
+
+async def test_a_grid_the_engine_paints_short_is_failed_refunded_and_told(fake, settings, engine):
+    """The engine's contract is `count` images; fewer (a broken engine) ends the job, never half a grid."""
+    real = engine.generate
+
+    def short(request, **kwargs):
+        result = real(request, **kwargs)
+        return dataclasses.replace(result, images=result.images[:1])
+
+    engine.generate = short
+    async with running_bot(fake, settings, engine) as bot:
+        reply = await fake.slash("imagine", {"prompt": "short grid", "count": 2}, user_id=ALICE)
+        final = await reply.wait_original(lambda m: "refunded" in (m.get("content") or ""))
+        assert "1 of 2 images" in final["content"]
+        await bot.queue.wait_idle(WAIT)
+        job = (await bot.store.recent_jobs(1))[0]
+        assert job.status is JobStatus.FAILED and (await bot.store.quota_status(ALICE)).used == 0
 
 
 async def test_the_ledger_keeps_the_count_and_a_pick_is_charged_nothing(tmp_path):
